@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 # torch first, pinned to the CPU build on local disk, so nothing pulls a CUDA build.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77" wheel
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@

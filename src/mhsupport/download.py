@@ -21,7 +21,8 @@ def missing_raw_files(raw_dir: Path, epitome_files) -> list[str]:
     """Raw files (relative to raw_dir) that are not there; ESConv counts as present in either layout."""
     missing = []
     if esconv_layout(raw_dir / "esconv") == "missing":
-        missing += [f"esconv/{name}" for name in ESCONV_SPLIT_FILES.values()]
+        missing += [f"esconv/{name}" for name in ESCONV_SPLIT_FILES.values()
+                    if not (raw_dir / "esconv" / name).is_file()]
     missing += [f"epitome/{name}" for name in epitome_files if not (raw_dir / "epitome" / name).is_file()]
     return missing
 
@@ -30,12 +31,13 @@ def fetch_missing(raw_dir: Path, download_cfg, epitome_files) -> list[str]:
     """Download every missing raw file; returns what was fetched."""
     missing = missing_raw_files(raw_dir, epitome_files)
     if missing and not download_cfg.enabled:
-        raise MhsError(f"raw data missing under {raw_dir}: {', '.join(missing)} "
+        raise MhsError(f"raw file(s) not found under {raw_dir}: {', '.join(missing)} "
                        "(set MHS_RAW_DIR to the folder holding esconv/ and epitome/, or download.enabled=true)")
     for relative in missing:
         corpus, name = relative.split("/", 1)
         base = download_cfg.esconv_base_url if corpus == "esconv" else download_cfg.epitome_base_url
-        download(f"{base.rstrip('/')}/{name}", raw_dir / relative, download_cfg.sha256.get(relative))
+        expected = download_cfg.sha256.get(corpus, {}).get(Path(name).stem)
+        download(f"{base.rstrip('/')}/{name}", raw_dir / relative, expected)
     return missing
 
 

@@ -1,0 +1,59 @@
+"""Shared fixtures: the real raw data, small slices of it, and composed configs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from mhsupport.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+EPITOME_FILES = ("emotional-reactions-reddit.csv", "explorations-reddit.csv", "interpretations-reddit.csv")
+
+
+@pytest.fixture(scope="session")
+def real_raw_dir() -> Path:
+    path = Path(os.environ.get("MHS_RAW_DIR", REPO.parent / "shared" / "data")).resolve()
+    if not (path / "esconv" / "train.json").is_file():
+        pytest.fail(f"real raw data not found at {path}: set MHS_RAW_DIR")
+    return path
+
+
+def write_raw_slice(real_raw_dir: Path, target: Path, conversations: int = 12, pairs: int = 40) -> Path:
+    """The first conversations of each ESConv split and the first EPITOME pairs, as real files."""
+    (target / "esconv").mkdir(parents=True)
+    (target / "epitome").mkdir()
+    for split in ("train", "valid", "test"):
+        lines = (real_raw_dir / "esconv" / f"{split}.json").read_text(encoding="utf-8").splitlines()
+        (target / "esconv" / f"{split}.json").write_text("\n".join(lines[:conversations]) + "\n", encoding="utf-8")
+    keep = None
+    for name in EPITOME_FILES:
+        rows = list(csv.reader(io.StringIO((real_raw_dir / "epitome" / name).read_text(encoding="utf-8"), newline="")))
+        if keep is None:
+            keep = {(r[0], r[1]) for r in rows[1:pairs + 1]}
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows([rows[0]] + [r for r in rows[1:] if (r[0], r[1]) in keep])
+        (target / "epitome" / name).write_text(out.getvalue(), encoding="utf-8")
+    return target
+
+
+@pytest.fixture
+def raw_slice(real_raw_dir, tmp_path) -> Path:
+    return write_raw_slice(real_raw_dir, tmp_path / "raw")
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path) -> Path:
+    return tmp_path / "artifacts"
+
+
+@pytest.fixture
+def prepare_cfg(raw_slice, artifacts_dir):
+    def make(*overrides, raw_dir=None):
+        return load_config("prepare_data", [f"paths.raw_dir={raw_dir or raw_slice}",
+                                            f"paths.artifacts_dir={artifacts_dir}", *overrides])
+    return make

@@ -1,0 +1,71 @@
+"""Run directories: content-addressed, atomic, and the config shipped inside the wheel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from mhsupport import artifacts
+from mhsupport.config import load_config
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    return load_config("prepare_data", [f"paths.artifacts_dir={tmp_path / 'art'}"])
+
+
+def test_run_id_ignores_paths_and_force_but_not_results(cfg, tmp_path):
+    data = tmp_path / "input.txt"
+    data.write_text("abc")
+    base = artifacts.plan_run("stage", cfg, {"data": data})
+    moved = load_config("prepare_data", [f"paths.artifacts_dir={tmp_path / 'art'}", "paths.raw_dir=/elsewhere", "force=true"])
+    assert artifacts.plan_run("stage", moved, {"data": data}).run_id == base.run_id
+    changed = load_config("prepare_data", [f"paths.artifacts_dir={tmp_path / 'art'}", "data.max_context_turns=3"])
+    assert artifacts.plan_run("stage", changed, {"data": data}).run_id != base.run_id
+    data.write_text("abd")
+    assert artifacts.plan_run("stage", cfg, {"data": data}).run_id != base.run_id
+    assert artifacts.plan_run("other", cfg, {"data": data}).run_id != artifacts.plan_run("stage", cfg, {"data": data}).run_id
+
+
+def test_a_crash_leaves_no_run_and_no_temporary_directory(cfg, tmp_path):
+    run = artifacts.plan_run("stage", cfg, {})
+    with pytest.raises(RuntimeError):
+        with run.build() as out:
+            (out / "half.txt").write_text("partial")
+            raise RuntimeError("killed")
+    assert not run.complete and not any(run.path.parent.iterdir())
+
+
+def test_a_finished_run_has_config_manifest_and_metrics(cfg):
+    run = artifacts.plan_run("stage", cfg, {})
+    run.metrics = {"score": 1.5}
+    with run.build(seed=11) as out:
+        (out / "result.txt").write_text("done")
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert run.complete and manifest["seed"] == 11 and manifest["run_id"] == run.run_id
+    assert manifest["outputs"]["result.txt"] == artifacts.file_sha256(run.path / "result.txt")
+    assert "torch" in manifest["packages"] and manifest["wall_time_s"] >= 0
+    assert run.read_metrics() == {"score": 1.5}
+    assert "max_context_turns" in (run.path / "config.yaml").read_text()
+
+
+def test_the_wheel_ships_the_configs(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path), str(artifacts.Path(__file__).resolve().parents[1])], check=True)
+    (wheel,) = tmp_path.glob("mhsupport-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "mhsupport/configs/prepare_data.yaml" in names
+    assert "mhsupport/configs/taxonomy/paper.yaml" in names
+
+
+def test_installed_command_works_outside_the_checkout(tmp_path):
+    mhs = artifacts.Path(sys.executable).parent / "mhs"
+    done = subprocess.run([str(mhs), "prepare-data", "--print-config"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "esconv_split_seed: 42" in done.stdout
+    helped = subprocess.run([str(mhs), "prepare-data", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert "--raw-dir" in helped.stdout
