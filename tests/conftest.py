@@ -57,3 +57,27 @@ def prepare_cfg(raw_slice, artifacts_dir):
         return load_config("prepare_data", [f"paths.raw_dir={raw_dir or raw_slice}",
                                             f"paths.artifacts_dir={artifacts_dir}", *overrides])
     return make
+
+
+@pytest.fixture(scope="module")
+def prepared(real_raw_dir, tmp_path_factory):
+    """A prepare-data run over a slice of the real data: (raw_dir, artifacts_dir)."""
+    from mhsupport.stages import prepare_data
+
+    root = tmp_path_factory.mktemp("prepared")
+    raw = write_raw_slice(real_raw_dir, root / "raw", conversations=20, pairs=60)
+    artifacts = root / "artifacts"
+    prepare_data.run(load_config("prepare_data", [f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}"]))
+    return raw, artifacts
+
+
+def stage_config(stage: str, prepared, *overrides):
+    raw, artifacts = prepared
+    return load_config(stage, [f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}", *overrides])
+
+
+def mhs_env(prepared, **extra) -> dict:
+    raw, artifacts = prepared
+    env = dict(os.environ, MHS_RAW_DIR=str(raw), MHS_ARTIFACTS_DIR=str(artifacts), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env

