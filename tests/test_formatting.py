@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mhsupport.formatting import IGNORE_INDEX, ChatTemplateFormatter, EosJoinedFormatter, tag_token
@@ -24,8 +25,11 @@ def tokenizer():
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
     model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_layer=1, n_embd=16, n_head=2))
-    add_tag_tokens(model, tok, [tag_token(label) for label in LABELS])
-    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    add_tag_tokens(model, tok, {tag_token(label): label for label in LABELS})
+    weight = model.get_input_embeddings().weight
+    assert weight.shape[0] == len(tok)
+    words = tok(" comforting", add_special_tokens=False)["input_ids"]
+    assert torch.allclose(weight[tok.convert_tokens_to_ids("<|comforting|>")], weight[words].mean(dim=0))
     return tok
 
 

@@ -35,13 +35,30 @@ def _prepare_flags(parser):
     parser.add_argument("--raw-dir", help="raw data root holding esconv/ and epitome/ (default: $MHS_RAW_DIR)")
 
 
-def _generator_flags(parser):
+def _model_flags(parser, default_dataset: str):
     parser.add_argument("--profile", choices=PROFILES, help="model profile (default: cpu)")
-    parser.add_argument("--dataset", choices=("esconv", "unified"), help="training data (default: esconv)")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="train with a category tag before each response")
+    parser.add_argument("--dataset", choices=("esconv", "unified"), help=f"training data (default: {default_dataset})")
     parser.add_argument("--tag-set", choices=("category", "strategy"),
                         help="4 categories or the 8 ESConv strategies (esconv only)")
+
+
+def _generator_flags(parser):
+    _model_flags(parser, "esconv")
+    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
+                        help="train with a category tag before each response")
+    parser.set_defaults(profile_group="generator")
+
+
+def _classifier_flags(parser):
+    _model_flags(parser, "unified")
+    parser.add_argument("--mode", choices=("next_category", "response"),
+                        help="predict the next supporter category (default) or recognise a response's category")
+    parser.add_argument("--context-turns", type=int, help="how many recent context turns to read (default: 3)")
+    parser.add_argument("--history-categories", action=argparse.BooleanOptionalAction, default=None,
+                        help="give the classifier the categories of earlier supporter turns")
+    parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
+                        help="inverse-frequency class weights in the loss")
+    parser.set_defaults(profile_group="classifier")
 
 
 def flag_overrides(args) -> list[str]:
@@ -49,13 +66,13 @@ def flag_overrides(args) -> list[str]:
     if getattr(args, "raw_dir", None):
         overrides.append(f"paths.raw_dir={args.raw_dir}")
     if getattr(args, "profile", None):
-        overrides.append(f"generator={args.profile}")
-    if getattr(args, "dataset", None):
-        overrides.append(f"dataset={args.dataset}")
-    if getattr(args, "strategy_tag", None) is not None:
-        overrides.append(f"strategy_tag={str(args.strategy_tag).lower()}")
-    if getattr(args, "tag_set", None):
-        overrides.append(f"tag_set={args.tag_set}")
+        overrides.append(f"{args.profile_group}={args.profile}")
+    for flag in ("dataset", "tag_set", "mode", "context_turns"):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{flag}={getattr(args, flag)}")
+    for flag in ("strategy_tag", "history_categories", "class_weighting"):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{flag}={str(getattr(args, flag)).lower()}")
     if args.force:
         overrides.append("force=true")
     return overrides
@@ -82,6 +99,18 @@ def _run_train_generator(cfg):
         print(f"  model: {result.run.path / 'model'}  valid loss {m['valid_loss']:.4f}  valid ppl {m['valid_ppl']:.2f}")
 
 
+def _run_train_classifier(cfg):
+    from mhsupport.stages import train_classifier
+    from mhsupport.training import is_main_process
+
+    result = train_classifier.run(cfg)
+    if is_main_process():
+        test = result.metrics["test"]
+        print(f"train classifier run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+        for name, scores in test.items():
+            print(f"  ESConv test {name:>17}: accuracy {scores['accuracy']:.3f}  macro-F1 {scores['macro_f1']:.3f}")
+
+
 def _run_models_fetch(cfg):
     from mhsupport.models import fetch_wheels
 
@@ -101,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(models, "dialogpt", "train_generator",
              "Fine-tune the generator (DialoGPT in the paper; the profile picks the model) on "
              "prepare-data's examples.", _generator_flags, _run_train_generator)
+    _command(models, "classifier", "train_classifier",
+             "Train the classifier that predicts the next supporter category from the context "
+             "(or, --mode response, the recogniser of a response's category), beside baselines.",
+             _classifier_flags, _run_train_classifier)
 
     fetch = commands.add_parser("models", help="offline pretrained weights")
     fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")

@@ -128,6 +128,11 @@ def load_causal_lm(model_cfg, train_texts=None):
         require_local(folder / model_cfg.gguf_file, "GGUF file")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=torch.float32)
+        # The GGUF tensors are de-quantised to fp32 on load: an ordinary model from here on,
+        # trainable and saved without a quantisation config.
+        model.is_quantized, model.hf_quantizer = False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
     else:
         raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
     if tokenizer.pad_token is None:
@@ -160,10 +165,22 @@ def load_sequence_classifier(model_cfg, num_labels: int, train_texts=None):
     return model, tokenizer
 
 
-def add_tag_tokens(model, tokenizer, tags: list[str]) -> None:
-    """One special token per tag; new embedding rows start at the mean of the old ones."""
-    tokenizer.add_special_tokens({"additional_special_tokens": tags}, replace_extra_special_tokens=False)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+def add_tag_tokens(model, tokenizer, tags: dict[str, str]) -> None:
+    """One special token per tag ({token: its label}). Each new embedding row starts as the mean
+    embedding of its label's words ('Providing Suggestions'), so the tags differ from the
+    start and a short fine-tuning can learn to condition on them."""
+    embeddings = model.get_input_embeddings().weight
+    label_rows = {}
+    for token, label in tags.items():
+        ids = tokenizer(" " + label.lower(), add_special_tokens=False)["input_ids"]
+        label_rows[token] = embeddings[ids].detach().mean(dim=0) if ids else None
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tags)}, replace_extra_special_tokens=False)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    with torch.no_grad():
+        weight = model.get_input_embeddings().weight
+        for token, row in label_rows.items():
+            if row is not None:
+                weight[tokenizer.convert_tokens_to_ids(token)] = row
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> TrainGeneratorResult:
     model, tokenizer = models.load_causal_lm(g, train_texts=texts)
     labels = tag_labels(cfg)
     if labels:
-        models.add_tag_tokens(model, tokenizer, [tag_token(label) for label in labels])
+        models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
     if g.trainable == "top_layers":
         models.freeze_all_but_top(model, g.top_layers)
     formatter = build_formatter(cfg, tokenizer)

