@@ -4,13 +4,17 @@ Hydra override (e.g. `data.max_context_turns=5`); --print-config shows the resol
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from mhsupport.config import load_config
 from mhsupport.errors import MhsError
+
+from mhsupport.sampling import SAMPLERS
 
 PROFILES = ("paper", "offline", "cpu", "tiny")
 
@@ -46,7 +50,7 @@ def _generator_flags(parser):
     _model_flags(parser, "esconv")
     parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
                         help="train with a category tag before each response")
-    parser.set_defaults(profile_group="generator")
+    parser.set_defaults(profile_groups=("generator",))
 
 
 def _classifier_flags(parser):
@@ -58,7 +62,17 @@ def _classifier_flags(parser):
                         help="give the classifier the categories of earlier supporter turns")
     parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
                         help="inverse-frequency class weights in the loss")
-    parser.set_defaults(profile_group="classifier")
+    parser.set_defaults(profile_groups=("classifier",))
+
+
+def _eval_flags(parser):
+    _model_flags(parser, "esconv")
+    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
+                        help="evaluate the tagged generator")
+    parser.add_argument("--sampler", choices=SAMPLERS, help="how the tag is chosen (default: none)")
+    parser.add_argument("--base", action="store_true",
+                        help="evaluate the model without fine-tuning (Table 2's 'pretrained' row)")
+    parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
 def flag_overrides(args) -> list[str]:
@@ -66,8 +80,10 @@ def flag_overrides(args) -> list[str]:
     if getattr(args, "raw_dir", None):
         overrides.append(f"paths.raw_dir={args.raw_dir}")
     if getattr(args, "profile", None):
-        overrides.append(f"{args.profile_group}={args.profile}")
-    for flag in ("dataset", "tag_set", "mode", "context_turns"):
+        overrides += [f"{group}={args.profile}" for group in args.profile_groups]
+    if getattr(args, "base", False):
+        overrides.append("generator_source=base")
+    for flag in ("dataset", "tag_set", "mode", "context_turns", "sampler"):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{flag}={getattr(args, flag)}")
     for flag in ("strategy_tag", "history_categories", "class_weighting"):
@@ -111,6 +127,41 @@ def _run_train_classifier(cfg):
             print(f"  ESConv test {name:>17}: accuracy {scores['accuracy']:.3f}  macro-F1 {scores['macro_f1']:.3f}")
 
 
+def _print_generation_metrics(metrics: dict) -> None:
+    for name, m in metrics["metrics"].items():
+        print(f"  {name:>17}: {m['value']:8.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+
+
+def _run_eval(cfg):
+    from mhsupport.stages import evaluate
+
+    result = evaluate.run(cfg)
+    m = result.metrics
+    print(f"eval run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['decoding']}"
+          + (f" - {m['note']}" if m["note"] else ""))
+    _print_generation_metrics(m)
+
+
+def _run_compare(args) -> None:
+    from mhsupport.stages import evaluate
+    from mhsupport.metrics import paired_bootstrap
+
+    a_lines, b_lines = evaluate.read_generations(args.run_a), evaluate.read_generations(args.run_b)
+    key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
+    if key != [(l["conversation_id"], l["turn_index"]) for l in b_lines]:
+        raise MhsError("the two eval runs scored different test examples: a paired test needs the same ones")
+    result = paired_bootstrap(evaluate.scores_from_generations(a_lines), evaluate.scores_from_generations(b_lines),
+                              args.resamples, args.seed)
+    print(f"A = {args.run_a}\nB = {args.run_b}\n{len(key)} paired examples, {args.resamples} resamples\n")
+    print("| metric | A | B | B - A | 95% CI of B - A | p |\n| --- | ---: | ---: | ---: | --- | ---: |")
+    for name, r in result.items():
+        print(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
+              f"| {r['p_value']:.4f} |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
+
+
 def _run_models_fetch(cfg):
     from mhsupport.models import fetch_wheels
 
@@ -135,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
              "(or, --mode response, the recogniser of a response's category), beside baselines.",
              _classifier_flags, _run_train_classifier)
 
+    _command(commands, "eval", "eval",
+             "Generate ESConv test responses with a trained generator under a tag sampler and score them "
+             "(BLEU, B-1..4, ROUGE-L, Distinct, perplexity, strategy accuracy, tag adherence) with "
+             "95%% bootstrap intervals.", _eval_flags, _run_eval)
+
+    compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
+                                  description="Paired bootstrap test of every metric between two eval runs "
+                                              "over the same test examples.")
+    compare.add_argument("run_a", type=Path, help="eval run directory A")
+    compare.add_argument("run_b", type=Path, help="eval run directory B")
+    compare.add_argument("--resamples", type=int, default=1000)
+    compare.add_argument("--seed", type=int, default=0)
+    compare.add_argument("--out", help="also write the result as JSON here")
+    compare.set_defaults(stage=None)
+
     fetch = commands.add_parser("models", help="offline pretrained weights")
     fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")
     _command(fetch_commands, "fetch", "models",
@@ -148,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
+        if args.stage is None:
+            _run_compare(args)
+            return 0
         cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
         if args.print_config:
             print(OmegaConf.to_yaml(cfg), end="")

@@ -79,25 +79,32 @@ def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
 
 
 @torch.no_grad()
-def teacher_forced_loss(model, features: list[dict], collator, batch_size: int) -> dict:
-    """Token-level loss and perplexity of the labelled tokens (tag and response) under teacher forcing."""
+def per_example_nll(model, features: list[dict], collator, batch_size: int) -> tuple[list[float], list[int]]:
+    """Summed negative log-likelihood and count of each example's labelled tokens under teacher forcing."""
     was_training = model.training
     model.eval()
-    total_nll, total_tokens = 0.0, 0
-    ordered = sorted(features, key=lambda f: len(f["input_ids"]))
-    for start in range(0, len(ordered), batch_size):
-        batch = collator([{k: f[k] for k in ("input_ids", "attention_mask", "labels")}
-                          for f in ordered[start:start + batch_size]])
+    nll, counts = [0.0] * len(features), [0] * len(features)
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        batch = collator([{k: features[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in rows])
         batch = {k: v.to(model.device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         labels = batch["labels"][:, 1:]
-        total_nll += F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
-                                     ignore_index=IGNORE_INDEX, reduction="sum").item()
-        total_tokens += int((labels != IGNORE_INDEX).sum())
+        token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+        for row, i in enumerate(rows):
+            nll[i] = token_nll[row].sum().item()
+            counts[i] = int((labels[row] != IGNORE_INDEX).sum())
     if was_training:
         model.train()
-    loss = total_nll / max(total_tokens, 1)
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": total_tokens}
+    return nll, counts
+
+
+def teacher_forced_loss(model, features: list[dict], collator, batch_size: int) -> dict:
+    """Token-level loss and perplexity of the labelled tokens (tag and response) under teacher forcing."""
+    nll, counts = per_example_nll(model, features, collator, batch_size)
+    loss = sum(nll) / max(sum(counts), 1)
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": sum(counts)}
 
 
 class ValidationCallback(TrainerCallback):

@@ -31,3 +31,38 @@ def data_overrides(cfg) -> list[str]:
     default = OmegaConf.to_container(load_config("prepare_data").data)
     current = OmegaConf.to_container(cfg.data)
     return [f"data.{k}={v}" for k, v in current.items() if default.get(k) != v]
+
+
+SHARED_KEYS = ("paths", "taxonomy", "data", "download", "seed")
+
+
+def derived_config(stage: str, cfg, values: dict):
+    """The config of an upstream stage: its defaults, with this config's shared keys and `values`
+    (dotted key -> value or config node) put in, so it plans the same run its own command would."""
+    from mhsupport.config import load_config
+
+    derived = load_config(stage)
+    OmegaConf.set_struct(derived, False)
+    for key in SHARED_KEYS:
+        derived[key] = cfg[key]
+    for key, value in values.items():
+        OmegaConf.update(derived, key, value, merge=False)
+    derived.force = False
+    OmegaConf.set_struct(derived, True)
+    return derived
+
+
+def require_complete(run: artifacts.Run, command: str) -> artifacts.Run:
+    if not run.complete:
+        raise MhsError(f"no {run.stage} run for this config (expected {run.path}): run `{command}` first")
+    return run
+
+
+def profile_overrides(cfg, group: str) -> list[str]:
+    """`group.key=value` for every setting of cfg[group] that differs from its profile's defaults."""
+    from mhsupport.config import load_config
+
+    default = OmegaConf.to_container(load_config(f"train_{'generator' if group == 'generator' else 'classifier'}",
+                                                 [f"{group}={cfg[group].profile}"])[group])
+    current = OmegaConf.to_container(cfg[group])
+    return [f"{group}.{k}={v}" for k, v in current.items() if default.get(k) != v]

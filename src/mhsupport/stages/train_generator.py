@@ -108,7 +108,7 @@ def run(cfg: DictConfig) -> TrainGeneratorResult:
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
 
         final_valid = validate(model)
-        final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, 400, cfg.seed),
+        final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset, cfg.seed),
                                                    collator, g.eval_batch_size)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
         padded = padded_tokens(trainer)
@@ -184,6 +184,6 @@ professional care**, not for deployment to people in distress, not a crisis serv
 - Saved checkpoint: {metrics['checkpoint']}.
 
 ## Metrics
-- Train loss (teacher-forced, up to 400 training examples): {metrics['train_loss']:.4f}
+- Train loss (teacher-forced, up to {g.train_eval_subset} training examples): {metrics['train_loss']:.4f}
 - ESConv valid loss: {metrics['valid_loss']:.4f}; token-level perplexity: {metrics['valid_ppl']:.2f}
 """

@@ -1,0 +1,120 @@
+"""mhs eval with the tiny profile: samplers, stored generations, intervals, the paired test,
+and the errors that name the missing command."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import stage_config
+from mhsupport import classifier as classifier_api
+from mhsupport.cli import main
+from mhsupport.errors import MhsError
+from mhsupport.sampling import choose_tags
+from mhsupport.stages import evaluate, train_classifier, train_generator
+
+LABELS = ["Comforting", "Exploration", "Action", "Others"]
+GEN = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16"]
+CLF = ["classifier=tiny", "classifier.train_subset=200"]
+EVAL = [*GEN, *CLF, "test_subset=24", "bootstrap.resamples=50", "decoding.max_new_tokens=12"]
+
+
+@pytest.fixture(scope="module")
+def trained(prepared):
+    for tagged in ("false", "true"):
+        train_generator.run(stage_config("train_generator", prepared, *GEN, f"strategy_tag={tagged}"))
+    next_run = train_classifier.run(stage_config("train_classifier", prepared, *CLF)).run
+    train_classifier.run(stage_config("train_classifier", prepared, *CLF, "mode=response"))
+    return prepared, next_run
+
+
+def test_samplers(trained):
+    _, next_run = trained
+    examples = [{"context": [{"speaker": "seeker", "text": f"message number {i}"}], "category": LABELS[i % 4]}
+                for i in range(400)]
+    assert choose_tags("none", examples, LABELS, "category", 0) == [None] * 400
+    assert choose_tags("oracle", examples, LABELS, "category", 0) == [e["category"] for e in examples]
+    random = choose_tags("random", examples, LABELS, "category", 3)
+    assert random == choose_tags("random", examples, LABELS, "category", 3)
+    assert random != choose_tags("random", examples, LABELS, "category", 4)
+    assert all(70 <= count <= 130 for count in Counter(random).values()) and set(random) == set(LABELS)
+    prior = choose_tags("random_prior", examples, LABELS, "category", 3,
+                        prior={"Comforting": 0.7, "Exploration": 0.1, "Action": 0.1, "Others": 0.1})
+    assert 240 <= Counter(prior)["Comforting"] <= 320
+    clf = classifier_api.load(next_run.path)
+    assert choose_tags("classifier", examples, LABELS, "category", 0, classifier=clf) == \
+        clf.predict([e["context"] for e in examples])
+    sampled = choose_tags("classifier", examples, LABELS, "category", 0, classifier=clf, classifier_sampling="sample")
+    assert set(sampled) <= set(LABELS)
+    with pytest.raises(MhsError, match="the classifier predicts"):
+        choose_tags("classifier", examples, LABELS[:3], "category", 0, classifier=clf)
+
+
+@pytest.mark.parametrize("sampler", ["none", "random", "classifier", "oracle"])
+def test_tagged_eval_writes_generations_and_recomputable_metrics(trained, sampler):
+    prepared, _ = trained
+    result = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", f"sampler={sampler}"))
+    lines = evaluate.read_generations(result.run.path)
+    assert len(lines) == result.metrics["examples"] == 24
+    assert {"conversation_id", "context", "reference", "gold_category", "chosen_tag", "response"} <= set(lines[0])
+    if sampler == "oracle":
+        assert all(l["chosen_tag"] == l["gold_category"] == l["tag"] for l in lines)
+        assert result.metrics["metrics"]["strategy_accuracy"]["value"] == 100.0
+    if sampler in ("random", "classifier"):
+        assert all(l["chosen_tag"] in LABELS and l["tag"] == l["chosen_tag"] for l in lines)
+    assert all("<|" not in l["response"] for l in lines)
+    recomputed = evaluate.scores_from_generations(lines).scores()
+    for name, value in recomputed.items():
+        assert value == pytest.approx(result.metrics["metrics"][name]["value"])
+    m = result.metrics["metrics"]
+    assert {"bleu", "bleu_1", "bleu_4", "rouge_l", "distinct_1", "distinct_2", "ppl", "length"} <= set(m)
+    if sampler != "none":
+        assert "tag_adherence" in m and "strategy_accuracy" in m
+    assert m["bleu"]["ci_low"] <= m["bleu"]["value"] <= m["bleu"]["ci_high"]
+    assert "mean nothing" in result.metrics["note"]
+
+
+def test_untagged_and_pretrained_rows(trained, capsys):
+    prepared, _ = trained
+    untagged = evaluate.run(stage_config("eval", prepared, *EVAL)).metrics
+    assert "strategy_accuracy" not in untagged["metrics"] and untagged["system"] == "esconv / none"
+    base = evaluate.run(stage_config("eval", prepared, *EVAL, "generator_source=base")).metrics
+    assert base["system"] == "pretrained (untrained model)"
+    assert base["metrics"]["ppl"]["value"] > untagged["metrics"]["ppl"]["value"]  # training lowers perplexity
+
+
+def test_untagged_generator_accepts_only_none(trained, capsys):
+    raw, artifacts = trained[0]
+    code = main(["eval", "--sampler", "classifier", "--profile", "tiny", f"paths.raw_dir={raw}",
+                 f"paths.artifacts_dir={artifacts}"])
+    assert code == 2 and "an untagged generator accepts only --sampler none" in capsys.readouterr().err
+
+
+def test_missing_generator_run_names_the_command(trained, capsys):
+    raw, artifacts = trained[0]
+    code = main(["eval", "--profile", "tiny", "--dataset", "unified", "--strategy-tag", f"paths.raw_dir={raw}",
+                 f"paths.artifacts_dir={artifacts}", "generator.train_subset=64"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "run `mhs train dialogpt --profile tiny --dataset unified --strategy-tag generator.train_subset=64` first" in err
+
+
+def test_sampled_decoding_reports_the_mean_over_seeds(trained):
+    prepared, _ = trained
+    m = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", "sampler=oracle",
+                                  "decoding.do_sample=true", "decoding.seeds=[1,2]")).metrics
+    assert m["decoding"] == "sampled" and set(m["per_seed"]) == {"1", "2"}
+    assert m["metrics"]["bleu"]["value"] == pytest.approx(np.mean([s["bleu"]["value"] for s in m["per_seed"].values()]))
+
+
+def test_compare_two_runs(trained, tmp_path, capsys):
+    prepared, _ = trained
+    a = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", "sampler=random")).run.path
+    b = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", "sampler=oracle")).run.path
+    assert main(["compare", str(a), str(b), "--resamples", "100", "--out", str(tmp_path / "c.json")]) == 0
+    assert "| bleu |" in capsys.readouterr().out
+    result = json.loads((tmp_path / "c.json").read_text())["tests"]
+    assert 0 < result["bleu"]["p_value"] <= 1 and result["strategy_accuracy"]["b"] == 100.0
