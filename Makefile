@@ -4,7 +4,9 @@ PY := $(VENV)/bin/python
 MHS := $(VENV)/bin/mhs
 export MHS_RAW_DIR ?= $(abspath ../shared/data)
 
-.PHONY: setup test test-fast prepare-data clean
+PROFILE ?= cpu
+
+.PHONY: setup test test-fast prepare-data models reproduce-paper bench clean
 
 setup: $(VENV)/.installed
 
@@ -24,6 +26,20 @@ test-fast: setup
 
 prepare-data: setup
 	$(MHS) prepare-data
+
+models: setup
+	$(MHS) models fetch
+
+# Raw data -> the paper's tables for one profile (PROFILE=cpu|tiny|offline|paper), skipping
+# stages that are up to date; prints the tables, the report's path and each stage's time.
+reproduce-paper: setup
+	$(MHS) reproduce --profile $(PROFILE)
+
+# Training benchmarks (tiny on the full unified split; cpu profile with FLOP/s vs matmul peak).
+bench: setup
+	mkdir -p artifacts/bench
+	$(PY) scripts/bench_generator.py --out artifacts/bench/tiny_unified.json -- --profile tiny --dataset unified
+	$(PY) scripts/bench_generator.py --out artifacts/bench/cpu_esconv_tag.json -- --profile cpu --strategy-tag
 
 clean:
 	rm -rf artifacts .pytest_cache

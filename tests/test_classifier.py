@@ -92,6 +92,14 @@ def test_tiny_classifier_end_to_end_and_its_api(prepared):
     assert np.allclose(probabilities.sum(axis=1), 1.0) and (probabilities >= 0).all()
     assert np.allclose(probabilities[0], probabilities[2])  # batching does not change an answer
     assert loaded.predict(contexts) == [LABELS[i] for i in probabilities[:2].argmax(axis=1)]
+    encoded = loaded.tokenizer("")["input_ids"]
+    assert encoded == [loaded.tokenizer.cls_token_id, loaded.tokenizer.sep_token_id]  # BERT-style inputs
+
+
+def test_recogniser_accepts_empty_responses(prepared):
+    result = train_classifier.run(stage_config("train_classifier", prepared, *TINY, "mode=response"))
+    probabilities = api.load(result.run.path).predict_proba(["", "", "I hear you."], batch_size=2)
+    assert probabilities.shape == (3, 4) and np.allclose(probabilities.sum(axis=1), 1.0)
 
 
 def test_eight_way_strategy_mode(prepared):

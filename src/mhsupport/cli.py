@@ -162,6 +162,28 @@ def _run_compare(args) -> None:
         Path(args.out).write_text(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
 
 
+def _run_report(cfg):
+    from mhsupport.stages import report
+
+    result = report.run(cfg)
+    print(f"report run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print(result.report.read_text())
+
+
+def _run_reproduce(cfg):
+    from mhsupport.stages import reproduce
+
+    result = reproduce.run(cfg)
+    print(result.report.report.read_text())
+    print("## Stage wall times\n\n" + reproduce.timings_markdown(result.timings) + "\n")
+    print(f"report: {result.report.report}\ntimings: {result.timings_file}")
+
+
+def _profile_flags(parser):
+    parser.add_argument("--profile", choices=PROFILES, help="model profile (default: cpu)")
+    parser.set_defaults(profile_groups=("generator", "classifier"))
+
+
 def _run_models_fetch(cfg):
     from mhsupport.models import fetch_wheels
 
@@ -190,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
              "Generate ESConv test responses with a trained generator under a tag sampler and score them "
              "(BLEU, B-1..4, ROUGE-L, Distinct, perplexity, strategy accuracy, tag adherence) with "
              "95%% bootstrap intervals.", _eval_flags, _run_eval)
+
+    _command(commands, "report", "report",
+             "Write the paper's Tables 1, 2 and 4 (Markdown, CSV, figures) from this profile's eval runs, "
+             "with paired tests of the paper's orderings.", _profile_flags, _run_report)
+    _command(commands, "reproduce", "report",
+             "Run every stage for one profile (prepare-data, four generators, classifier, recogniser, "
+             "every eval, report), skipping what is up to date; print the tables and stage times.",
+             _profile_flags, _run_reproduce)
 
     compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
                                   description="Paired bootstrap test of every metric between two eval runs "

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import ByteLevelBPETokenizer
+from tokenizers.processors import TemplateProcessing
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           GPT2Config, PreTrainedTokenizerFast)
 
@@ -90,12 +91,17 @@ def require_local(path: Path, what: str) -> Path:
 
 # --- tokenizers -------------------------------------------------------------------------
 
-def train_bpe_tokenizer(texts, vocab_size: int, min_frequency: int) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on the given texts (the tiny profile's)."""
+def train_bpe_tokenizer(texts, vocab_size: int, min_frequency: int, bert_inputs: bool = False) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the given texts (the tiny profiles'). With
+    bert_inputs, every encoding is wrapped as [CLS] ... [SEP], as BERT classifiers expect."""
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=["<|endoftext|>", "[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"],
                             show_progress=False)
+    if bert_inputs:
+        cls, sep = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
+        bpe._tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
     return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
@@ -147,7 +153,8 @@ def load_saved_causal_lm(path: Path):
 def load_sequence_classifier(model_cfg, num_labels: int, train_texts=None):
     """(model, tokenizer) for a classifier profile: a small BERT from scratch or a BERT folder / Hub id."""
     if model_cfg.source == "scratch":
-        tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency)
+        tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency,
+                                        bert_inputs=True)
         arch = model_cfg.architecture
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=arch.hidden_size, num_hidden_layers=arch.num_layers,
                             num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,

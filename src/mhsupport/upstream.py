@@ -44,7 +44,8 @@ def derived_config(stage: str, cfg, values: dict):
     derived = load_config(stage)
     OmegaConf.set_struct(derived, False)
     for key in SHARED_KEYS:
-        derived[key] = cfg[key]
+        if key in derived:
+            derived[key] = cfg[key]
     for key, value in values.items():
         OmegaConf.update(derived, key, value, merge=False)
     derived.force = False

@@ -1,0 +1,48 @@
+"""The whole chain, raw data to the paper's tables, with the tiny profile on a slice."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from conftest import stage_config
+from mhsupport.cli import main
+from mhsupport.errors import MhsError
+from mhsupport.stages import report, reproduce
+
+SLICE = ["generator.train_subset=48", "generator.valid_subset=12", "classifier.train_subset=150", "test_subset=16",
+         "bootstrap.resamples=40", "significance_resamples=40", "decoding.max_new_tokens=10", "runtime.progress=false"]
+
+
+@pytest.mark.slow
+def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(prepared, capsys):
+    cfg = stage_config("report", prepared, "generator=tiny", "classifier=tiny", *SLICE)
+    first = reproduce.run(cfg)
+    out = first.report.run.path
+    for name in ("report.md", "table1.csv", "table2.csv", "table4.csv", "significance.csv", "table2_bleu.png",
+                 "table4_bleu.png", "manifest.json"):
+        assert (out / name).is_file(), name
+    table2 = list(csv.DictReader(open(out / "table2.csv")))
+    assert [r["system"] for r in table2] == ["Pretrained", "ESConv", "Unified", "ESConv+tag", "Unified+tag"]
+    assert float(table2[3]["paper_bleu"]) == 0.293
+    table4 = list(csv.DictReader(open(out / "table4.csv")))
+    assert len(table4) == 8 and table4[-1]["system"] == "Unified+tag / oracle"
+    assert float(table4[-1]["strategy_accuracy"]) == 100.0
+    text = (out / "report.md").read_text()
+    assert "every number below means nothing" in text and "| Comforting |" in text
+    stages = [t["stage"] for t in first.timings]
+    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 13 + 1
+    assert json.loads(first.timings_file.read_text())["total_seconds"] > 0
+
+    again = reproduce.run(cfg)
+    assert all(t["skipped"] for t in again.timings)
+    assert again.report.run.path == out
+
+
+def test_report_without_evals_lists_what_to_run(prepared, tmp_path):
+    raw, _ = prepared
+    cfg = stage_config("report", (raw, tmp_path / "empty"), "generator=tiny", "classifier=tiny")
+    with pytest.raises(MhsError, match="mhs prepare-data"):
+        report.run(cfg)
