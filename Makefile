@@ -38,7 +38,7 @@ reproduce-paper: setup
 # Training benchmarks (tiny on the full unified split; cpu profile with FLOP/s vs matmul peak).
 bench: setup
 	mkdir -p artifacts/bench
-	$(PY) scripts/bench_generator.py --out artifacts/bench/tiny_unified.json -- --profile tiny --dataset unified
+	$(PY) scripts/bench_generator.py --out artifacts/bench/tiny_unified.json -- --profile tiny --dataset unified generator.train_subset=null
 	$(PY) scripts/bench_generator.py --out artifacts/bench/cpu_esconv_tag.json -- --profile cpu --strategy-tag
 
 clean:

@@ -184,6 +184,17 @@ def _profile_flags(parser):
     parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
+def _chat_flags(parser):
+    _model_flags(parser, "esconv")
+    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
+                        help="talk to the tagged generator")
+    parser.add_argument("--sampler", choices=("none", "random", "random_prior", "classifier"),
+                        help="how each reply's category is chosen (default: classifier if tagged)")
+    parser.add_argument("--json", action="store_true",
+                        help="read one seeker message per stdin line, write one JSON object per reply")
+    parser.set_defaults(profile_groups=("generator", "classifier"))
+
+
 def _run_models_fetch(cfg):
     from mhsupport.models import fetch_wheels
 
@@ -221,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
              "every eval, report), skipping what is up to date; print the tables and stage times.",
              _profile_flags, _run_reproduce)
 
+    _command(commands, "chat", "chat",
+             "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
+             "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
+             "professional help.", _chat_flags, None)
+
     compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
                                   description="Paired bootstrap test of every metric between two eval runs "
                                               "over the same test examples.")
@@ -251,7 +267,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        args.runner(cfg)
+        if args.command == "chat":
+            from mhsupport.stages import chat
+
+            chat.run(cfg, json_mode=args.json)
+        else:
+            args.runner(cfg)
     except MhsError as err:
         print(f"mhs {name}: error: {err}", file=sys.stderr)
         return 2
