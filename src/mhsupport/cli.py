@@ -195,6 +195,22 @@ def _chat_flags(parser):
     parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
+def _run_human_export(args) -> None:
+    from mhsupport import humaneval
+
+    study, key = humaneval.export(args.run_a, args.run_b, args.n, args.out, args.seed)
+    print(f"study page (give to raters): {study}\nkey (keep from raters): {key}")
+
+
+def _run_human_score(args) -> None:
+    from mhsupport import humaneval
+
+    result = humaneval.score(args.key, args.answers)
+    print(humaneval.score_markdown(result), end="")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
 def _run_models_fetch(cfg):
     from mhsupport.models import fetch_wheels
 
@@ -245,7 +261,28 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--resamples", type=int, default=1000)
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", help="also write the result as JSON here")
-    compare.set_defaults(stage=None)
+    compare.set_defaults(stage=None, handler=_run_compare)
+
+    human = commands.add_parser("human-eval", help="blinded pairwise human evaluation of two eval runs")
+    human_commands = human.add_subparsers(dest="what", required=True, metavar="ACTION")
+    export = human_commands.add_parser(
+        "export", help="write a blinded study page and its key",
+        description="Write a self-contained HTML page showing N test contexts with the two runs' responses in "
+                    "random order (raters choose A, B or tie and save a JSON of answers) and a separate key.")
+    export.add_argument("run_a", type=Path)
+    export.add_argument("run_b", type=Path)
+    export.add_argument("--n", type=int, default=100, help="items in the study (default 100)")
+    export.add_argument("--out", type=Path, required=True, help="folder for study.html and key.json")
+    export.add_argument("--seed", type=int, default=0)
+    export.set_defaults(stage=None, handler=_run_human_export)
+    score = human_commands.add_parser(
+        "score", help="un-blind answers and score them",
+        description="Un-blind raters' answers with the key: win/lose/tie of run B against run A, a two-sided "
+                    "sign test, and Fleiss' kappa between raters, in the layout of the paper's Tables 3/5/6.")
+    score.add_argument("key", type=Path)
+    score.add_argument("answers", type=Path, nargs="+")
+    score.add_argument("--out", type=Path, help="also write the result as JSON here")
+    score.set_defaults(stage=None, handler=_run_human_score)
 
     fetch = commands.add_parser("models", help="offline pretrained weights")
     fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")
@@ -261,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
         if args.stage is None:
-            _run_compare(args)
+            args.handler(args)
             return 0
         cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
         if args.print_config:
