@@ -72,6 +72,10 @@ def _eval_flags(parser):
     parser.add_argument("--sampler", choices=SAMPLERS, help="how the tag is chosen (default: none)")
     parser.add_argument("--base", action="store_true",
                         help="evaluate the model without fine-tuning (Table 2's 'pretrained' row)")
+    parser.add_argument("--generator", choices=("finetuned", "base", "llm"), dest="generator_source",
+                        help="finetuned (default), base (= --base) or llm (prompting a chat model, no fine-tuning)")
+    parser.add_argument("--prompt", choices=("vanilla", "cot", "strategy", "oracle"),
+                        help="with --generator llm: the prompt (strategy: the classifier's category)")
     parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
@@ -83,6 +87,10 @@ def flag_overrides(args) -> list[str]:
         overrides += [f"{group}={args.profile}" for group in args.profile_groups]
     if getattr(args, "base", False):
         overrides.append("generator_source=base")
+    if getattr(args, "generator_source", None):
+        overrides.append(f"generator_source={args.generator_source}")
+    if getattr(args, "prompt", None):
+        overrides.append(f"llm.prompt={args.prompt}")
     for flag in ("dataset", "tag_set", "mode", "context_turns", "sampler"):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{flag}={getattr(args, flag)}")
