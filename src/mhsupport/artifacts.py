@@ -111,6 +111,14 @@ class Run:
             tmp.rename(self.path)
 
 
+@dataclass
+class StageResult:
+    """What a training or eval stage returns: its run, its metrics, whether it was up to date."""
+    run: Run
+    metrics: dict
+    skipped: bool
+
+
 def plan_run(stage: str, cfg: DictConfig, inputs: dict[str, Path | Run]) -> Run:
     """The run that this config and these inputs (files, or upstream runs) make."""
     described = {}

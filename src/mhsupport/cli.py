@@ -104,7 +104,7 @@ def flag_overrides(args) -> list[str]:
 
 # --- runners ----------------------------------------------------------------------------
 
-def _run_prepare_data(cfg):
+def _run_prepare_data(cfg, args):
     from mhsupport.stages import prepare_data
 
     result = prepare_data.run(cfg)
@@ -112,7 +112,7 @@ def _run_prepare_data(cfg):
     print(f"  examples: {result.run.path / 'examples'}  counts: {result.run.path / 'stats.md'}")
 
 
-def _run_train_generator(cfg):
+def _run_train_generator(cfg, args):
     from mhsupport.stages import train_generator
     from mhsupport.training import is_main_process
 
@@ -123,7 +123,7 @@ def _run_train_generator(cfg):
         print(f"  model: {result.run.path / 'model'}  valid loss {m['valid_loss']:.4f}  valid ppl {m['valid_ppl']:.2f}")
 
 
-def _run_train_classifier(cfg):
+def _run_train_classifier(cfg, args):
     from mhsupport.stages import train_classifier
     from mhsupport.training import is_main_process
 
@@ -140,7 +140,7 @@ def _print_generation_metrics(metrics: dict) -> None:
         print(f"  {name:>17}: {m['value']:8.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
 
 
-def _run_eval(cfg):
+def _run_eval(cfg, args):
     from mhsupport.stages import evaluate
 
     result = evaluate.run(cfg)
@@ -170,7 +170,7 @@ def _run_compare(args) -> None:
         Path(args.out).write_text(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
 
 
-def _run_report(cfg):
+def _run_report(cfg, args):
     from mhsupport.stages import report
 
     result = report.run(cfg)
@@ -178,7 +178,7 @@ def _run_report(cfg):
     print(result.report.read_text())
 
 
-def _run_reproduce(cfg):
+def _run_reproduce(cfg, args):
     from mhsupport.stages import reproduce
 
     result = reproduce.run(cfg)
@@ -219,7 +219,13 @@ def _run_human_score(args) -> None:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def _run_models_fetch(cfg):
+def _run_chat(cfg, args):
+    from mhsupport.stages import chat
+
+    chat.run(cfg, json_mode=args.json)
+
+
+def _run_models_fetch(cfg, args):
     from mhsupport.models import fetch_wheels
 
     for name, path in fetch_wheels(cfg).items():
@@ -259,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     _command(commands, "chat", "chat",
              "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
              "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
-             "professional help.", _chat_flags, None)
+             "professional help.", _chat_flags, _run_chat)
 
     compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
                                   description="Paired bootstrap test of every metric between two eval runs "
@@ -312,12 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_config:
             print(OmegaConf.to_yaml(cfg), end="")
             return 0
-        if args.command == "chat":
-            from mhsupport.stages import chat
-
-            chat.run(cfg, json_mode=args.json)
-        else:
-            args.runner(cfg)
+        args.runner(cfg, args)
     except MhsError as err:
         print(f"mhs {name}: error: {err}", file=sys.stderr)
         return 2

@@ -67,3 +67,13 @@ def profile_overrides(cfg, group: str) -> list[str]:
                                                  [f"{group}={cfg[group].profile}"])[group])
     current = OmegaConf.to_container(cfg[group])
     return [f"{group}.{k}={v}" for k, v in current.items() if default.get(k) != v]
+
+
+def check_dataset_and_tag_set(cfg) -> None:
+    """The training-data and label-set options shared by the generator and the classifier."""
+    if cfg.dataset not in ("esconv", "unified"):
+        raise MhsError(f"dataset={cfg.dataset!r}: expected esconv or unified")
+    if cfg.tag_set not in ("category", "strategy"):
+        raise MhsError(f"tag_set={cfg.tag_set!r}: expected category or strategy")
+    if cfg.tag_set == "strategy" and cfg.dataset != "esconv":
+        raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such labels")

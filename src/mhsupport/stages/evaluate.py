@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +23,6 @@ from mhsupport.taxonomy import Taxonomy
 log = logging.getLogger(__name__)
 STAGE = "eval"
 GENERATIONS = "generations.jsonl"
-
-
-@dataclass
-class EvalResult:
-    run: artifacts.Run
-    metrics: dict
-    skipped: bool
 
 
 def generator_config(cfg: DictConfig) -> DictConfig:
@@ -98,11 +90,11 @@ def plan(cfg: DictConfig) -> artifacts.Run:
     return artifacts.plan_run(STAGE, cfg, inputs)
 
 
-def run(cfg: DictConfig) -> EvalResult:
+def run(cfg: DictConfig) -> artifacts.StageResult:
     run_ = plan(cfg)
     if run_.complete and not cfg.force:
         log.info("eval is up to date: %s", run_.path)
-        return EvalResult(run_, run_.read_metrics(), skipped=True)
+        return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
     inputs = run_.inputs
     gcfg = generator_config(cfg)
     label_key = train_generator.label_key(gcfg)
@@ -153,7 +145,7 @@ def run(cfg: DictConfig) -> EvalResult:
             for line in lines:
                 f.write(json.dumps(line) + "\n")
     log.info("eval wrote %s", run_.path)
-    return EvalResult(run_, run_.metrics, skipped=False)
+    return artifacts.StageResult(run_, run_.metrics, skipped=False)
 
 
 def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):

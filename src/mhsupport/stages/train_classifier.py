@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -30,22 +29,10 @@ STAGE = "train_classifier"
 EVAL_SPLITS = ("valid", "test")
 
 
-@dataclass
-class TrainClassifierResult:
-    run: artifacts.Run
-    metrics: dict
-    skipped: bool
-
-
 def check_options(cfg: DictConfig) -> None:
-    if cfg.dataset not in ("esconv", "unified"):
-        raise MhsError(f"dataset={cfg.dataset!r}: expected esconv or unified")
+    upstream.check_dataset_and_tag_set(cfg)
     if cfg.mode not in ("next_category", "response"):
         raise MhsError(f"mode={cfg.mode!r}: expected next_category or response")
-    if cfg.tag_set not in ("category", "strategy"):
-        raise MhsError(f"tag_set={cfg.tag_set!r}: expected category or strategy")
-    if cfg.tag_set == "strategy" and cfg.dataset != "esconv":
-        raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such labels")
     if cfg.context_turns < 1:
         raise MhsError(f"context_turns={cfg.context_turns}: expected at least 1")
 
@@ -63,11 +50,11 @@ def plan(cfg: DictConfig) -> artifacts.Run:
     return artifacts.plan_run(STAGE, cfg, {"prepare_data": upstream.prepare_data_run(cfg)})
 
 
-def run(cfg: DictConfig) -> TrainClassifierResult:
+def run(cfg: DictConfig) -> artifacts.StageResult:
     run_ = plan(cfg)
     if run_.complete and not cfg.force:
         log.info("train classifier is up to date: %s", run_.path)
-        return TrainClassifierResult(run_, run_.read_metrics(), skipped=True)
+        return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
     data_run = run_.inputs["prepare_data"]["run"]
     p = cfg.classifier
     settings = settings_for(cfg)
@@ -137,7 +124,7 @@ def run(cfg: DictConfig) -> TrainClassifierResult:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if is_main:
         log.info("train classifier wrote %s", run_.path)
-    return TrainClassifierResult(run_, run_.metrics, skipped=False)
+    return artifacts.StageResult(run_, run_.metrics, skipped=False)
 
 
 def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, evaluation) -> dict:

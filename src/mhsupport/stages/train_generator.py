@@ -7,7 +7,6 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass
 
 from datasets import Dataset
 from omegaconf import DictConfig
@@ -23,20 +22,8 @@ log = logging.getLogger(__name__)
 STAGE = "train_generator"
 
 
-@dataclass
-class TrainGeneratorResult:
-    run: artifacts.Run
-    metrics: dict
-    skipped: bool
-
-
 def check_options(cfg: DictConfig) -> None:
-    if cfg.dataset not in ("esconv", "unified"):
-        raise MhsError(f"dataset={cfg.dataset!r}: expected esconv or unified")
-    if cfg.tag_set not in ("category", "strategy"):
-        raise MhsError(f"tag_set={cfg.tag_set!r}: expected category or strategy")
-    if cfg.tag_set == "strategy" and cfg.dataset != "esconv":
-        raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such labels")
+    upstream.check_dataset_and_tag_set(cfg)
     if cfg.generator.family not in FORMATTERS:
         raise MhsError(f"generator.family={cfg.generator.family!r}: expected one of {sorted(FORMATTERS)}")
     if cfg.generator.trainable not in ("all", "top_layers"):
@@ -66,11 +53,11 @@ def build_formatter(cfg: DictConfig, tokenizer):
                                 cfg.tags_in_history, g.system_prompt)
 
 
-def run(cfg: DictConfig) -> TrainGeneratorResult:
+def run(cfg: DictConfig) -> artifacts.StageResult:
     run_ = plan(cfg)
     if run_.complete and not cfg.force:
         log.info("train dialogpt is up to date: %s", run_.path)
-        return TrainGeneratorResult(run_, run_.read_metrics(), skipped=True)
+        return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
     data_run = run_.inputs["prepare_data"]["run"]
     g = cfg.generator
     train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.seed)
@@ -143,7 +130,7 @@ def run(cfg: DictConfig) -> TrainGeneratorResult:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if is_main:
         log.info("train dialogpt wrote %s", run_.path)
-    return TrainGeneratorResult(run_, run_.metrics, skipped=False)
+    return artifacts.StageResult(run_, run_.metrics, skipped=False)
 
 
 def padded_tokens(trainer) -> int:
