@@ -55,8 +55,11 @@ def test_bootstrap_interval_brackets_the_value_and_is_seeded():
     scores = GenerationScores(HYPS * 10, REFS * 10)
     a = bootstrap_intervals(scores, 200, seed=1)
     assert a == bootstrap_intervals(scores, 200, seed=1)
-    for metric in a.values():
-        assert metric["ci_low"] <= metric["value"] <= metric["ci_high"]
+    for name, metric in a.items():
+        if name.startswith("distinct"):
+            assert metric["ci_low"] is None  # resampling with replacement biases a type/token ratio
+        else:
+            assert metric["ci_low"] <= metric["value"] <= metric["ci_high"], name
     assert a["bleu"]["ci_low"] < a["bleu"]["ci_high"]
 
 

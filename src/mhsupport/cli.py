@@ -137,7 +137,8 @@ def _run_train_classifier(cfg, args):
 
 def _print_generation_metrics(metrics: dict) -> None:
     for name, m in metrics["metrics"].items():
-        print(f"  {name:>17}: {m['value']:8.3f}  [{m['ci_low']:.3f}, {m['ci_high']:.3f}]")
+        interval = f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]" if m["ci_low"] is not None else "(no interval)"
+        print(f"  {name:>17}: {m['value']:8.3f}  {interval}")
 
 
 def _run_eval(cfg, args):

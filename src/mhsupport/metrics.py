@@ -113,15 +113,25 @@ class GenerationScores:
         return out
 
 
+# A resample with replacement repeats responses, which lowers any type/token ratio by construction
+# (the interval would miss the value), so Distinct-n gets no interval; paired differences are fine.
+NO_INTERVAL = ("distinct_1", "distinct_2")
+
+
 def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> dict[str, dict]:
     """Each metric's value with a 95% percentile bootstrap interval over examples."""
     point = scores.scores()
     rng = np.random.default_rng(seed)
     samples = [scores.scores(rng.integers(0, scores.n, scores.n)) for _ in range(resamples)]
-    return {name: {"value": value,
-                   "ci_low": float(np.percentile([s[name] for s in samples], 2.5)),
-                   "ci_high": float(np.percentile([s[name] for s in samples], 97.5))}
-            for name, value in point.items()}
+    out = {}
+    for name, value in point.items():
+        if name in NO_INTERVAL:
+            out[name] = {"value": value, "ci_low": None, "ci_high": None}
+        else:
+            values = [s[name] for s in samples]
+            out[name] = {"value": value, "ci_low": float(np.percentile(values, 2.5)),
+                         "ci_high": float(np.percentile(values, 97.5))}
+    return out
 
 
 def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, seed: int) -> dict[str, dict]:

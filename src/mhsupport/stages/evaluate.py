@@ -236,7 +236,8 @@ def reference_nll(model, formatter, examples, tags, label_key, collator, batch_s
 def mean_over_seeds(per_seed: dict) -> dict:
     """Each metric's value and interval bounds averaged over decoding seeds (one seed: itself)."""
     names = next(iter(per_seed.values())).keys()
-    return {name: {key: float(np.mean([s[name][key] for s in per_seed.values()]))
+    return {name: {key: None if any(s[name][key] is None for s in per_seed.values())
+                   else float(np.mean([s[name][key] for s in per_seed.values()]))
                    for key in ("value", "ci_low", "ci_high")} for name in names}
 
 

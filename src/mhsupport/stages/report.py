@@ -122,7 +122,8 @@ def row(name: str, m: dict, paper_bleu: float | None) -> dict:
         if column in m["metrics"]:
             value = m["metrics"][column]
             out[column] = round(value["value"], 3)
-            out[f"{column}_ci"] = f"[{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
+            if value["ci_low"] is not None:
+                out[f"{column}_ci"] = f"[{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
     return out
 
 
