@@ -91,6 +91,9 @@ def test_tiny_classifier_end_to_end_and_its_api(prepared):
     assert probabilities.shape == (6, 4)
     assert np.allclose(probabilities.sum(axis=1), 1.0) and (probabilities >= 0).all()
     assert np.allclose(probabilities[0], probabilities[2])  # batching does not change an answer
+    loaded.model.train()  # as during the Trainer's epoch-end validation: dropout must not reach predictions
+    assert np.allclose(loaded.predict_proba(contexts * 3, batch_size=4), probabilities)
+    assert loaded.model.training
     assert loaded.predict(contexts) == [LABELS[i] for i in probabilities[:2].argmax(axis=1)]
     encoded = loaded.tokenizer("")["input_ids"]
     assert encoded == [loaded.tokenizer.cls_token_id, loaded.tokenizer.sep_token_id]  # BERT-style inputs

@@ -66,6 +66,8 @@ class Classifier:
     def predict_proba(self, items: list, batch_size: int = 64) -> np.ndarray:
         """Probabilities, shape (len(items), len(labels)), rows summing to 1. Items are contexts
         (lists of {speaker, text[, category]}), examples, or responses (recogniser)."""
+        was_training = self.model.training  # the Trainer's epoch-end validation calls this mid-training
+        self.model.eval()
         separator = f" {self.tokenizer.sep_token} " if self.tokenizer.sep_token else " | "
         texts = [self.settings.text(item, separator) for item in items]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float64)
@@ -76,6 +78,7 @@ class Classifier:
                                      max_length=self.settings.max_length, return_tensors="pt").to(self.model.device)
             logits = self.model(**encoded).logits.float()
             out[batch] = torch.softmax(logits, dim=-1).cpu().numpy()
+        self.model.train(was_training)
         return out
 
     def predict(self, items: list, batch_size: int = 64) -> list[str]:
