@@ -133,3 +133,19 @@ def test_rerun_is_skipped_and_options_are_checked(prepared, capsys):
                  f"paths.artifacts_dir={artifacts}", "paths.models_dir=/nowhere"]) == 2
     assert "mhs models fetch" in capsys.readouterr().err
     assert json.loads((first.run.path / "metrics.json").read_text())["mode"] == "next_category"
+
+
+def test_previous_category_falls_back_to_the_commonest_opening_of_training_conversations():
+    from mhsupport.config import load_config
+
+    cfg = load_config("train_classifier")
+    settings = train_classifier.settings_for(cfg)
+    opening = [{"speaker": "seeker", "text": "hello there"}]
+    train = ([{"source": "esconv", "context": opening, "category": "Exploration", "response": "hi"}] * 30
+             + [{"source": "epitome", "context": opening, "category": "Action", "response": "do x"}] * 50
+             + [dict(e, source="esconv") for e in synthetic(10, seed=0)])
+    test = [{"source": "esconv", "context": opening, "category": "Exploration", "response": "hi"}] + synthetic(1, 2)
+    predictions = train_classifier.baseline_predictions(cfg, settings, train, {"test": test})["test"]
+    assert predictions["majority"][0] == "Action"  # Reddit pairs make Action the overall majority
+    assert predictions["previous_category"][0] == "Exploration"  # but conversations open with Exploration
+    assert predictions["previous_category"][1:] == [e["category"] for e in test[1:]]

@@ -140,11 +140,17 @@ def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, eval
             return example["response"]
         return context_text(example["context"], tfidf.context_turns, " | ")
 
+    # With no earlier supporter turn, "previous category" falls back to the commonest label of such
+    # opening turns in the training conversations (mostly greetings and questions), not the overall
+    # majority. Reddit pairs are left out: they have no conversation to open.
+    openings = [e[key] for e in train_examples if e["source"] == "esconv"
+                and not any(t["speaker"] == "supporter" for t in e["context"])]
+    opening_label = majority_label(openings) if openings else majority
     out = {}
     for split, examples in evaluation.items():
         out[split] = {"majority": [majority] * len(examples)}
         if settings.mode == "next_category":
-            out[split]["previous_category"] = previous_supporter_label(examples, key, majority)
+            out[split]["previous_category"] = previous_supporter_label(examples, key, opening_label)
         out[split]["tfidf_lr"] = tfidf_logistic_regression([text(e) for e in train_examples], train_labels,
                                                            [text(e) for e in examples], tfidf.ngram_max,
                                                            tfidf.max_iter, cfg.seed)
