@@ -8,7 +8,6 @@ import json
 import pytest
 
 from conftest import stage_config
-from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport.stages import report, reproduce
 

@@ -15,7 +15,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import mhs_env, stage_config
 from mhsupport.cli import main
-from mhsupport.errors import MhsError
 from mhsupport.stages import train_generator
 
 BIN = Path(sys.executable).parent

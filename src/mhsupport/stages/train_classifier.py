@@ -3,7 +3,6 @@ recogniser), evaluated on ESConv valid and test beside the baselines of DESIGN.m
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections import Counter
