@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -24,6 +25,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import mhsupport
+
+log = logging.getLogger(__name__)
 
 # Config keys that say where or how a stage runs, not what it computes.
 NON_RESULT_KEYS = ("force", "paths", "runtime")
@@ -57,6 +60,13 @@ class Run:
     @property
     def complete(self) -> bool:
         return (self.path / MANIFEST).is_file()
+
+    def up_to_date(self, force: bool) -> bool:
+        """Complete and not asked to rebuild: the stage has nothing to do (and says where its run is)."""
+        if self.complete and not force:
+            log.info("%s is up to date: %s", self.stage, self.path)
+            return True
+        return False
 
     def read_metrics(self) -> dict:
         return json.loads((self.path / "metrics.json").read_text())

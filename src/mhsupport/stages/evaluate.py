@@ -92,8 +92,7 @@ def plan(cfg: DictConfig) -> artifacts.Run:
 
 def run(cfg: DictConfig) -> artifacts.StageResult:
     run_ = plan(cfg)
-    if run_.complete and not cfg.force:
-        log.info("eval is up to date: %s", run_.path)
+    if run_.up_to_date(cfg.force):
         return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
     inputs = run_.inputs
     gcfg = generator_config(cfg)
@@ -153,10 +152,9 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     if cfg.generator_source == "finetuned":
         model, tokenizer = models.load_saved_causal_lm(Path(inputs["generator"]["run"]) / "model")
     else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
-        train = read_examples(data_run, cfg.dataset, "train")
-        train = training.seeded_subset(train, cfg.generator.train_subset, cfg.seed)
-        texts = [t["text"] for e in train for t in e["context"]] + [e["response"] for e in train]
-        model, tokenizer = models.load_causal_lm(cfg.generator, train_texts=texts)
+        train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
+                                       cfg.seed)
+        model, tokenizer = models.load_causal_lm(cfg.generator, train_texts=train_generator.tokenizer_texts(train))
     formatter = train_generator.build_formatter(gcfg, tokenizer)
     prior = None
     if cfg.sampler == "random_prior":

@@ -48,8 +48,7 @@ def plan(cfg: DictConfig) -> artifacts.Run:
 
 def run(cfg: DictConfig) -> PrepareDataResult:
     run_ = plan(cfg)
-    if run_.complete and not cfg.force:
-        log.info("prepare-data is up to date: %s", run_.path)
+    if run_.up_to_date(cfg.force):
         return PrepareDataResult(run_, json.loads((run_.path / "stats.json").read_text()), skipped=True)
 
     # Everything is read and checked before anything is written.

@@ -89,8 +89,7 @@ def plan(cfg: DictConfig) -> tuple[artifacts.Run, dict[str, artifacts.Run]]:
 
 def run(cfg: DictConfig) -> ReportResult:
     run_, evals = plan(cfg)
-    if run_.complete and not cfg.force:
-        log.info("report is up to date: %s", run_.path)
+    if run_.up_to_date(cfg.force):
         return ReportResult(run_, run_.path / "report.md", skipped=True)
     metrics = {key: run.read_metrics() for key, run in evals.items()}
     profile = cfg.generator.profile

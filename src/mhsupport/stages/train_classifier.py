@@ -51,8 +51,7 @@ def plan(cfg: DictConfig) -> artifacts.Run:
 
 def run(cfg: DictConfig) -> artifacts.StageResult:
     run_ = plan(cfg)
-    if run_.complete and not cfg.force:
-        log.info("train classifier is up to date: %s", run_.path)
+    if run_.up_to_date(cfg.force):
         return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
     data_run = run_.inputs["prepare_data"]["run"]
     p = cfg.classifier

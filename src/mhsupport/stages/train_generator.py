@@ -38,6 +38,11 @@ def tag_labels(cfg: DictConfig) -> list[str] | None:
     return list(taxonomy.categories if cfg.tag_set == "category" else taxonomy.esconv_strategies)
 
 
+def tokenizer_texts(examples: list[dict]) -> list[str]:
+    """The texts a from-scratch tokenizer is trained on: every context turn and response."""
+    return [t["text"] for e in examples for t in e["context"]] + [e["response"] for e in examples]
+
+
 def label_key(cfg: DictConfig) -> str:
     return "category" if cfg.tag_set == "category" else "strategy"
 
@@ -55,8 +60,7 @@ def build_formatter(cfg: DictConfig, tokenizer):
 
 def run(cfg: DictConfig) -> artifacts.StageResult:
     run_ = plan(cfg)
-    if run_.complete and not cfg.force:
-        log.info("train dialogpt is up to date: %s", run_.path)
+    if run_.up_to_date(cfg.force):
         return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
     data_run = run_.inputs["prepare_data"]["run"]
     g = cfg.generator
@@ -64,8 +68,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
     valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.seed)
 
     set_seed(cfg.seed)
-    texts = [t["text"] for e in train_examples for t in e["context"]] + [e["response"] for e in train_examples]
-    model, tokenizer = models.load_causal_lm(g, train_texts=texts)
+    model, tokenizer = models.load_causal_lm(g, train_texts=tokenizer_texts(train_examples))
     labels = tag_labels(cfg)
     if labels:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
