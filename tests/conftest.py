@@ -59,28 +59,42 @@ def prepare_cfg(raw_slice, artifacts_dir):
     return make
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(real_raw_dir, tmp_path_factory):
-    """A prepare-data run over a slice of the real data: (raw_dir, artifacts_dir)."""
-    from mhsupport.stages import prepare_data
+    """One prepare-data run over a slice of the real data for the whole session, with one
+    artifacts folder: content addressing reuses every tiny run across test modules.
+    Returns (raw_dir, artifacts_dir). A test that damages runs uses its own artifacts folder."""
+    from mhsupport import pipeline
 
     root = tmp_path_factory.mktemp("prepared")
     raw = write_raw_slice(real_raw_dir, root / "raw", conversations=20, pairs=60)
     artifacts = root / "artifacts"
-    prepare_data.run(load_config("prepare_data", [f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}"]))
+    pipeline.run("prepare_data", load_config("prepare_data", [f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}"]))
     return raw, artifacts
 
 
-def stage_config(stage: str, prepared, *overrides):
-    raw, artifacts = prepared
-    return load_config(stage, [f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}", *overrides])
+@pytest.fixture(scope="session")
+def make_cfg(prepared):
+    """Factory of stage configs over the session's prepared data: make_cfg("eval", "sampler=oracle").
+    `artifacts=` points one config at another artifacts folder."""
+    raw, shared_artifacts = prepared
+
+    def make(stage: str, *overrides: str, artifacts: Path | None = None):
+        return load_config(stage, [f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts or shared_artifacts}",
+                                   *overrides])
+    return make
 
 
-def mhs_env(prepared, **extra) -> dict:
+@pytest.fixture(scope="session")
+def mhs_env(prepared):
+    """Factory of environments for `mhs` subprocesses over the session's prepared data."""
     raw, artifacts = prepared
-    env = dict(os.environ, MHS_RAW_DIR=str(raw), MHS_ARTIFACTS_DIR=str(artifacts), PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
+
+    def make(**extra: str) -> dict:
+        env = dict(os.environ, MHS_RAW_DIR=str(raw), MHS_ARTIFACTS_DIR=str(artifacts), PYTHONUNBUFFERED="1")
+        env.update(extra)
+        return env
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 
 from mhsupport.cli import main
 from mhsupport.examples_io import read_examples
-from mhsupport.stages import prepare_data
+from mhsupport import pipeline
 
 ER = "epitome/emotional-reactions-reddit.csv"
 EX = "epitome/explorations-reddit.csv"
@@ -98,13 +98,13 @@ def test_bad_input_exits_with_one_located_message_and_no_run(case, raw_slice, ar
 
 
 def test_crlf_bom_blank_lines_and_trailing_whitespace_are_accepted(prepare_cfg, raw_slice, tmp_path):
-    clean = prepare_data.run(prepare_cfg()).run.path
+    clean = pipeline.run("prepare_data", prepare_cfg()).run.path
     path = raw_slice / "esconv" / "train.json"
     lines = path.read_text(encoding="utf-8").splitlines()
     path.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(l + "   " for l in lines).encode() + b"\r\n\r\n")
     er = raw_slice / ER
     er.write_bytes(b"\xef\xbb\xbf" + er.read_bytes().replace(b"\n", b"\r\n"))
-    quirky = prepare_data.run(prepare_cfg()).run.path
+    quirky = pipeline.run("prepare_data", prepare_cfg()).run.path
     assert quirky != clean  # different bytes, so a different run
     for dataset, split in (("esconv", "train"), ("unified", "train")):
         assert read_examples(quirky, dataset, split) == read_examples(clean, dataset, split)
@@ -121,7 +121,7 @@ def test_duplicate_epitome_rows_take_the_maximum_level(prepare_cfg, raw_slice):
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     path.write_text(out.getvalue(), encoding="utf-8")
-    run_dir = prepare_data.run(prepare_cfg()).run.path
+    run_dir = pipeline.run("prepare_data", prepare_cfg()).run.path
     examples = [e for s in ("train", "valid", "test") for e in read_examples(run_dir, "unified", s)
                 if e["conversation_id"] == rows[1][0] and e["source"] == "epitome"]
     assert len(examples) == 1 and "explorations=2" in examples[0]["strategy"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mhs_env, stage_config
 from mhsupport.errors import MhsError
 from mhsupport.safety import CRISIS_REPLY
-from mhsupport.stages import chat, train_classifier, train_generator
+from mhsupport import chat
+from mhsupport import pipeline
 
 GEN = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "strategy_tag=true"]
 CLF = ["classifier=tiny", "classifier.train_subset=200"]
@@ -22,15 +22,15 @@ MESSAGES = ["Hi, I have been feeling down since I lost my job.", "I want to kill
 
 
 @pytest.fixture(scope="module")
-def trained(prepared):
-    train_generator.run(stage_config("train_generator", prepared, *GEN))
-    train_classifier.run(stage_config("train_classifier", prepared, *CLF))
+def trained(make_cfg, prepared):
+    pipeline.run("train_generator", make_cfg("train_generator", *GEN))
+    pipeline.run("train_classifier", make_cfg("train_classifier", *CLF))
     return prepared
 
 
-def test_json_chat_flags_risk_and_names_categories(trained):
+def test_json_chat_flags_risk_and_names_categories(make_cfg, trained):
     out = io.StringIO()
-    replies = chat.run(stage_config("chat", trained, *GEN, *CLF, "max_new_tokens=8"),
+    replies = chat.run(make_cfg("chat", *GEN, *CLF, "max_new_tokens=8"),
                        lines=io.StringIO("\n".join(MESSAGES) + "\n"), out=out, json_mode=True)
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     assert replies == 3 and [r["message"] for r in rows] == MESSAGES
@@ -40,18 +40,18 @@ def test_json_chat_flags_risk_and_names_categories(trained):
         assert row["reply"] != CRISIS_REPLY
 
 
-def test_chat_command_reads_stdin(trained):
+def test_chat_command_reads_stdin(mhs_env, trained):
     done = subprocess.run([str(Path(sys.executable).parent / "mhs"), "chat", "--profile", "tiny", "--strategy-tag",
                            "--sampler", "random", "--json", *GEN[1:3], *CLF[1:], "max_new_tokens=6"],
                           input="I can't sleep at night\nI have been cutting myself\n", capture_output=True,
-                          text=True, env=mhs_env(trained))
+                          text=True, env=mhs_env())
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [json.loads(line) for line in done.stdout.splitlines()]
     assert [r["flagged"] for r in rows] == [False, True]
 
 
-def test_oracle_and_untagged_samplers_are_refused(trained):
+def test_oracle_and_untagged_samplers_are_refused(make_cfg, trained):
     with pytest.raises(MhsError, match="gold labels"):
-        chat.run(stage_config("chat", trained, *GEN, "sampler=oracle"), lines=io.StringIO(""), out=io.StringIO())
+        chat.run(make_cfg("chat", *GEN, "sampler=oracle"), lines=io.StringIO(""), out=io.StringIO())
     with pytest.raises(MhsError, match="accepts only --sampler none"):
-        chat.run(stage_config("chat", trained, *GEN[:3], "sampler=random"), lines=io.StringIO(""), out=io.StringIO())
+        chat.run(make_cfg("chat", *GEN[:3], "sampler=random"), lines=io.StringIO(""), out=io.StringIO())

@@ -8,11 +8,11 @@ import json
 import numpy as np
 import pytest
 
-from conftest import stage_config
 from mhsupport import classifier as api
 from mhsupport.cli import main
 from mhsupport.classifier import context_text, majority_label, previous_supporter_label, tfidf_logistic_regression
 from mhsupport.metrics import classification_scores
+from mhsupport import pipeline
 from mhsupport.stages import train_classifier
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
@@ -69,8 +69,8 @@ def test_context_text_reads_the_last_turns_with_optional_categories():
     assert context_text(context, 1, " | ") == f"Seeker: {context[-1]['text']}"
 
 
-def test_tiny_classifier_end_to_end_and_its_api(prepared):
-    result = train_classifier.run(stage_config("train_classifier", prepared, *TINY))
+def test_tiny_classifier_end_to_end_and_its_api(make_cfg, prepared):
+    result = pipeline.run("train_classifier", make_cfg("train_classifier", *TINY))
     out, m = result.run.path, result.metrics
     for split in ("valid", "test"):
         assert set(m[split]) == {"model", "majority", "previous_category", "tfidf_lr"}
@@ -99,32 +99,32 @@ def test_tiny_classifier_end_to_end_and_its_api(prepared):
     assert encoded == [loaded.tokenizer.cls_token_id, loaded.tokenizer.sep_token_id]  # BERT-style inputs
 
 
-def test_recogniser_accepts_empty_responses(prepared):
-    result = train_classifier.run(stage_config("train_classifier", prepared, *TINY, "mode=response"))
+def test_recogniser_accepts_empty_responses(make_cfg, prepared):
+    result = pipeline.run("train_classifier", make_cfg("train_classifier", *TINY, "mode=response"))
     probabilities = api.load(result.run.path).predict_proba(["", "", "I hear you."], batch_size=2)
     assert probabilities.shape == (3, 4) and np.allclose(probabilities.sum(axis=1), 1.0)
 
 
-def test_eight_way_strategy_mode(prepared):
-    m = train_classifier.run(stage_config("train_classifier", prepared, *TINY, "dataset=esconv",
+def test_eight_way_strategy_mode(make_cfg, prepared):
+    m = pipeline.run("train_classifier", make_cfg("train_classifier", *TINY, "dataset=esconv",
                                           "tag_set=strategy")).metrics
     assert len(m["labels"]) == 8 and "Providing Suggestions" in m["labels"]
     assert len(m["test"]["model"]["confusion"]["rows_gold_cols_predicted"]) == 8
     assert sum(c["support"] for c in m["test"]["model"]["per_class"].values()) == m["test"]["model"]["n"]
 
 
-def test_response_recogniser_mode(prepared):
-    result = train_classifier.run(stage_config("train_classifier", prepared, *TINY, "mode=response",
+def test_response_recogniser_mode(make_cfg, prepared):
+    result = pipeline.run("train_classifier", make_cfg("train_classifier", *TINY, "mode=response",
                                                "class_weighting=true"))
     assert set(result.metrics["test"]) == {"model", "majority", "tfidf_lr"}
     recogniser = api.load(result.run.path)
     assert recogniser.predict_proba(["Have you thought about talking to a counsellor?"]).shape == (1, 4)
 
 
-def test_rerun_is_skipped_and_options_are_checked(prepared, capsys):
-    cfg = stage_config("train_classifier", prepared, *TINY)
-    first = train_classifier.run(cfg)
-    assert train_classifier.run(cfg).skipped
+def test_rerun_is_skipped_and_options_are_checked(make_cfg, prepared, capsys):
+    cfg = make_cfg("train_classifier", *TINY)
+    first = pipeline.run("train_classifier", cfg)
+    assert pipeline.run("train_classifier", cfg).skipped
     raw, artifacts = prepared
     assert main(["train", "classifier", "--tag-set", "strategy", f"paths.raw_dir={raw}",
                  f"paths.artifacts_dir={artifacts}"]) == 2

@@ -11,7 +11,7 @@ import pytest
 from mhsupport.artifacts import file_sha256
 from mhsupport.cli import main
 from mhsupport.config import load_config
-from mhsupport.stages import prepare_data
+from mhsupport import pipeline
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -34,12 +34,12 @@ def test_missing_raw_files_are_downloaded_and_verified(mirror, real_raw_dir, tmp
     cfg = load_config("prepare_data", [f"paths.raw_dir={raw}", f"paths.artifacts_dir={tmp_path / 'art'}",
                                        f"download.esconv_base_url={mirror}/esconv",
                                        f"download.epitome_base_url={mirror}/epitome"])
-    result = prepare_data.run(cfg)
+    result = pipeline.run("prepare_data", cfg)
     for corpus, suffix in (("esconv", ".json"), ("epitome", ".csv")):
         for stem, sha256 in cfg.download.sha256[corpus].items():
             name = f"{corpus}/{stem}{suffix}"
             assert file_sha256(raw / name) == sha256 == file_sha256(real_raw_dir / name)
-    assert result.stats["raw_totals"]["esconv_supporter_turns"] == 18376
+    assert result.run.read_json("stats.json")["raw_totals"]["esconv_supporter_turns"] == 18376
     assert sorted(p.name for p in (raw / "epitome").iterdir()) == sorted(
         ["emotional-reactions-reddit.csv", "explorations-reddit.csv", "interpretations-reddit.csv"])
 

@@ -9,12 +9,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from conftest import stage_config
 from mhsupport import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport.sampling import choose_tags
-from mhsupport.stages import evaluate, train_classifier, train_generator
+from mhsupport import pipeline
+from mhsupport.generations_io import read_generations, scores_from_generations
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 GEN = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16"]
@@ -23,11 +23,11 @@ EVAL = [*GEN, *CLF, "test_subset=24", "bootstrap.resamples=50", "decoding.max_ne
 
 
 @pytest.fixture(scope="module")
-def trained(prepared):
+def trained(make_cfg, prepared):
     for tagged in ("false", "true"):
-        train_generator.run(stage_config("train_generator", prepared, *GEN, f"strategy_tag={tagged}"))
-    next_run = train_classifier.run(stage_config("train_classifier", prepared, *CLF)).run
-    train_classifier.run(stage_config("train_classifier", prepared, *CLF, "mode=response"))
+        pipeline.run("train_generator", make_cfg("train_generator", *GEN, f"strategy_tag={tagged}"))
+    next_run = pipeline.run("train_classifier", make_cfg("train_classifier", *CLF)).run
+    pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, "mode=response"))
     return prepared, next_run
 
 
@@ -54,10 +54,10 @@ def test_samplers(trained):
 
 
 @pytest.mark.parametrize("sampler", ["none", "random", "classifier", "oracle"])
-def test_tagged_eval_writes_generations_and_recomputable_metrics(trained, sampler):
+def test_tagged_eval_writes_generations_and_recomputable_metrics(make_cfg, trained, sampler):
     prepared, _ = trained
-    result = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", f"sampler={sampler}"))
-    lines = evaluate.read_generations(result.run.path)
+    result = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", f"sampler={sampler}"))
+    lines = read_generations(result.run.path)
     assert len(lines) == result.metrics["examples"] == 24
     assert {"conversation_id", "context", "reference", "gold_category", "chosen_tag", "response"} <= set(lines[0])
     if sampler == "oracle":
@@ -66,7 +66,7 @@ def test_tagged_eval_writes_generations_and_recomputable_metrics(trained, sample
     if sampler in ("random", "classifier"):
         assert all(l["chosen_tag"] in LABELS and l["tag"] == l["chosen_tag"] for l in lines)
     assert all("<|" not in l["response"] for l in lines)
-    recomputed = evaluate.scores_from_generations(lines).scores()
+    recomputed = scores_from_generations(lines).scores()
     for name, value in recomputed.items():
         assert value == pytest.approx(result.metrics["metrics"][name]["value"])
     m = result.metrics["metrics"]
@@ -77,11 +77,11 @@ def test_tagged_eval_writes_generations_and_recomputable_metrics(trained, sample
     assert "mean nothing" in result.metrics["note"]
 
 
-def test_untagged_and_pretrained_rows(trained, capsys):
+def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
     prepared, _ = trained
-    untagged = evaluate.run(stage_config("eval", prepared, *EVAL)).metrics
+    untagged = pipeline.run("eval", make_cfg("eval", *EVAL)).metrics
     assert "strategy_accuracy" not in untagged["metrics"] and untagged["system"] == "esconv / none"
-    base = evaluate.run(stage_config("eval", prepared, *EVAL, "generator_source=base")).metrics
+    base = pipeline.run("eval", make_cfg("eval", *EVAL, "generator_source=base")).metrics
     assert base["system"] == "pretrained (untrained model)"
     assert base["metrics"]["ppl"]["value"] > untagged["metrics"]["ppl"]["value"]  # training lowers perplexity
 
@@ -102,18 +102,18 @@ def test_missing_generator_run_names_the_command(trained, capsys):
     assert "run `mhs train dialogpt --profile tiny --dataset unified --strategy-tag generator.train_subset=64` first" in err
 
 
-def test_sampled_decoding_reports_the_mean_over_seeds(trained):
+def test_sampled_decoding_reports_the_mean_over_seeds(make_cfg, trained):
     prepared, _ = trained
-    m = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", "sampler=oracle",
+    m = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=oracle",
                                   "decoding.do_sample=true", "decoding.seeds=[1,2]")).metrics
     assert m["decoding"] == "sampled" and set(m["per_seed"]) == {"1", "2"}
     assert m["metrics"]["bleu"]["value"] == pytest.approx(np.mean([s["bleu"]["value"] for s in m["per_seed"].values()]))
 
 
-def test_compare_two_runs(trained, tmp_path, capsys):
+def test_compare_two_runs(make_cfg, trained, tmp_path, capsys):
     prepared, _ = trained
-    a = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", "sampler=random")).run.path
-    b = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", "sampler=oracle")).run.path
+    a = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=random")).run.path
+    b = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=oracle")).run.path
     assert main(["compare", str(a), str(b), "--resamples", "100", "--out", str(tmp_path / "c.json")]) == 0
     assert "| bleu |" in capsys.readouterr().out
     result = json.loads((tmp_path / "c.json").read_text())["tests"]

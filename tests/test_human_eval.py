@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stage_config
 from mhsupport import humaneval
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.stages import evaluate, train_generator
+from mhsupport import pipeline
 
 GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=12", "strategy_tag=true"]
 EVAL = [*GEN, "test_subset=12", "bootstrap.resamples=20", "decoding.max_new_tokens=8", "tag_adherence=false",
@@ -22,10 +21,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
-def two_runs(prepared):
-    train_generator.run(stage_config("train_generator", prepared, *GEN))
-    random_run = evaluate.run(stage_config("eval", prepared, *EVAL, "sampler=random")).run.path
-    oracle_run = evaluate.run(stage_config("eval", prepared, *EVAL, "sampler=oracle")).run.path
+def two_runs(make_cfg, prepared):
+    pipeline.run("train_generator", make_cfg("train_generator", *GEN))
+    random_run = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=random")).run.path
+    oracle_run = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=oracle")).run.path
     return random_run, oracle_run
 
 

@@ -9,10 +9,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import stage_config
 from mhsupport.cli import main
 from mhsupport.llm import final_answer
-from mhsupport.stages import evaluate, train_classifier
+from mhsupport import pipeline
+from mhsupport.generations_io import read_generations
 
 CLF = ["classifier=tiny", "classifier.train_subset=200"]
 LLM = ["generator=tiny", *CLF, "generator_source=llm", "llm.backend=openai", "llm.model_name=fake-model",
@@ -47,9 +47,9 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def classifiers(prepared):
-    train_classifier.run(stage_config("train_classifier", prepared, *CLF))
-    train_classifier.run(stage_config("train_classifier", prepared, *CLF, "mode=response"))
+def classifiers(make_cfg, prepared):
+    pipeline.run("train_classifier", make_cfg("train_classifier", *CLF))
+    pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, "mode=response"))
     return prepared
 
 
@@ -60,17 +60,17 @@ def test_final_answer_keeps_only_the_reply():
 
 
 @pytest.mark.parametrize("prompt", ["vanilla", "cot", "strategy", "oracle"])
-def test_openai_backend_prompts(classifiers, server, prompt, monkeypatch):
+def test_openai_backend_prompts(make_cfg, classifiers, server, prompt, monkeypatch):
     monkeypatch.setenv("FAKE_KEY", "secret-123")
     FakeChatServer.requests.clear()
-    result = evaluate.run(stage_config("eval", classifiers, *LLM, f"llm.base_url={server}", f"llm.prompt={prompt}",
+    result = pipeline.run("eval", make_cfg("eval", *LLM, f"llm.base_url={server}", f"llm.prompt={prompt}",
                                        "llm.api_key_env=FAKE_KEY"))
     requests = FakeChatServer.requests
     assert len(requests) == 6 and requests[0]["path"] == "/v1/chat/completions"
     assert requests[0]["auth"] == "Bearer secret-123" and requests[0]["body"]["model"] == "fake-model"
     system = requests[0]["body"]["messages"][0]
     assert system["role"] == "system" and requests[0]["body"]["messages"][-1]["role"] in ("user", "assistant")
-    lines = evaluate.read_generations(result.run.path)
+    lines = read_generations(result.run.path)
     m = result.metrics["metrics"]
     assert "ppl" not in m  # no token probabilities from an HTTP endpoint
     if prompt == "cot":
@@ -96,11 +96,11 @@ def test_unreachable_endpoint_is_a_clear_error(classifiers, capsys):
 
 
 @pytest.mark.slow
-def test_local_backend_on_smollm2(prepared, offline_models_dir):
+def test_local_backend_on_smollm2(make_cfg, prepared, offline_models_dir):
     models_dir = offline_models_dir
-    result = evaluate.run(stage_config("eval", prepared, "generator=cpu", "generator_source=llm",
+    result = pipeline.run("eval", make_cfg("eval", "generator=cpu", "generator_source=llm",
                                        f"paths.models_dir={models_dir}", "llm.prompt=vanilla", "llm.test_subset=4",
                                        "llm.max_new_tokens=16", "bootstrap.resamples=20", "tag_adherence=false"))
-    lines = evaluate.read_generations(result.run.path)
+    lines = read_generations(result.run.path)
     assert len(lines) == 4 and all(len(l["response"].split()) >= 3 for l in lines)
     assert 1 < result.metrics["metrics"]["ppl"]["value"] < 1000

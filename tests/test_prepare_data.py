@@ -10,7 +10,7 @@ import pytest
 from mhsupport.cli import main
 from mhsupport.config import load_config
 from mhsupport.examples_io import read_examples
-from mhsupport.stages import prepare_data
+from mhsupport import pipeline
 
 CATEGORIES = ["Comforting", "Exploration", "Action", "Others"]
 README_STRATEGY_COUNTS = {
@@ -25,7 +25,7 @@ def run_dirs(artifacts_dir: Path) -> list[Path]:
 
 
 def test_slice_writes_examples_stats_and_manifest(prepare_cfg):
-    result = prepare_data.run(prepare_cfg())
+    result = pipeline.run("prepare_data", prepare_cfg())
     out = result.run.path
     assert not result.skipped and (out / "manifest.json").is_file()
     stats = json.loads((out / "stats.json").read_text())
@@ -49,7 +49,7 @@ def test_slice_writes_examples_stats_and_manifest(prepare_cfg):
 
 def test_example_context_is_preceding_turns_most_recent_last(prepare_cfg, raw_slice):
     first = json.loads((raw_slice / "esconv" / "train.json").read_text().splitlines()[0])
-    out = prepare_data.run(prepare_cfg("data.max_context_turns=3")).run.path
+    out = pipeline.run("prepare_data", prepare_cfg("data.max_context_turns=3")).run.path
     examples = [e for e in read_examples(out, "esconv", "train") if e["conversation_id"] == "esconv-train-0000"]
     supporter_turns = [i for i, t in enumerate(first["dialog"]) if t["speaker"] == "sys" and i > 0]
     assert [e["turn_index"] for e in examples] == supporter_turns
@@ -62,7 +62,7 @@ def test_example_context_is_preceding_turns_most_recent_last(prepare_cfg, raw_sl
 
 
 def test_epitome_examples_take_the_seeker_post_as_context(prepare_cfg):
-    out = prepare_data.run(prepare_cfg()).run.path
+    out = pipeline.run("prepare_data", prepare_cfg()).run.path
     reddit = [e for s in ("train", "valid", "test") for e in read_examples(out, "unified", s) if e["source"] == "epitome"]
     assert len(reddit) == 40
     assert all(len(e["context"]) == 1 and e["context"][0]["speaker"] == "seeker" for e in reddit)
@@ -70,26 +70,26 @@ def test_epitome_examples_take_the_seeker_post_as_context(prepare_cfg):
 
 
 def test_second_run_is_a_no_op_and_force_rebuilds(prepare_cfg, artifacts_dir, capsys):
-    first = prepare_data.run(prepare_cfg())
+    first = pipeline.run("prepare_data", prepare_cfg())
     stamp = (first.run.path / "manifest.json").stat().st_mtime_ns
-    second = prepare_data.run(prepare_cfg())
+    second = pipeline.run("prepare_data", prepare_cfg())
     assert second.skipped and second.run.path == first.run.path
     assert (first.run.path / "manifest.json").stat().st_mtime_ns == stamp
     assert main(["prepare-data", f"--raw-dir={prepare_cfg().paths.raw_dir}",
                  f"paths.artifacts_dir={artifacts_dir}"]) == 0
     assert "up to date" in capsys.readouterr().out
-    forced = prepare_data.run(prepare_cfg("force=true"))
+    forced = pipeline.run("prepare_data", prepare_cfg("force=true"))
     assert not forced.skipped and forced.run.path == first.run.path
     assert (first.run.path / "manifest.json").stat().st_mtime_ns != stamp
     assert len(run_dirs(artifacts_dir)) == 1  # no temporary or old directories left
 
 
 def test_changed_config_or_input_gives_a_new_run(prepare_cfg, raw_slice, artifacts_dir):
-    a = prepare_data.run(prepare_cfg()).run
-    b = prepare_data.run(prepare_cfg("data.max_context_turns=4")).run
+    a = pipeline.run("prepare_data", prepare_cfg()).run
+    b = pipeline.run("prepare_data", prepare_cfg("data.max_context_turns=4")).run
     with open(raw_slice / "esconv" / "test.json", "a") as f:
         f.write("\n")  # same content for the parser, different bytes
-    c = prepare_data.run(prepare_cfg()).run
+    c = pipeline.run("prepare_data", prepare_cfg()).run
     assert len({a.run_id, b.run_id, c.run_id}) == 3
     assert prepare_cfg().paths.artifacts_dir == str(artifacts_dir)
 
@@ -107,7 +107,7 @@ def test_environment_variables_choose_the_directories(raw_slice, tmp_path, monke
     monkeypatch.setenv("MHS_ARTIFACTS_DIR", str(tmp_path / "elsewhere"))
     cfg = load_config("prepare_data")
     assert cfg.paths.raw_dir == str(raw_slice)
-    assert prepare_data.run(cfg).run.path.parent == (tmp_path / "elsewhere" / "prepare_data").resolve()
+    assert pipeline.run("prepare_data", cfg).run.path.parent == (tmp_path / "elsewhere" / "prepare_data").resolve()
 
 
 def test_unknown_override_is_a_clear_error(capsys):
@@ -122,7 +122,7 @@ def test_single_upstream_file_is_split_by_conversation_with_recorded_seed(prepar
         conversations += [json.loads(line) for line in path.read_text().splitlines()]
         path.unlink()
     (raw_slice / "esconv" / "ESConv.json").write_text(json.dumps(conversations, indent=1))
-    result = prepare_data.run(prepare_cfg("data.esconv_split_seed=3"))
+    result = pipeline.run("prepare_data", prepare_cfg("data.esconv_split_seed=3"))
     manifest = json.loads((result.run.path / "manifest.json").read_text())
     assert manifest["seed"] == 3 and "esconv/ESConv.json" in manifest["inputs"]
     ids = {s: {e["conversation_id"] for e in read_examples(result.run.path, "esconv", s)} for s in ("train", "valid", "test")}
@@ -133,7 +133,7 @@ def test_single_upstream_file_is_split_by_conversation_with_recorded_seed(prepar
 @pytest.mark.slow
 def test_full_real_data(real_raw_dir, artifacts_dir):
     cfg = load_config("prepare_data", [f"paths.raw_dir={real_raw_dir}", f"paths.artifacts_dir={artifacts_dir}"])
-    stats = prepare_data.run(cfg).stats
+    stats = pipeline.run("prepare_data", cfg).run.read_json("stats.json")
     assert stats["raw_totals"]["esconv_supporter_turns"] == 18376
     assert stats["raw_totals"]["esconv_conversations"] == 1300
     assert stats["raw_totals"]["esconv_strategies"] == README_STRATEGY_COUNTS

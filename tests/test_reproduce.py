@@ -7,18 +7,17 @@ import json
 
 import pytest
 
-from conftest import stage_config
 from mhsupport.errors import MhsError
-from mhsupport.stages import report, reproduce
+from mhsupport import pipeline
 
 SLICE = ["generator.train_subset=48", "generator.valid_subset=12", "classifier.train_subset=150", "test_subset=16",
          "bootstrap.resamples=40", "significance_resamples=40", "decoding.max_new_tokens=10", "runtime.progress=false"]
 
 
 @pytest.mark.slow
-def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(prepared, capsys):
-    cfg = stage_config("report", prepared, "generator=tiny", "classifier=tiny", *SLICE)
-    first = reproduce.run(cfg)
+def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepared, capsys):
+    cfg = make_cfg("report", "generator=tiny", "classifier=tiny", *SLICE)
+    first = pipeline.reproduce(cfg)
     out = first.report.run.path
     for name in ("report.md", "table1.csv", "table2.csv", "table4.csv", "significance.csv", "table2_bleu.png",
                  "table4_bleu.png", "manifest.json"):
@@ -32,16 +31,16 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(prepared, capsy
     text = (out / "report.md").read_text()
     assert "every number below means nothing" in text and "| Comforting |" in text
     stages = [t["stage"] for t in first.timings]
-    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 13 + 1
+    # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once.
+    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 11 + 1
     assert json.loads(first.timings_file.read_text())["total_seconds"] > 0
 
-    again = reproduce.run(cfg)
+    again = pipeline.reproduce(cfg)
     assert all(t["skipped"] for t in again.timings)
     assert again.report.run.path == out
 
 
-def test_report_without_evals_lists_what_to_run(prepared, tmp_path):
-    raw, _ = prepared
-    cfg = stage_config("report", (raw, tmp_path / "empty"), "generator=tiny", "classifier=tiny")
+def test_report_without_evals_lists_what_to_run(make_cfg, tmp_path):
+    cfg = make_cfg("report", "generator=tiny", "classifier=tiny", artifacts=tmp_path / "empty")
     with pytest.raises(MhsError, match="mhs prepare-data"):
-        report.run(cfg)
+        pipeline.run("report", cfg)

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import mhs_env, stage_config
 from mhsupport.cli import main
-from mhsupport.stages import train_generator
+from mhsupport import pipeline
 
 BIN = Path(sys.executable).parent
 TINY = ["generator=tiny", "generator.train_subset=96", "generator.valid_subset=24", "generator.batch_size=8"]
@@ -25,8 +24,8 @@ def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "session"}
 
 
-def test_tagged_tiny_run_writes_a_loadable_model_with_tag_tokens(prepared):
-    result = train_generator.run(stage_config("train_generator", prepared, *TINY, "strategy_tag=true", "dataset=unified"))
+def test_tagged_tiny_run_writes_a_loadable_model_with_tag_tokens(make_cfg, prepared):
+    result = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "strategy_tag=true", "dataset=unified"))
     out = result.run.path
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
@@ -44,45 +43,45 @@ def test_tagged_tiny_run_writes_a_loadable_model_with_tag_tokens(prepared):
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no partial directory left
 
 
-def test_untagged_model_has_no_tag_tokens(prepared):
-    out = train_generator.run(stage_config("train_generator", prepared, *TINY)).run.path
+def test_untagged_model_has_no_tag_tokens(make_cfg, prepared):
+    out = pipeline.run("train_generator", make_cfg("train_generator", *TINY)).run.path
     assert "<|comforting|>" not in AutoTokenizer.from_pretrained(out / "model").get_vocab()
 
 
-def test_training_learns_something(prepared):
+def test_training_learns_something(make_cfg, prepared):
     """Two epochs on the same examples: the training loss must fall well below the untrained model's."""
-    m = train_generator.run(stage_config("train_generator", prepared, *TINY, "generator.epochs=3",
+    m = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "generator.epochs=3",
                                          "generator.train_subset=64")).metrics
     assert m["train_loss"] < 7.0  # an untrained model over a 4,000-token vocabulary sits near ln(4000) = 8.3
 
 
-def test_same_command_twice_gives_identical_metrics(prepared, tmp_path):
-    first = train_generator.run(stage_config("train_generator", prepared, *TINY, "seed=5")).metrics
-    again = train_generator.run(stage_config("train_generator", prepared, *TINY, "seed=5",
+def test_same_command_twice_gives_identical_metrics(make_cfg, prepared, tmp_path):
+    first = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "seed=5")).metrics
+    again = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "seed=5",
                                              "force=true")).metrics
     assert comparable(first) == comparable(again)
-    other = train_generator.run(stage_config("train_generator", prepared, *TINY, "seed=6")).metrics
+    other = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "seed=6")).metrics
     assert other["valid_loss"] != first["valid_loss"]
 
 
-def test_second_run_is_skipped(prepared, capsys):
-    cfg = stage_config("train_generator", prepared, *TINY, "seed=9")
-    first = train_generator.run(cfg)
-    second = train_generator.run(cfg)
+def test_second_run_is_skipped(make_cfg, prepared, capsys):
+    cfg = make_cfg("train_generator", *TINY, "seed=9")
+    first = pipeline.run("train_generator", cfg)
+    second = pipeline.run("train_generator", cfg)
     assert second.skipped and second.run.path == first.run.path and second.metrics == first.metrics
 
 
-def test_killed_training_resumes_to_the_same_result(prepared, tmp_path):
+def test_killed_training_resumes_to_the_same_result(mhs_env, prepared, tmp_path):
     args = [str(BIN / "mhs"), "train", "dialogpt", "--profile", "tiny", "generator.train_subset=160",
             "generator.valid_subset=16", "generator.batch_size=8", "generator.epochs=2", "generator.save_steps=4"]
     for name in ("reference", "killed"):
-        subprocess.run([str(BIN / "mhs"), "prepare-data"], env=mhs_env(prepared, MHS_ARTIFACTS_DIR=str(tmp_path / name)),
+        subprocess.run([str(BIN / "mhs"), "prepare-data"], env=mhs_env(MHS_ARTIFACTS_DIR=str(tmp_path / name)),
                        check=True, capture_output=True)
-    subprocess.run(args, env=mhs_env(prepared, MHS_ARTIFACTS_DIR=str(tmp_path / "reference")), check=True,
+    subprocess.run(args, env=mhs_env(MHS_ARTIFACTS_DIR=str(tmp_path / "reference")), check=True,
                    capture_output=True)
     (reference,) = (tmp_path / "reference" / "train_generator").iterdir()
 
-    victim = subprocess.Popen(args, env=mhs_env(prepared, MHS_ARTIFACTS_DIR=str(tmp_path / "killed")),
+    victim = subprocess.Popen(args, env=mhs_env(MHS_ARTIFACTS_DIR=str(tmp_path / "killed")),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     partial = tmp_path / "killed" / "train_generator" / f".{reference.name}.partial" / "checkpoints"
     deadline = time.time() + 120
@@ -94,7 +93,7 @@ def test_killed_training_resumes_to_the_same_result(prepared, tmp_path):
     assert victim.returncode == -signal.SIGKILL, "training finished before it could be killed"
     assert not (tmp_path / "killed" / "train_generator" / reference.name).exists()
 
-    done = subprocess.run(args, env=mhs_env(prepared, MHS_ARTIFACTS_DIR=str(tmp_path / "killed")),
+    done = subprocess.run(args, env=mhs_env(MHS_ARTIFACTS_DIR=str(tmp_path / "killed")),
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resuming from" in done.stderr
@@ -105,8 +104,8 @@ def test_killed_training_resumes_to_the_same_result(prepared, tmp_path):
     assert len(resumed["epochs"]) == 2
 
 
-def test_torchrun_two_processes_on_cpu(prepared, tmp_path):
-    env = mhs_env(prepared, MHS_ARTIFACTS_DIR=str(tmp_path / "ddp"), OMP_NUM_THREADS="1")
+def test_torchrun_two_processes_on_cpu(mhs_env, prepared, tmp_path):
+    env = mhs_env(MHS_ARTIFACTS_DIR=str(tmp_path / "ddp"), OMP_NUM_THREADS="1")
     subprocess.run([str(BIN / "mhs"), "prepare-data"], env=env, check=True, capture_output=True)
     done = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--no-python",
                            str(BIN / "mhs"), "train", "dialogpt", "--profile", "tiny", "--strategy-tag",

@@ -8,6 +8,8 @@ looks like a run; `manifest.json` is written last and marks a run as complete.
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -25,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import mhsupport
+from mhsupport.errors import MhsError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ NON_RESULT_KEYS = ("force", "paths", "runtime")
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
             "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
+CONFIG = "config.yaml"
+LOCKS = ".locks"  # <artifacts>/.locks/<stage>-<run_id>.lock: one per run, held while it is checked and built
+CHECKPOINTS = "checkpoints"  # a training run's resumable state: kept until the run is in place, never an output
 
 
 def file_sha256(path: Path) -> str:
@@ -56,32 +62,125 @@ class Run:
     cfg: DictConfig
     inputs: dict[str, dict]  # name -> {"path" or "run", "sha256"}
     metrics: dict = field(default_factory=dict)
+    command: str = ""  # the command that builds this run (for messages)
 
     @property
     def complete(self) -> bool:
         return (self.path / MANIFEST).is_file()
 
-    def up_to_date(self, force: bool) -> bool:
-        """Complete and not asked to rebuild: the stage has nothing to do (and says where its run is)."""
-        if self.complete and not force:
-            log.info("%s is up to date: %s", self.stage, self.path)
-            return True
-        return False
+    @property
+    def rebuild_hint(self) -> str:
+        return f"`{self.command} --force`" if self.command else "its stage's command with --force"
+
+    def manifest(self) -> dict:
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+            if not isinstance(manifest, dict) or not isinstance(manifest.get("outputs"), dict):
+                raise ValueError("no 'outputs' mapping")
+        except (OSError, ValueError) as err:
+            raise MhsError(f"{self.path / MANIFEST}: unreadable manifest ({err}); rebuild the run with "
+                           f"{self.rebuild_hint}") from None
+        return manifest
+
+    def content_digest(self) -> str:
+        """The digest of what the run holds (its outputs' hashes): a downstream run id includes it,
+        so a rebuilt upstream run makes new downstream runs. The config file is left out: the run id
+        covers the config, and the file also names where the run was built."""
+        outputs = {name: sha256 for name, sha256 in self.manifest()["outputs"].items() if name != CONFIG}
+        return hashlib.sha256(json.dumps([self.run_id, outputs], sort_keys=True).encode()).hexdigest()
+
+    def verify(self) -> None:
+        """Check the run's outputs against its manifest before a stage uses them: size and mtime
+        first, the full hash only when those differ. One line naming the run, the file and the fix."""
+        manifest = self.manifest()
+        stats = manifest.get("output_stats", {})
+        for name, sha256 in manifest["outputs"].items():
+            file = self.path / name
+            try:
+                stat = file.stat()
+            except OSError:
+                raise MhsError(f"{self.stage} run {self.path}: {name} is missing; rebuild it with "
+                               f"{self.rebuild_hint}") from None
+            if stats.get(name) == [stat.st_size, stat.st_mtime_ns]:
+                continue
+            if stat.st_size != (stats.get(name) or [stat.st_size])[0] or file_sha256(file) != sha256:
+                raise MhsError(f"{self.stage} run {self.path}: {name} differs from the run's manifest (damaged or "
+                               f"replaced); rebuild it with {self.rebuild_hint}")
+        built_by = manifest.get("code_version")
+        if built_by and built_by != code_version():
+            log.warning("%s run %s was built by mhsupport %s, this is %s: if the code change matters, rebuild it "
+                        "with %s", self.stage, self.path, built_by, code_version(), self.rebuild_hint)
+
+    def read_json(self, name: str) -> dict:
+        """One of the run's JSON outputs (metrics.json, stats.json, ...), or one line naming it."""
+        path = self.path / name
+        try:
+            value = json.loads(path.read_text())
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            raise MhsError(f"{path}: unreadable ({err}); rebuild the run with {self.rebuild_hint}") from None
+        return value
 
     def read_metrics(self) -> dict:
-        return json.loads((self.path / "metrics.json").read_text())
+        return self.read_json("metrics.json")
+
+    # --- building ------------------------------------------------------------------------
+
+    @property
+    def partial_path(self) -> Path:
+        return self.path.parent / f".{self.run_id}.partial"
 
     @contextmanager
-    def build(self, seed: int | None = None, is_main: bool = True, resumable: bool = False):
+    def lock(self, is_main: bool = True):
+        """Hold the run's lock while checking and building it, so two identical commands do not
+        build it twice; a second one waits and then finds the run complete. Before yielding, put
+        back what an interrupted process left: a previous run moved aside by a --force rebuild, or a
+        finished run that was not yet renamed into place."""
+        if not is_main:  # torchrun: the main process holds the lock for its whole group
+            yield
+            return
+        locks = self.path.parent.parent / LOCKS
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / f"{self.stage}-{self.run_id}.lock", "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another process is building %s; waiting for it", self.path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                self._recover()
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _recover(self) -> None:
+        if self.path.exists():
+            return
+        if (self.partial_path / MANIFEST).is_file():
+            log.info("a finished %s run was interrupted before it was put in place; putting it in place: %s",
+                     self.stage, self.path)
+            self.partial_path.rename(self.path)
+            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+            return
+        for old in sorted(self.path.parent.glob(f".{self.run_id}.old-*")):
+            if (old / MANIFEST).is_file():
+                log.info("a --force rebuild was interrupted; restoring the previous run %s", self.path)
+                old.rename(self.path)
+                return
+
+    @contextmanager
+    def build(self, seed: int | None = None, is_main: bool = True, resumable: bool = False, fresh: bool = False):
         """Yield a temporary directory to write outputs into; on success it becomes the run.
 
         A resumable build (training) uses a fixed temporary name and keeps it when interrupted,
-        so the same command finds its checkpoints there; other builds are removed on failure."""
+        so the same command finds its checkpoints there (`fresh` discards them: --force); its
+        `checkpoints/` folder stays until the run is in place. Other builds are removed on failure."""
         started = time.time()
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = parent / (f".{self.run_id}.partial" if resumable else f".{self.run_id}.tmp-{os.getpid()}")
-        if not resumable:
+        tmp = self.partial_path if resumable else parent / f".{self.run_id}.tmp-{os.getpid()}"
+        if is_main and (not resumable or fresh):
             shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(exist_ok=True)
         try:
@@ -92,16 +191,21 @@ class Run:
             if not resumable:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if is_main:
+            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
 
     def _finish(self, tmp: Path, seed: int | None, wall_time_s: float) -> None:
-        (tmp / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+        (tmp / CONFIG).write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
         (tmp / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
-        outputs = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        files = [p for p in sorted(tmp.rglob("*")) if p.is_file() and p.relative_to(tmp).parts[0] != CHECKPOINTS]
+        outputs = {str(p.relative_to(tmp)): file_sha256(p) for p in files}
+        output_stats = {str(p.relative_to(tmp)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
         manifest = {
             "stage": self.stage,
             "run_id": self.run_id,
             "inputs": self.inputs,
             "outputs": outputs,
+            "output_stats": output_stats,
             "code_version": code_version(),
             "packages": package_versions(),
             "python": platform.python_version(),
@@ -112,7 +216,7 @@ class Run:
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if self.path.exists():  # force=true: replace the old run only once the new one is whole
+        if self.path.exists():  # force: the old run is moved aside, and put back by _recover if a kill comes now
             old = self.path.parent / f".{self.run_id}.old-{os.getpid()}"
             self.path.rename(old)
             tmp.rename(self.path)
@@ -123,18 +227,19 @@ class Run:
 
 @dataclass
 class StageResult:
-    """What a training or eval stage returns: its run, its metrics, whether it was up to date."""
+    """What a stage returns: its run, its metrics, whether it was up to date."""
     run: Run
     metrics: dict
     skipped: bool
 
 
 def plan_run(stage: str, cfg: DictConfig, inputs: dict[str, Path | Run]) -> Run:
-    """The run that this config and these inputs (files, or upstream runs) make."""
+    """The run that this config and these inputs (files, or complete upstream runs) make. An
+    upstream run counts by its content digest, so rebuilding it changes this run's id."""
     described = {}
     for name, source in sorted(inputs.items()):
         if isinstance(source, Run):
-            described[name] = {"run": str(source.path), "sha256": source.run_id}
+            described[name] = {"run": str(source.path), "sha256": source.content_digest()}
         else:
             described[name] = {"path": str(source), "sha256": file_sha256(Path(source))}
     key = json.dumps({"stage": stage, "config": result_config(cfg),
@@ -144,6 +249,7 @@ def plan_run(stage: str, cfg: DictConfig, inputs: dict[str, Path | Run]) -> Run:
     return Run(stage, run_id, path, cfg, described)
 
 
+@functools.lru_cache(maxsize=1)
 def code_version() -> str:
     package_dir = Path(mhsupport.__file__).resolve().parent
     try:

@@ -4,19 +4,18 @@ Hydra override (e.g. `data.max_context_turns=5`); --print-config shows the resol
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mhsupport import options
 from mhsupport.config import load_config
 from mhsupport.errors import MhsError
-
-from mhsupport.sampling import SAMPLERS
-
-PROFILES = ("paper", "offline", "cpu", "tiny")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +39,9 @@ def _prepare_flags(parser):
 
 
 def _model_flags(parser, default_dataset: str):
-    parser.add_argument("--profile", choices=PROFILES, help="model profile (default: cpu)")
-    parser.add_argument("--dataset", choices=("esconv", "unified"), help=f"training data (default: {default_dataset})")
-    parser.add_argument("--tag-set", choices=("category", "strategy"),
+    parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
+    parser.add_argument("--dataset", choices=options.DATASETS, help=f"training data (default: {default_dataset})")
+    parser.add_argument("--tag-set", choices=options.TAG_SETS,
                         help="4 categories or the 8 ESConv strategies (esconv only)")
 
 
@@ -55,7 +54,7 @@ def _generator_flags(parser):
 
 def _classifier_flags(parser):
     _model_flags(parser, "unified")
-    parser.add_argument("--mode", choices=("next_category", "response"),
+    parser.add_argument("--mode", choices=options.MODES,
                         help="predict the next supporter category (default) or recognise a response's category")
     parser.add_argument("--context-turns", type=int, help="how many recent context turns to read (default: 3)")
     parser.add_argument("--history-categories", action=argparse.BooleanOptionalAction, default=None,
@@ -69,12 +68,12 @@ def _eval_flags(parser):
     _model_flags(parser, "esconv")
     parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
                         help="evaluate the tagged generator")
-    parser.add_argument("--sampler", choices=SAMPLERS, help="how the tag is chosen (default: none)")
+    parser.add_argument("--sampler", choices=options.SAMPLERS, help="how the tag is chosen (default: none)")
     parser.add_argument("--base", action="store_true",
                         help="evaluate the model without fine-tuning (Table 2's 'pretrained' row)")
-    parser.add_argument("--generator", choices=("finetuned", "base", "llm"), dest="generator_source",
+    parser.add_argument("--generator", choices=options.GENERATOR_SOURCES, dest="generator_source",
                         help="finetuned (default), base (= --base) or llm (prompting a chat model, no fine-tuning)")
-    parser.add_argument("--prompt", choices=("vanilla", "cot", "strategy", "oracle"),
+    parser.add_argument("--prompt", choices=options.PROMPTS,
                         help="with --generator llm: the prompt (strategy: the classifier's category)")
     parser.set_defaults(profile_groups=("generator", "classifier"))
 
@@ -105,18 +104,18 @@ def flag_overrides(args) -> list[str]:
 # --- runners ----------------------------------------------------------------------------
 
 def _run_prepare_data(cfg, args):
-    from mhsupport.stages import prepare_data
+    from mhsupport import pipeline
 
-    result = prepare_data.run(cfg)
+    result = pipeline.run("prepare_data", cfg)
     print(f"prepare-data run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  examples: {result.run.path / 'examples'}  counts: {result.run.path / 'stats.md'}")
 
 
 def _run_train_generator(cfg, args):
-    from mhsupport.stages import train_generator
+    from mhsupport import pipeline
     from mhsupport.training import is_main_process
 
-    result = train_generator.run(cfg)
+    result = pipeline.run("train_generator", cfg)
     if is_main_process():
         m = result.metrics
         print(f"train dialogpt run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
@@ -124,10 +123,10 @@ def _run_train_generator(cfg, args):
 
 
 def _run_train_classifier(cfg, args):
-    from mhsupport.stages import train_classifier
+    from mhsupport import pipeline
     from mhsupport.training import is_main_process
 
-    result = train_classifier.run(cfg)
+    result = pipeline.run("train_classifier", cfg)
     if is_main_process():
         test = result.metrics["test"]
         print(f"train classifier run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
@@ -142,9 +141,9 @@ def _print_generation_metrics(metrics: dict) -> None:
 
 
 def _run_eval(cfg, args):
-    from mhsupport.stages import evaluate
+    from mhsupport import pipeline
 
-    result = evaluate.run(cfg)
+    result = pipeline.run("eval", cfg)
     m = result.metrics
     print(f"eval run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['decoding']}"
@@ -153,14 +152,14 @@ def _run_eval(cfg, args):
 
 
 def _run_compare(args) -> None:
-    from mhsupport.stages import evaluate
+    from mhsupport.generations_io import read_generations, scores_from_generations
     from mhsupport.metrics import paired_bootstrap
 
-    a_lines, b_lines = evaluate.read_generations(args.run_a), evaluate.read_generations(args.run_b)
+    a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
     if key != [(l["conversation_id"], l["turn_index"]) for l in b_lines]:
         raise MhsError("the two eval runs scored different test examples: a paired test needs the same ones")
-    result = paired_bootstrap(evaluate.scores_from_generations(a_lines), evaluate.scores_from_generations(b_lines),
+    result = paired_bootstrap(scores_from_generations(a_lines), scores_from_generations(b_lines),
                               args.resamples, args.seed)
     print(f"A = {args.run_a}\nB = {args.run_b}\n{len(key)} paired examples, {args.resamples} resamples\n")
     print("| metric | A | B | B - A | 95% CI of B - A | p |\n| --- | ---: | ---: | ---: | --- | ---: |")
@@ -172,24 +171,27 @@ def _run_compare(args) -> None:
 
 
 def _run_report(cfg, args):
-    from mhsupport.stages import report
+    from mhsupport import pipeline
+    from mhsupport.stages.report import REPORT
 
-    result = report.run(cfg)
+    result = pipeline.run("report", cfg)
     print(f"report run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
-    print(result.report.read_text())
+    print((result.run.path / REPORT).read_text())
 
 
 def _run_reproduce(cfg, args):
-    from mhsupport.stages import reproduce
+    from mhsupport import pipeline
+    from mhsupport.stages.report import REPORT
 
-    result = reproduce.run(cfg)
-    print(result.report.report.read_text())
-    print("## Stage wall times\n\n" + reproduce.timings_markdown(result.timings) + "\n")
-    print(f"report: {result.report.report}\ntimings: {result.timings_file}")
+    result = pipeline.reproduce(cfg)
+    report = result.report.run.path / REPORT
+    print(report.read_text())
+    print("## Stage wall times\n\n" + pipeline.timings_markdown(result.timings) + "\n")
+    print(f"report: {report}\ntimings: {result.timings_file}")
 
 
 def _profile_flags(parser):
-    parser.add_argument("--profile", choices=PROFILES, help="model profile (default: cpu)")
+    parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
     parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
@@ -197,7 +199,7 @@ def _chat_flags(parser):
     _model_flags(parser, "esconv")
     parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
                         help="talk to the tagged generator")
-    parser.add_argument("--sampler", choices=("none", "random", "random_prior", "classifier"),
+    parser.add_argument("--sampler", choices=[s for s in options.SAMPLERS if s != "oracle"],
                         help="how each reply's category is chosen (default: classifier if tagged)")
     parser.add_argument("--json", action="store_true",
                         help="read one seeker message per stdin line, write one JSON object per reply")
@@ -221,7 +223,7 @@ def _run_human_score(args) -> None:
 
 
 def _run_chat(cfg, args):
-    from mhsupport.stages import chat
+    from mhsupport import chat
 
     chat.run(cfg, json_mode=args.json)
 
@@ -323,7 +325,29 @@ def main(argv: list[str] | None = None) -> int:
     except MhsError as err:
         print(f"mhs {name}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"mhs {name}: interrupted; the same command resumes", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as err:
+        message = storage_error(err)
+        if message is None:
+            raise
+        print(f"mhs {name}: error: {message}", file=sys.stderr)
+        return 1
     return 0
+
+
+def storage_error(err: BaseException) -> str | None:
+    """One line for a full disk or an unwritable folder (torch and safetensors report these as
+    RuntimeErrors); None for any other error, which keeps its traceback."""
+    code = getattr(err, "errno", None)
+    where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+    if code == errno.ENOSPC or "No space left on device" in str(err):
+        return f"no space left on the device{where}: free space and rerun the same command (finished work is kept)"
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write{where}: {os.strerror(code)}; point MHS_ARTIFACTS_DIR (or paths.artifacts_dir) at a "
+                "writable folder")
+    return None
 
 
 if __name__ == "__main__":

@@ -25,3 +25,70 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> Dict
         raise MhsError(f"config for '{stage}': {err}".replace("\n", " ")) from None
     OmegaConf.set_struct(cfg, True)
     return cfg
+
+
+# --- the configs of upstream stages -------------------------------------------------------
+#
+# A downstream config (eval, report, chat) implies the configs of the runs it builds on: the
+# upstream stage's defaults with the shared keys and the choices below put in, so they plan the
+# same runs as the upstream stage's own command with the same options.
+
+SHARED_KEYS = ("paths", "taxonomy", "data", "download", "seed")
+
+
+def derive(stage: str, cfg: DictConfig, values: dict | None = None) -> DictConfig:
+    """`stage`'s config with this config's shared keys and runtime settings and `values`
+    (dotted key -> value or node) put in; never forced."""
+    derived = load_config(stage)
+    OmegaConf.set_struct(derived, False)
+    for key in SHARED_KEYS:
+        if key in derived and key in cfg:
+            derived[key] = cfg[key]
+    for key in derived.get("runtime", {}):
+        if key in cfg.get("runtime", {}):
+            derived.runtime[key] = cfg.runtime[key]
+    for key, value in (values or {}).items():
+        OmegaConf.update(derived, key, value, merge=False)
+    derived.force = False
+    OmegaConf.set_struct(derived, True)
+    return derived
+
+
+def prepare_data_config(cfg: DictConfig) -> DictConfig:
+    return derive("prepare_data", cfg)
+
+
+def generator_config(cfg: DictConfig) -> DictConfig:
+    """The `mhs train dialogpt` config of the generator an eval or chat config uses."""
+    return derive("train_generator", cfg, {
+        "generator": cfg.generator, "dataset": cfg.dataset, "strategy_tag": cfg.strategy_tag,
+        "tag_set": cfg.tag_set, "tags_in_history": cfg.tags_in_history})
+
+
+def classifier_config(cfg: DictConfig, mode: str) -> DictConfig:
+    """The `mhs train classifier` config of the next-category classifier (mode next_category) or the
+    response recogniser (mode response) an eval or chat config uses."""
+    chosen = cfg.classifier_run
+    dataset = chosen.dataset if mode == "next_category" else "unified"
+    if cfg.tag_set == "strategy":
+        dataset = "esconv"
+    return derive("train_classifier", cfg, {
+        "classifier": cfg.classifier, "mode": mode, "tag_set": cfg.tag_set, "dataset": dataset,
+        "context_turns": chosen.context_turns, "history_categories": chosen.history_categories,
+        "class_weighting": chosen.class_weighting})
+
+
+REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples")
+
+
+def eval_config(report_cfg: DictConfig, values: dict) -> DictConfig:
+    """The eval config of one system of the report: the report's config less its own keys, with
+    the system's generator, dataset, tag and sampler choices put in."""
+    derived = OmegaConf.masked_copy(report_cfg, [k for k in report_cfg if k not in REPORT_ONLY_KEYS])
+    OmegaConf.set_struct(derived, False)
+    derived.generator_source = "finetuned"
+    for key, value in values.items():
+        derived[key] = value
+    derived.force = False
+    OmegaConf.set_struct(derived, True)
+    return derived

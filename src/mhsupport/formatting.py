@@ -93,3 +93,17 @@ class ChatTemplateFormatter(Formatter):
 
 
 FORMATTERS = {"eos_joined": EosJoinedFormatter, "chat_template": ChatTemplateFormatter}
+
+
+def generator_tags(cfg) -> list[str] | None:
+    """The tag vocabulary of a generator config: None for an untagged model."""
+    from mhsupport.taxonomy import Taxonomy
+
+    return Taxonomy.from_config(cfg.taxonomy).labels(cfg.tag_set) if cfg.strategy_tag else None
+
+
+def build_formatter(cfg, tokenizer) -> Formatter:
+    """The formatter of a generator config (`mhs train dialogpt`'s) around its tokenizer."""
+    g = cfg.generator
+    return FORMATTERS[g.family](tokenizer, g.max_context_tokens, g.max_response_tokens, generator_tags(cfg),
+                                cfg.tags_in_history, g.system_prompt)

@@ -14,14 +14,14 @@ from scipy.stats import binomtest
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
 from mhsupport.errors import MhsError
-from mhsupport.stages import evaluate
+from mhsupport.generations_io import read_generations
 
 CHOICES = ("A", "B", "tie")
 
 
 def export(run_a: Path, run_b: Path, n: int, out_dir: Path, seed: int = 0) -> tuple[Path, Path]:
     """The same n test contexts from both runs, the two responses in random order per item."""
-    a_lines, b_lines = evaluate.read_generations(run_a), evaluate.read_generations(run_b)
+    a_lines, b_lines = read_generations(run_a), read_generations(run_b)
     b_by_key = {(l["conversation_id"], l["turn_index"]): l for l in b_lines}
     common = [l for l in a_lines if (l["conversation_id"], l["turn_index"]) in b_by_key]
     if len(common) < n:

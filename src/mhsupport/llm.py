@@ -16,7 +16,6 @@ from mhsupport.errors import MhsError
 from mhsupport.formatting import ChatTemplateFormatter
 from mhsupport.generation import generate
 
-PROMPTS = ("vanilla", "cot", "strategy", "oracle")
 ROLES = {"seeker": "user", "supporter": "assistant"}
 
 

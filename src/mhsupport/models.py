@@ -107,6 +107,11 @@ def train_bpe_tokenizer(texts, vocab_size: int, min_frequency: int, bert_inputs:
                                    sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
 
 
+def tokenizer_texts(examples: list[dict]) -> list[str]:
+    """The texts a from-scratch generator tokenizer is trained on: every context turn and response."""
+    return [t["text"] for e in examples for t in e["context"]] + [e["response"] for e in examples]
+
+
 # --- models -----------------------------------------------------------------------------
 
 def load_causal_lm(model_cfg, train_texts=None):

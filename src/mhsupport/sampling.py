@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mhsupport.errors import MhsError
-
-SAMPLERS = ("none", "random", "random_prior", "classifier", "oracle")
+from mhsupport.options import SAMPLERS
 
 
 def check_sampler(sampler: str, tagged: bool) -> None:

@@ -39,6 +39,15 @@ class Taxonomy:
         for strategy in (*self.esconv_strategies, *self.epitome_mechanisms.values()):
             self.primary(strategy)  # every strategy must map somewhere
 
+    def labels(self, tag_set: str) -> list[str]:
+        """The label set a model predicts or is tagged with: the 4 categories or the 8 ESConv strategies."""
+        return list(self.categories if tag_set == "category" else self.esconv_strategies)
+
+    @staticmethod
+    def label_key(tag_set: str) -> str:
+        """The example field holding an example's label in this tag set."""
+        return "category" if tag_set == "category" else "strategy"
+
     def primary(self, strategy: str) -> str:
         """The one category of a strategy or mechanism; unknown names are an error, never 'Others'."""
         for category in self.priority:

@@ -3,17 +3,25 @@ teacher-forced loss, and process roles under torchrun."""
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import os
 import random
+import time
+import zipfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
+
+from mhsupport.artifacts import CHECKPOINTS
 
 from mhsupport.formatting import IGNORE_INDEX
 
+log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
 
 
@@ -68,14 +76,69 @@ def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps
 
 
 def last_complete_checkpoint(checkpoints_dir: Path) -> str | None:
-    """The newest checkpoint holding everything needed to resume (a kill can cut one short)."""
+    """The newest checkpoint holding everything needed to resume. A kill can cut one short and a
+    disk can damage one: such a checkpoint is skipped, with a message, for the one before it."""
     if not checkpoints_dir.is_dir():
         return None
     candidates = sorted(checkpoints_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
     for candidate in candidates:
-        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
             return str(candidate)
+        log.warning("skipping %s: %s", candidate, problem)
     return None
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from, or None. Cheap checks: the trainer state parses,
+    and every torch file is a whole zip archive (a truncated one has lost its closing directory)."""
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            return f"{name} is missing"
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or "global_step" not in state:
+            return "trainer_state.json has no global_step"
+    except (OSError, ValueError) as err:
+        return f"trainer_state.json is unreadable ({err})"
+    for file in checkpoint.glob("*.pt"):
+        if not zipfile.is_zipfile(file):
+            return f"{file.name} is truncated or damaged"
+    weights = list(checkpoint.glob("*.safetensors")) + list(checkpoint.glob("pytorch_model*.bin"))
+    if not weights:
+        return "no model weights"
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as err:  # safetensors raises its own error types for every kind of damage
+                return f"{file.name} is damaged ({err})"
+        elif not zipfile.is_zipfile(file):
+            return f"{file.name} is truncated or damaged"
+    return None
+
+
+def train_resumable(run, seed: int, fresh: bool, make_trainer, finish):
+    """The one training sequence of both trainers: build the run's temporary folder -> resume from
+    its newest sound checkpoint -> train -> save the model on every process (it synchronises them)
+    -> `finish` (metrics and extra files; writes on the main process) -> wait for every process.
+    The checkpoints stay until the run is in place, so a kill at any point loses no training.
+
+    make_trainer(checkpoints_dir) -> Trainer; finish(trainer, out_dir, train_output, resumed_from,
+    train_seconds) fills run.metrics."""
+    is_main = is_main_process()
+    with run.build(seed=seed, is_main=is_main, resumable=True, fresh=fresh) as out:
+        trainer = make_trainer(out / CHECKPOINTS)
+        resume = last_complete_checkpoint(out / CHECKPOINTS)
+        if resume:
+            log.info("resuming from %s", resume)
+        started = time.time()
+        output = trainer.train(resume_from_checkpoint=resume)
+        train_seconds = time.time() - started
+        trainer.save_model(str(out / "model"))
+        finish(trainer, out, output, resume, train_seconds)
+        trainer.accelerator.wait_for_everyone()
 
 
 @torch.no_grad()

@@ -5,67 +5,32 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from mhsupport import artifacts, classifier as classifier_api, llm, models, sampling, training, upstream
+from mhsupport import artifacts, classifier as classifier_api, llm, models, sampling, training
+from mhsupport.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
-from mhsupport.formatting import IGNORE_INDEX
+from mhsupport.formatting import IGNORE_INDEX, build_formatter, generator_tags
 from mhsupport.generation import generate
+from mhsupport.generations_io import GENERATIONS
 from mhsupport.metrics import GenerationScores, bootstrap_intervals
-from mhsupport.stages import train_classifier, train_generator
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
-GENERATIONS = "generations.jsonl"
+COMMAND = "mhs eval"
+PROFILE_GROUPS = ("generator", "classifier")
 
 
-def generator_config(cfg: DictConfig) -> DictConfig:
-    return upstream.derived_config("train_generator", cfg, {
-        "generator": cfg.generator, "dataset": cfg.dataset, "strategy_tag": cfg.strategy_tag,
-        "tag_set": cfg.tag_set, "tags_in_history": cfg.tags_in_history})
-
-
-def classifier_config(cfg: DictConfig, mode: str) -> DictConfig:
-    run = cfg.classifier_run
-    dataset = run.dataset if mode == "next_category" else "unified"
-    if cfg.tag_set == "strategy":
-        dataset = "esconv"
-    return upstream.derived_config("train_classifier", cfg, {
-        "classifier": cfg.classifier, "mode": mode, "tag_set": cfg.tag_set, "dataset": dataset,
-        "context_turns": run.context_turns, "history_categories": run.history_categories,
-        "class_weighting": run.class_weighting})
-
-
-def train_generator_command(cfg: DictConfig) -> str:
-    parts = ["mhs train dialogpt", f"--profile {cfg.generator.profile}", f"--dataset {cfg.dataset}"]
-    parts += ["--strategy-tag"] if cfg.strategy_tag else []
-    parts += [f"--tag-set {cfg.tag_set}"] if cfg.tag_set != "category" else []
-    return " ".join(parts + upstream.profile_overrides(cfg, "generator"))
-
-
-def train_classifier_command(ccfg: DictConfig) -> str:
-    parts = ["mhs train classifier", f"--profile {ccfg.classifier.profile}", f"--dataset {ccfg.dataset}",
-             f"--mode {ccfg.mode}", f"--context-turns {ccfg.context_turns}"]
-    parts += [f"--tag-set {ccfg.tag_set}"] if ccfg.tag_set != "category" else []
-    parts += ["--history-categories"] if ccfg.history_categories else []
-    parts += ["--class-weighting"] if ccfg.class_weighting else []
-    return " ".join(parts + upstream.profile_overrides(ccfg, "classifier"))
-
-
-def check_options(cfg: DictConfig) -> None:
-    if cfg.generator_source not in ("finetuned", "base", "llm"):
-        raise MhsError(f"generator_source={cfg.generator_source!r}: expected finetuned, base or llm")
+def check(cfg: DictConfig) -> None:
+    """The rules between options (each option's own values are checked in `options`)."""
     if cfg.generator_source == "llm":
-        if cfg.llm.prompt not in llm.PROMPTS:
-            raise MhsError(f"llm.prompt={cfg.llm.prompt!r}: expected one of {list(llm.PROMPTS)}")
-        if cfg.llm.backend not in ("local", "openai"):
-            raise MhsError(f"llm.backend={cfg.llm.backend!r}: expected local or openai")
         if cfg.strategy_tag or cfg.sampler != "none":
             raise MhsError("--generator llm takes --prompt, not --strategy-tag or --sampler")
         return
@@ -74,41 +39,36 @@ def check_options(cfg: DictConfig) -> None:
     sampling.check_sampler(cfg.sampler, tagged=bool(cfg.strategy_tag))
 
 
-def plan(cfg: DictConfig) -> artifacts.Run:
-    check_options(cfg)
-    inputs = {"prepare_data": upstream.prepare_data_run(cfg)}
+def requires(cfg: DictConfig) -> dict:
+    needs = {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
     if cfg.generator_source == "finetuned":
-        gcfg = generator_config(cfg)
-        inputs["generator"] = upstream.require_complete(train_generator.plan(gcfg), train_generator_command(cfg))
+        needs["generator"] = ("train_generator", generator_config(cfg))
     llm_categories = cfg.generator_source == "llm" and cfg.llm.prompt in ("strategy", "oracle")
     if cfg.sampler == "classifier" or (cfg.generator_source == "llm" and cfg.llm.prompt == "strategy"):
-        ccfg = classifier_config(cfg, "next_category")
-        inputs["classifier"] = upstream.require_complete(train_classifier.plan(ccfg), train_classifier_command(ccfg))
+        needs["classifier"] = ("train_classifier", classifier_config(cfg, "next_category"))
     if cfg.tag_adherence and (cfg.strategy_tag or llm_categories):
-        rcfg = classifier_config(cfg, "response")
-        inputs["recogniser"] = upstream.require_complete(train_classifier.plan(rcfg), train_classifier_command(rcfg))
-    return artifacts.plan_run(STAGE, cfg, inputs)
+        needs["recogniser"] = ("train_classifier", classifier_config(cfg, "response"))
+    return needs
 
 
-def run(cfg: DictConfig) -> artifacts.StageResult:
-    run_ = plan(cfg)
-    if run_.up_to_date(cfg.force):
-        return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
-    inputs = run_.inputs
+def label(cfg: DictConfig) -> str:
+    return f"eval {system_name(cfg)}"
+
+
+def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     gcfg = generator_config(cfg)
-    label_key = train_generator.label_key(gcfg)
-    labels = train_generator.tag_labels(gcfg)
-    data_run = Path(inputs["prepare_data"]["run"])
+    label_key = Taxonomy.label_key(cfg.tag_set)
+    labels = generator_tags(gcfg)
+    data_run = inputs["prepare_data"].path
     examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.seed)
 
     set_seed(cfg.seed)
-    recogniser = classifier_api.load(inputs["recogniser"]["run"]) if "recogniser" in inputs else None
+    recogniser = classifier_api.load(inputs["recogniser"].path) if "recogniser" in inputs else None
     if cfg.generator_source == "llm":
         examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.seed)
         respond, tags, labels = llm_responder(cfg, inputs, examples, label_key)
     else:
         respond, tags = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
-
     d = cfg.decoding
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
     lines, per_seed = [], {}
@@ -137,30 +97,37 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         "examples": len(examples), "decoding": "sampled" if len(seeds) > 1 or d.do_sample else "greedy",
         "seeds": seeds,
         "metrics": mean_over_seeds(per_seed), "per_seed": per_seed,
-        "note": ("tiny profile: a plumbing check; these numbers mean nothing" if cfg.generator.profile == "tiny" else ""),
+        "note": cfg.generator.get("warning") or "",
     }
-    with run_.build(seed=cfg.seed) as out:
-        with open(out / GENERATIONS, "w") as f:
-            for line in lines:
-                f.write(json.dumps(line) + "\n")
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    try:
+        with run_.build(seed=cfg.seed) as out:
+            (out / GENERATIONS).write_text(text)
+    except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
+        kept = Path(tempfile.gettempdir()) / f"mhs-eval-{run_.run_id}-{GENERATIONS}"
+        try:
+            kept.write_text(text)
+        except OSError:
+            raise err from None
+        raise MhsError(f"could not write eval run {run_.path} ({err.strerror or err}); its {len(lines)} "
+                       f"generations are kept in {kept}. Free space and rerun `{run_.command}`") from None
     log.info("eval wrote %s", run_.path)
-    return artifacts.StageResult(run_, run_.metrics, skipped=False)
 
 
 def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     """Responses of a fine-tuned (or base) generator under the configured tag sampler."""
     if cfg.generator_source == "finetuned":
-        model, tokenizer = models.load_saved_causal_lm(Path(inputs["generator"]["run"]) / "model")
+        model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model")
     else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
         train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
                                        cfg.seed)
-        model, tokenizer = models.load_causal_lm(cfg.generator, train_texts=train_generator.tokenizer_texts(train))
-    formatter = train_generator.build_formatter(gcfg, tokenizer)
+        model, tokenizer = models.load_causal_lm(cfg.generator, train_texts=models.tokenizer_texts(train))
+    formatter = build_formatter(gcfg, tokenizer)
     prior = None
     if cfg.sampler == "random_prior":
         train = read_examples(data_run, cfg.dataset, "train")
         prior = {label: sum(e[label_key] == label for e in train) / len(train) for label in labels}
-    next_classifier = classifier_api.load(inputs["classifier"]["run"]) if "classifier" in inputs else None
+    next_classifier = classifier_api.load(inputs["classifier"].path) if "classifier" in inputs else None
     tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
                                 classifier=next_classifier, classifier_sampling=cfg.classifier_sampling)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
@@ -185,7 +152,7 @@ def llm_responder(cfg, inputs, examples, label_key):
     if c.prompt in ("strategy", "oracle"):
         labels = list(Taxonomy.from_config(cfg.taxonomy).categories)
         sampler = "classifier" if c.prompt == "strategy" else "oracle"
-        next_classifier = classifier_api.load(inputs["classifier"]["run"]) if "classifier" in inputs else None
+        next_classifier = classifier_api.load(inputs["classifier"].path) if "classifier" in inputs else None
         categories = sampling.choose_tags(sampler, examples, labels, "category", cfg.seed, classifier=next_classifier)
     prompts = [llm.system_prompt(c, category) for category in categories]
     max_new = c.max_new_tokens * (3 if c.prompt == "cot" else 1)
@@ -245,25 +212,3 @@ def system_name(cfg: DictConfig) -> str:
     if cfg.generator_source == "base":
         return "pretrained (untrained model)" if cfg.generator.profile == "tiny" else "pretrained"
     return f"{cfg.dataset}{'+tag' if cfg.strategy_tag else ''} / {cfg.sampler}"
-
-
-def read_generations(run_dir: Path, seed: int | None = None) -> list[dict]:
-    """An eval run's generations.jsonl lines (of one decoding seed: the first by default)."""
-    path = Path(run_dir) / GENERATIONS
-    if not path.is_file():
-        raise MhsError(f"{path} not found: expected an `mhs eval` run directory")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    seed = lines[0]["seed"] if seed is None else seed
-    return [line for line in lines if line["seed"] == seed]
-
-
-def scores_from_generations(lines: list[dict]) -> GenerationScores:
-    """The scores of stored generations, recomputed exactly as `mhs eval` computed them."""
-    tagged = any(line["tag"] is not None for line in lines)
-    recognised = [line["recognised"] for line in lines] if lines[0]["recognised"] is not None else None
-    has_nll = lines[0]["reference_nll"] is not None
-    return GenerationScores([line["response"] for line in lines], [line["reference"] for line in lines],
-                            [line["reference_nll"] for line in lines] if has_nll else None,
-                            [line["reference_tokens"] for line in lines] if has_nll else None,
-                            [line["tag"] for line in lines] if tagged else None,
-                            [line["gold_label"] for line in lines], recognised)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -18,16 +17,12 @@ from mhsupport.splits import SPLITS, enforce_no_leakage, epitome_split, split_es
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
+STAGE = "prepare_data"
+COMMAND = "mhs prepare-data"
+PROFILE_GROUPS = ()
 
 # The paper's Table 1 (Song & Yuan); not re-derivable from its own description (DESIGN.md section 1).
 PAPER_TABLE1 = {"Comforting": 10429, "Exploration": 10445, "Action": 11674, "Others": 3661}
-
-
-@dataclass
-class PrepareDataResult:
-    run: artifacts.Run
-    stats: dict
-    skipped: bool
 
 
 def raw_inputs(raw_dir: Path, taxonomy: Taxonomy) -> dict[str, Path]:
@@ -38,19 +33,23 @@ def raw_inputs(raw_dir: Path, taxonomy: Taxonomy) -> dict[str, Path]:
     return inputs
 
 
-def plan(cfg: DictConfig) -> artifacts.Run:
-    """The prepare-data run for this config and the raw files as they are now (fetching missing ones)."""
+def requires(cfg: DictConfig) -> dict:
+    return {}
+
+
+def file_inputs(cfg: DictConfig) -> dict[str, Path]:
+    """The raw files as they are now (fetching missing ones): their hashes are part of the run id."""
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
     raw_dir = Path(cfg.paths.raw_dir)
     download.fetch_missing(raw_dir, cfg.download, taxonomy.epitome_files.values())
-    return artifacts.plan_run("prepare_data", cfg, raw_inputs(raw_dir, taxonomy))
+    return raw_inputs(raw_dir, taxonomy)
 
 
-def run(cfg: DictConfig) -> PrepareDataResult:
-    run_ = plan(cfg)
-    if run_.up_to_date(cfg.force):
-        return PrepareDataResult(run_, json.loads((run_.path / "stats.json").read_text()), skipped=True)
+def label(cfg: DictConfig) -> str:
+    return "prepare-data"
 
+
+def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     # Everything is read and checked before anything is written.
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
     raw_dir = Path(cfg.paths.raw_dir)
@@ -91,7 +90,6 @@ def run(cfg: DictConfig) -> PrepareDataResult:
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (out / "stats.md").write_text(stats_markdown(stats, taxonomy))
     log.info("prepare-data wrote %s", run_.path)
-    return PrepareDataResult(run_, stats, skipped=False)
 
 
 def _by_category(categories, taxonomy: Taxonomy) -> dict[str, int]:

@@ -7,19 +7,21 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mhsupport import artifacts, upstream
-from mhsupport.errors import MhsError
+from mhsupport import artifacts
+from mhsupport.config import eval_config, prepare_data_config
 from mhsupport.metrics import paired_bootstrap
-from mhsupport.stages import evaluate
+from mhsupport.generations_io import read_generations, scores_from_generations
 
 log = logging.getLogger(__name__)
 STAGE = "report"
+COMMAND = "mhs report"
+PROFILE_GROUPS = ("generator", "classifier")
+REPORT = "report.md"
 
 # The paper's BLEU (scale unstated, probably 0-1; DESIGN.md section 1).
 PAPER_TABLE2 = {"Pretrained": 0.073, "ESConv": 0.226, "Unified": 0.229, "ESConv+tag": 0.293, "Unified+tag": 0.300}
@@ -36,23 +38,6 @@ COLUMNS = ("bleu", "bleu_2", "bleu_4", "rouge_l", "distinct_2", "ppl", "length",
 DATASET_NAMES = {"esconv": "ESConv", "unified": "Unified"}
 
 
-@dataclass
-class ReportResult:
-    run: artifacts.Run
-    report: Path
-    skipped: bool
-
-
-def eval_config(cfg: DictConfig, values: dict) -> DictConfig:
-    derived = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("table4_samplers", "significance_resamples")])
-    OmegaConf.set_struct(derived, False)
-    derived.generator_source = "finetuned"
-    for key, value in values.items():
-        derived[key] = value
-    derived.force = False
-    return derived
-
-
 def systems(cfg: DictConfig) -> dict[str, dict]:
     """Every eval the report reads: Table 2's rows and Table 4's dataset x sampler cells."""
     out = {f"table2/{name}": values for name, values in TABLE2_SYSTEMS.items()}
@@ -62,38 +47,21 @@ def systems(cfg: DictConfig) -> dict[str, dict]:
     return out
 
 
-def eval_command(values: dict, profile: str) -> str:
-    parts = [f"mhs eval --profile {profile} --dataset {values['dataset']}"]
-    parts += ["--base"] if values.get("generator_source") == "base" else []
-    parts += ["--strategy-tag", f"--sampler {values['sampler']}"] if values["strategy_tag"] else []
-    return " ".join(parts)
+def requires(cfg: DictConfig) -> dict:
+    needs = {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
+    needs.update({key: ("eval", eval_config(cfg, values)) for key, values in systems(cfg).items()})
+    return needs
 
 
-def plan(cfg: DictConfig) -> tuple[artifacts.Run, dict[str, artifacts.Run]]:
-    runs, missing = {}, []
-    for key, values in systems(cfg).items():
-        try:
-            run = evaluate.plan(eval_config(cfg, values))
-        except MhsError as err:  # an upstream training run is missing
-            missing.append(f"{key}: {err}")
-            continue
-        if not run.complete:
-            missing.append(f"{key}: run `{eval_command(values, cfg.generator.profile)}`")
-        runs[key] = run
-    if missing:
-        raise MhsError("the report needs eval runs that are not there (or `mhs reproduce` builds them all):\n  "
-                       + "\n  ".join(missing))
-    data_run = upstream.prepare_data_run(cfg)
-    return artifacts.plan_run(STAGE, cfg, {"prepare_data": data_run, **runs}), runs
+def label(cfg: DictConfig) -> str:
+    return "report"
 
 
-def run(cfg: DictConfig) -> ReportResult:
-    run_, evals = plan(cfg)
-    if run_.up_to_date(cfg.force):
-        return ReportResult(run_, run_.path / "report.md", skipped=True)
+def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
+    evals = {key: run for key, run in inputs.items() if key != "prepare_data"}
     metrics = {key: run.read_metrics() for key, run in evals.items()}
     profile = cfg.generator.profile
-    stats = json.loads((Path(run_.inputs["prepare_data"]["run"]) / "stats.json").read_text())
+    stats = json.loads((inputs["prepare_data"].path / "stats.json").read_text())
 
     table1 = [{"category": c, "paper": stats["table1"]["paper"][c], "ours_membership": stats["table1"]["membership"][c],
                "ours_primary": stats["table1"]["primary"][c]} for c in stats["table1"]["paper"]]
@@ -110,9 +78,8 @@ def run(cfg: DictConfig) -> ReportResult:
         write_csv(out / "significance.csv", tests)
         bleu_figure(table2, out / "table2_bleu.png", f"Table 2 ({profile} profile): BLEU with 95% intervals")
         bleu_figure(table4, out / "table4_bleu.png", f"Table 4 ({profile} profile): BLEU with 95% intervals")
-        (out / "report.md").write_text(report_markdown(cfg, metrics, table1, table2, table4, tests))
+        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests))
     log.info("report wrote %s", run_.path)
-    return ReportResult(run_, run_.path / "report.md", skipped=False)
 
 
 def row(name: str, m: dict, paper_bleu: float | None) -> dict:
@@ -145,8 +112,8 @@ def significance(cfg: DictConfig, evals: dict[str, artifacts.Run]) -> list[dict]
     for claim, a, b in ORDERINGS:
         if a not in evals or b not in evals:
             continue
-        result = paired_bootstrap(evaluate.scores_from_generations(evaluate.read_generations(evals[a].path)),
-                                  evaluate.scores_from_generations(evaluate.read_generations(evals[b].path)),
+        result = paired_bootstrap(scores_from_generations(read_generations(evals[a].path)),
+                                  scores_from_generations(read_generations(evals[b].path)),
                                   cfg.significance_resamples, cfg.bootstrap.seed)
         for metric in ("bleu", "bleu_2"):
             r = result[metric]
@@ -188,8 +155,7 @@ def generation_columns(rows) -> list[tuple[str, str]]:
 def report_markdown(cfg, metrics, table1, table2, table4, tests) -> str:
     profile = cfg.generator.profile
     n = next(iter(metrics.values()))["examples"]
-    warning = ("\n> **tiny profile: a plumbing check. Models trained from scratch for seconds; every number "
-               "below means nothing.**\n" if profile == "tiny" else "")
+    warning = f"\n> **{cfg.generator.warning}**\n" if cfg.generator.get("warning") else ""
     return f"""# Reproduction report ({profile} profile)
 {warning}
 Generators: `{cfg.generator.get('name_or_path') or cfg.generator.get('gguf_file') or 'GPT-2 from scratch'}`

@@ -4,7 +4,6 @@ recogniser), evaluated on ESConv valid and test beside the baselines of DESIGN.m
 from __future__ import annotations
 
 import logging
-import shutil
 from collections import Counter
 
 import matplotlib.pyplot as plt
@@ -15,45 +14,38 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, models, training, upstream
+from mhsupport import artifacts, models, training
 from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
                                   previous_supporter_label, tfidf_logistic_regression)
-from mhsupport.errors import MhsError
+from mhsupport.config import prepare_data_config
 from mhsupport.examples_io import read_examples
 from mhsupport.metrics import classification_scores
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "train_classifier"
+COMMAND = "mhs train classifier"
+PROFILE_GROUPS = ("classifier",)
 EVAL_SPLITS = ("valid", "test")
 
 
-def check_options(cfg: DictConfig) -> None:
-    upstream.check_dataset_and_tag_set(cfg)
-    if cfg.mode not in ("next_category", "response"):
-        raise MhsError(f"mode={cfg.mode!r}: expected next_category or response")
-    if cfg.context_turns < 1:
-        raise MhsError(f"context_turns={cfg.context_turns}: expected at least 1")
+def requires(cfg: DictConfig) -> dict:
+    return {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
+
+
+def label(cfg: DictConfig) -> str:
+    return f"train classifier ({cfg.mode})"
 
 
 def settings_for(cfg: DictConfig) -> ClassifierSettings:
     taxonomy = Taxonomy.from_config(cfg.taxonomy)
-    strategy = cfg.tag_set == "strategy"
-    return ClassifierSettings(mode=cfg.mode, labels=list(taxonomy.esconv_strategies if strategy else taxonomy.categories),
-                              label_key="strategy" if strategy else "category", context_turns=cfg.context_turns,
-                              history_categories=bool(cfg.history_categories), max_length=cfg.classifier.max_length)
+    return ClassifierSettings(mode=cfg.mode, labels=taxonomy.labels(cfg.tag_set), label_key=Taxonomy.label_key(cfg.tag_set),
+                              context_turns=cfg.context_turns, history_categories=bool(cfg.history_categories),
+                              max_length=cfg.classifier.max_length)
 
 
-def plan(cfg: DictConfig) -> artifacts.Run:
-    check_options(cfg)
-    return artifacts.plan_run(STAGE, cfg, {"prepare_data": upstream.prepare_data_run(cfg)})
-
-
-def run(cfg: DictConfig) -> artifacts.StageResult:
-    run_ = plan(cfg)
-    if run_.up_to_date(cfg.force):
-        return artifacts.StageResult(run_, run_.read_metrics(), skipped=True)
-    data_run = run_.inputs["prepare_data"]["run"]
+def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
+    data_run = inputs["prepare_data"].path
     p = cfg.classifier
     settings = settings_for(cfg)
     label_id = {label: i for i, label in enumerate(settings.labels)}
@@ -85,18 +77,14 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         scores = classification_scores(gold, predicted, settings.labels)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
-    is_main = training.is_main_process()
-    with run_.build(seed=cfg.seed, is_main=is_main, resumable=True) as out:
-        args = training.training_arguments(out / "checkpoints", p, cfg.runtime, cfg.seed, p.save_steps)
-        trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
-                          train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
-                          callbacks=[training.ValidationCallback(validate)])
-        resume = training.last_complete_checkpoint(out / "checkpoints")
-        if resume:
-            log.info("resuming from %s", resume)
-        result = trainer.train(resume_from_checkpoint=resume)
-        classifier.model = trainer.model.eval()
+    def make_trainer(checkpoints):
+        args = training.training_arguments(checkpoints, p, cfg.runtime, cfg.seed, p.save_steps)
+        return Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
+                       train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
+                       callbacks=[training.ValidationCallback(validate)])
 
+    def finish(trainer, out, result, resume, train_seconds):
+        classifier.model = trainer.model.eval()
         metrics = {"profile": p.profile, "dataset": cfg.dataset, "mode": cfg.mode, "labels": settings.labels,
                    "train_examples": len(train_examples), "train_label_counts": dict(counts),
                    "epochs": training.epoch_history(trainer.state.log_history),
@@ -111,18 +99,15 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
             for name, predicted in baselines[split].items():
                 metrics[split][name] = classification_scores(gold, predicted, settings.labels)
         run_.metrics = metrics
-        trainer.save_model(str(out / "model"))  # every process: it synchronises them
-        if is_main:
+        if training.is_main_process():
             classifier.save(out / "model")
-            note = " - tiny: a plumbing check, numbers mean nothing" if p.profile == "tiny" else ""
+            note = f" - {p.warning}" if p.get("warning") else ""
             plot_confusion(metrics["test"]["model"], out / "confusion_test.png",
                            f"{cfg.mode} classifier ({p.profile}{note}), ESConv test")
-        trainer.accelerator.wait_for_everyone()
-        if is_main:
-            shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    if is_main:
+
+    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
+    if training.is_main_process():
         log.info("train classifier wrote %s", run_.path)
-    return artifacts.StageResult(run_, run_.metrics, skipped=False)
 
 
 def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, evaluation) -> dict:

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import classifier as classifier_api, models, sampling, upstream
+from mhsupport import classifier as classifier_api, models, options, sampling
+from mhsupport.config import classifier_config, generator_config
 from mhsupport.errors import MhsError
+from mhsupport.formatting import build_formatter, generator_tags
 from mhsupport.generation import generate
+from mhsupport.pipeline import Pipeline
 from mhsupport.safety import CRISIS_REPLY, screen
-from mhsupport.stages import evaluate, train_generator
 
 
 def resolve_sampler(cfg: DictConfig) -> str:
     sampler = cfg.sampler
-    if sampler == "classifier if_tagged":
+    if sampler == options.CHAT_DEFAULT_SAMPLER:
         sampler = "classifier" if cfg.strategy_tag else "none"
     if sampler == "oracle":
         raise MhsError("sampler=oracle needs gold labels, which a live chat does not have")
@@ -27,18 +28,23 @@ def resolve_sampler(cfg: DictConfig) -> str:
     return sampler
 
 
-def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = False) -> int:
-    sampler = resolve_sampler(cfg)
-    gcfg = evaluate.generator_config(cfg)
-    generator_run = upstream.require_complete(train_generator.plan(gcfg), evaluate.train_generator_command(cfg))
-    classifier = None
+def requires(cfg: DictConfig, sampler: str) -> dict:
+    needs = {"generator": ("train_generator", generator_config(cfg))}
     if sampler == "classifier":
-        ccfg = evaluate.classifier_config(cfg, "next_category")
-        classifier = classifier_api.load(upstream.require_complete(
-            evaluate.train_classifier.plan(ccfg), evaluate.train_classifier_command(ccfg)).path)
-    model, tokenizer = models.load_saved_causal_lm(Path(generator_run.path) / "model")
-    formatter = train_generator.build_formatter(gcfg, tokenizer)
-    labels = train_generator.tag_labels(gcfg) or []
+        needs["classifier"] = ("train_classifier", classifier_config(cfg, "next_category"))
+    return needs
+
+
+def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = False) -> int:
+    options.validate(cfg)
+    sampler = resolve_sampler(cfg)
+    gcfg = generator_config(cfg)
+    runs = Pipeline().upstream(requires(cfg, sampler))
+    generator_run = runs["generator"]
+    classifier = classifier_api.load(runs["classifier"].path) if "classifier" in runs else None
+    model, tokenizer = models.load_saved_causal_lm(generator_run.path / "model")
+    formatter = build_formatter(gcfg, tokenizer)
+    labels = generator_tags(gcfg) or []
     set_seed(cfg.seed)
 
     if not json_mode:

@@ -1,0 +1,133 @@
+"""Every allowed config value, and the one check of a config's values (types, ranges, choices).
+
+The CLI takes its `choices` from here, and the pipeline validates each stage's config here
+once, before anything is planned or written: a bad value is one line naming the key, the
+value, what was expected and how to set it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from mhsupport.errors import MhsError
+from mhsupport.formatting import FORMATTERS
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+DATASETS = ("esconv", "unified")
+TAG_SETS = ("category", "strategy")
+MODES = ("next_category", "response")
+SAMPLERS = ("none", "random", "random_prior", "classifier", "oracle")
+CHAT_DEFAULT_SAMPLER = "classifier if_tagged"  # chat: classifier for a tagged generator, none otherwise
+CLASSIFIER_SAMPLING = ("argmax", "sample")
+GENERATOR_SOURCES = ("finetuned", "base", "llm")
+PROMPTS = ("vanilla", "cot", "strategy", "oracle")
+LLM_BACKENDS = ("local", "openai")
+TRAINABLE = ("all", "top_layers")
+_ABSENT = object()
+MODEL_SOURCES = {"generator": ("scratch", "pretrained", "gguf"), "classifier": ("scratch", "pretrained", "local")}
+
+
+def profiles() -> tuple[str, ...]:
+    """The model profiles: the generator config group's files (paper, offline, cpu, tiny)."""
+    return tuple(sorted(p.stem for p in (CONFIG_DIR / "generator").glob("*.yaml")))
+
+
+def _choice(values):
+    def check(value):
+        return value in values, f"one of {', '.join(map(str, values))}"
+    return check
+
+
+def _int(low: int, optional: bool = False):
+    def check(value):
+        ok = (optional and value is None) or (isinstance(value, int) and not isinstance(value, bool) and value >= low)
+        return ok, f"{'null or ' if optional else ''}an integer >= {low}"
+    return check
+
+
+def _number(low: float, inclusive: bool = True, high: float | None = None):
+    def check(value):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (value >= low if inclusive else value > low) and (high is None or value <= high)
+        bounds = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        return ok, f"a number {bounds}"
+    return check
+
+
+def _bool(value):
+    return isinstance(value, bool), "true or false"
+
+
+def _distinct_ints(value):
+    ok = isinstance(value, (list, ListConfig)) and len(value) > 0 and \
+        all(isinstance(v, int) and not isinstance(v, bool) for v in value) and len(set(value)) == len(value)
+    return ok, "a non-empty list of distinct integers, e.g. [0,1,2]"
+
+
+def _samplers(value):
+    ok = isinstance(value, (list, ListConfig)) and len(value) > 0 and all(v in SAMPLERS for v in value) \
+        and len(set(value)) == len(value)
+    return ok, f"a non-empty list of distinct samplers from {', '.join(SAMPLERS)}"
+
+
+_MODEL_RULES = {
+    "epochs": _int(1), "batch_size": _int(1), "grad_accum": _int(1), "eval_batch_size": _int(1),
+    "save_steps": _int(1), "learning_rate": _number(0, inclusive=False), "warmup_ratio": _number(0),
+    "weight_decay": _number(0), "train_subset": _int(1, optional=True),
+}
+RULES = {
+    "seed": _int(0), "force": _bool,
+    "dataset": _choice(DATASETS), "tag_set": _choice(TAG_SETS), "mode": _choice(MODES),
+    "strategy_tag": _bool, "tags_in_history": _bool, "history_categories": _bool, "class_weighting": _bool,
+    "context_turns": _int(1), "tag_adherence": _bool,
+    "sampler": _choice(SAMPLERS + (CHAT_DEFAULT_SAMPLER,)), "classifier_sampling": _choice(CLASSIFIER_SAMPLING),
+    "generator_source": _choice(GENERATOR_SOURCES), "test_subset": _int(1, optional=True),
+    "max_new_tokens": _int(1), "max_context_turns": _int(1),
+    "table4_samplers": _samplers, "significance_resamples": _int(1),
+    "data.max_context_turns": _int(1), "data.esconv_split_seed": _int(0),
+    "llm.prompt": _choice(PROMPTS), "llm.backend": _choice(LLM_BACKENDS), "llm.test_subset": _int(1, optional=True),
+    "llm.max_new_tokens": _int(1), "llm.timeout_s": _number(0, inclusive=False),
+    "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
+    "decoding.temperature": _number(0, inclusive=False), "decoding.max_new_tokens": _int(1),
+    "decoding.batch_size": _int(1),
+    "bootstrap.resamples": _int(1), "bootstrap.seed": _int(0),
+    "tfidf_baseline.ngram_max": _int(1), "tfidf_baseline.context_turns": _int(1), "tfidf_baseline.max_iter": _int(1),
+    **{f"generator.{k}": rule for k, rule in _MODEL_RULES.items()},
+    "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
+    "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
+    "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
+    "generator.valid_subset": _int(1, optional=True), "generator.train_eval_subset": _int(1, optional=True),
+    **{f"classifier.{k}": rule for k, rule in _MODEL_RULES.items()},
+    "classifier.source": _choice(MODEL_SOURCES["classifier"]), "classifier.max_length": _int(1),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every key of `cfg` that has a rule; then the rules between keys."""
+    for key, rule in RULES.items():
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        if value is _ABSENT:
+            continue
+        if isinstance(value, (DictConfig, ListConfig)):
+            value = OmegaConf.to_container(value)
+        ok, expected = rule(value)
+        if not ok:
+            raise MhsError(f"config key {key}={value!r}: expected {expected} (set it on the command line, "
+                           f"e.g. {key}={_example(expected)})")
+    if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
+        raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "
+                       "labels (use --dataset esconv)")
+
+
+
+def _example(expected: str) -> str:
+    if expected.startswith("one of "):
+        return expected[len("one of "):].split(",")[0]
+    if "list" in expected:
+        return "[0]"
+    if expected == "true or false":
+        return "true"
+    return "1"
