@@ -13,6 +13,7 @@ from conftest import stage_config
 from mhsupport import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
+from mhsupport.generations_io import read_generations
 from mhsupport.sampling import choose_tags
 from mhsupport.stages import evaluate, train_classifier, train_generator
 
@@ -57,7 +58,7 @@ def test_samplers(trained):
 def test_tagged_eval_writes_generations_and_recomputable_metrics(trained, sampler):
     prepared, _ = trained
     result = evaluate.run(stage_config("eval", prepared, *EVAL, "strategy_tag=true", f"sampler={sampler}"))
-    lines = evaluate.read_generations(result.run.path)
+    lines = read_generations(result.run.path)
     assert len(lines) == result.metrics["examples"] == 24
     assert {"conversation_id", "context", "reference", "gold_category", "chosen_tag", "response"} <= set(lines[0])
     if sampler == "oracle":

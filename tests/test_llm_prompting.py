@@ -11,6 +11,7 @@ import pytest
 
 from conftest import stage_config
 from mhsupport.cli import main
+from mhsupport.generations_io import read_generations
 from mhsupport.llm import final_answer
 from mhsupport.stages import evaluate, train_classifier
 
@@ -70,7 +71,7 @@ def test_openai_backend_prompts(classifiers, server, prompt, monkeypatch):
     assert requests[0]["auth"] == "Bearer secret-123" and requests[0]["body"]["model"] == "fake-model"
     system = requests[0]["body"]["messages"][0]
     assert system["role"] == "system" and requests[0]["body"]["messages"][-1]["role"] in ("user", "assistant")
-    lines = evaluate.read_generations(result.run.path)
+    lines = read_generations(result.run.path)
     m = result.metrics["metrics"]
     assert "ppl" not in m  # no token probabilities from an HTTP endpoint
     if prompt == "cot":
@@ -101,6 +102,6 @@ def test_local_backend_on_smollm2(prepared, offline_models_dir):
     result = evaluate.run(stage_config("eval", prepared, "generator=cpu", "generator_source=llm",
                                        f"paths.models_dir={models_dir}", "llm.prompt=vanilla", "llm.test_subset=4",
                                        "llm.max_new_tokens=16", "bootstrap.resamples=20", "tag_adherence=false"))
-    lines = evaluate.read_generations(result.run.path)
+    lines = read_generations(result.run.path)
     assert len(lines) == 4 and all(len(l["response"].split()) >= 3 for l in lines)
     assert 1 < result.metrics["metrics"]["ppl"]["value"] < 1000

@@ -153,10 +153,11 @@ def _run_eval(cfg, args):
 
 
 def _run_compare(args) -> None:
-    from mhsupport.stages import evaluate
+    from mhsupport.generations_io import read_generations
     from mhsupport.metrics import paired_bootstrap
+    from mhsupport.stages import evaluate
 
-    a_lines, b_lines = evaluate.read_generations(args.run_a), evaluate.read_generations(args.run_b)
+    a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
     if key != [(l["conversation_id"], l["turn_index"]) for l in b_lines]:
         raise MhsError("the two eval runs scored different test examples: a paired test needs the same ones")
@@ -168,7 +169,7 @@ def _run_compare(args) -> None:
         print(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
               f"| {r['p_value']:.4f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
+        _write_out(Path(args.out), json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
 
 
 def _run_report(cfg, args):
@@ -217,7 +218,18 @@ def _run_human_score(args) -> None:
     result = humaneval.score(args.key, args.answers)
     print(humaneval.score_markdown(result), end="")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        _write_out(args.out, json.dumps(result, indent=2) + "\n")
+
+
+def _write_out(path: Path, text: str) -> None:
+    """An --out file, its folder created as a user expects; a folder or unwritable place is one line."""
+    if path.is_dir():
+        raise MhsError(f"--out {path} is a folder: give a file name, e.g. {path / 'result.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise MhsError(f"--out {path}: cannot write ({err.strerror})") from None
 
 
 def _run_chat(cfg, args):

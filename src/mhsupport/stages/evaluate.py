@@ -16,13 +16,13 @@ from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import IGNORE_INDEX
 from mhsupport.generation import generate
+from mhsupport.generations_io import GENERATIONS
 from mhsupport.metrics import GenerationScores, bootstrap_intervals
 from mhsupport.stages import train_classifier, train_generator
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
-GENERATIONS = "generations.jsonl"
 
 
 def generator_config(cfg: DictConfig) -> DictConfig:
@@ -245,16 +245,6 @@ def system_name(cfg: DictConfig) -> str:
     if cfg.generator_source == "base":
         return "pretrained (untrained model)" if cfg.generator.profile == "tiny" else "pretrained"
     return f"{cfg.dataset}{'+tag' if cfg.strategy_tag else ''} / {cfg.sampler}"
-
-
-def read_generations(run_dir: Path, seed: int | None = None) -> list[dict]:
-    """An eval run's generations.jsonl lines (of one decoding seed: the first by default)."""
-    path = Path(run_dir) / GENERATIONS
-    if not path.is_file():
-        raise MhsError(f"{path} not found: expected an `mhs eval` run directory")
-    lines = [json.loads(line) for line in path.read_text().splitlines()]
-    seed = lines[0]["seed"] if seed is None else seed
-    return [line for line in lines if line["seed"] == seed]
 
 
 def scores_from_generations(lines: list[dict]) -> GenerationScores:

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mhsupport import artifacts, upstream
 from mhsupport.errors import MhsError
+from mhsupport.generations_io import read_generations
 from mhsupport.metrics import paired_bootstrap
 from mhsupport.stages import evaluate
 
@@ -145,8 +146,8 @@ def significance(cfg: DictConfig, evals: dict[str, artifacts.Run]) -> list[dict]
     for claim, a, b in ORDERINGS:
         if a not in evals or b not in evals:
             continue
-        result = paired_bootstrap(evaluate.scores_from_generations(evaluate.read_generations(evals[a].path)),
-                                  evaluate.scores_from_generations(evaluate.read_generations(evals[b].path)),
+        result = paired_bootstrap(evaluate.scores_from_generations(read_generations(evals[a].path)),
+                                  evaluate.scores_from_generations(read_generations(evals[b].path)),
                                   cfg.significance_resamples, cfg.bootstrap.seed)
         for metric in ("bleu", "bleu_2"):
             r = result[metric]
