@@ -238,6 +238,22 @@ def _run_chat(cfg, args):
     chat.run(cfg, json_mode=args.json)
 
 
+def _clean_flags(parser):
+    parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    parser.add_argument("--partial", action="store_true",
+                        help="also remove resumable training checkpoints (.<run_id>.partial); only when no training runs")
+
+
+def _run_clean(cfg, args):
+    from mhsupport.cleanup import clean
+
+    leftovers = clean(Path(cfg.paths.artifacts_dir), dry_run=args.dry_run, partial=args.partial)
+    for leftover in leftovers:
+        print(leftover.describe())
+    if not leftovers:
+        print(f"nothing to clean in {cfg.paths.artifacts_dir}")
+
+
 def _run_models_fetch(cfg, args):
     from mhsupport.models import fetch_wheels
 
@@ -279,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
              "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
              "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
              "professional help.", _chat_flags, _run_chat)
+
+    _command(commands, "clean", "clean",
+             "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that processes which "
+             "no longer exist left in the artifacts dir, and say what was removed; list resumable training "
+             "checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
 
     compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
                                   description="Paired bootstrap test of every metric between two eval runs "
