@@ -29,7 +29,7 @@ import mhsupport
 log = logging.getLogger(__name__)
 
 # Config keys that say where or how a stage runs, not what it computes.
-NON_RESULT_KEYS = ("force", "paths", "runtime")
+NON_RESULT_KEYS = ("force", "paths", "runtime", "download")  # raw inputs are hashed by content
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
             "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
