@@ -6,7 +6,9 @@ behind. Only folders whose process no longer exists are touched (a pid we may no
 a live process of another user); one that holds a complete run (its manifest.json) while the run
 itself is missing is renamed back into place instead of removed. Training keeps its checkpoints
 in `.<run_id>.partial` so that the same command resumes: those are listed, and removed only when
-asked (--partial), since nothing tells whether a training is using one right now.
+asked (--partial), since nothing tells whether a training is using one right now. A pid names a
+process on this machine only: an artifacts dir shared with other machines or containers is not
+for `mhs clean` while they run.
 """
 
 from __future__ import annotations
