@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,40 @@ def test_oracle_and_untagged_samplers_are_refused(make_cfg, trained):
         chat.run(make_cfg("chat", *GEN, "sampler=oracle"), lines=io.StringIO(""), out=io.StringIO())
     with pytest.raises(MhsError, match="accepts only --sampler none"):
         chat.run(make_cfg("chat", *GEN[:3], "sampler=random"), lines=io.StringIO(""), out=io.StringIO())
+        chat.run(make_cfg("chat", *GEN[:3], "sampler=random"), lines=io.StringIO(""), out=io.StringIO())
+
+
+def chat_command(mhs_env, trained, stdin, **options):
+    """`mhs chat --json` as a user runs it; returns the finished process and the artifacts' files before and after."""
+    before = sorted(p for p in trained[1].rglob("*"))
+    done = subprocess.run([str(Path(sys.executable).parent / "mhs"), "chat", "--profile", "tiny", "--strategy-tag",
+                           "--sampler", "random", "--json", *GEN[1:3], "max_new_tokens=6"],
+                          stdin=stdin, capture_output=True, env=mhs_env(), **options)
+    return done, before, sorted(p for p in trained[1].rglob("*"))
+
+
+def test_bytes_that_are_not_utf8_are_replaced_with_one_warning(trained, tmp_path):
+    messages = tmp_path / "messages.txt"
+    messages.write_bytes(b"I feel low \xff\xfe today\n\xc3\nI want to kill my self\n")
+    with open(messages, "rb") as stdin:
+        done, before, after = chat_command(trained, stdin)
+    err = done.stderr.decode()
+    assert done.returncode == 0, err[-2000:]
+    rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
+    assert [r["message"] for r in rows] == ["I feel low \ufffd\ufffd today", "\ufffd", "I want to kill my self"]
+    assert [r["flagged"] for r in rows] == [False, False, True]
+    warnings = [line for line in err.splitlines() if "not UTF-8" in line]
+    assert warnings == ["mhs chat: warning: a stdin line is not UTF-8 (byte 0xff at offset 11); such bytes are read "
+                        "as U+FFFD", "mhs chat: warning: a stdin line is not UTF-8 (byte 0xc3 at offset 0); such "
+                        "bytes are read as U+FFFD"]
+    assert "Traceback" not in err and before == after
+
+
+def test_closed_stdin_is_one_line_and_exit_2(trained):
+    done, before, after = chat_command(trained, None, preexec_fn=lambda: os.close(0))
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b""
+    assert err.strip().splitlines()[-1] == (
+        "mhs chat: error: standard input is closed: pipe seeker messages in (one per line, e.g. "
+        "`echo 'I feel low' | mhs chat --json`) or run `mhs chat` in a terminal")
+    assert "Traceback" not in err and before == after

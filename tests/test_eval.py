@@ -12,6 +12,7 @@ import pytest
 from mhsupport import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
+from mhsupport.generations_io import read_generations
 from mhsupport.sampling import choose_tags
 from mhsupport import pipeline
 from mhsupport.generations_io import read_generations, scores_from_generations

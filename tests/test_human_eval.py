@@ -98,3 +98,88 @@ def test_a_rater_answers_in_a_real_browser(two_runs, tmp_path):
                                                                           "item-003": "tie"}
     result = humaneval.score(key_path, [saved])
     assert result["pooled"]["n"] == 3 and result["pooled"]["tie"] == 1
+
+
+@pytest.fixture
+def study(two_runs, tmp_path):
+    """An exported study, its key, and one rater's complete answers."""
+    a, b = two_runs
+    _, key_path = humaneval.export(a, b, 6, tmp_path / "study")
+    key = json.loads(key_path.read_text())
+    return key_path, key, answer_file(tmp_path / "r1.json", key, "r1", lambda i, blind: "A")
+
+
+def score_cli(key_path, *answers, out=None):
+    return main(["human-eval", "score", str(key_path), *map(str, answers), *(["--out", str(out)] if out else [])])
+
+
+def test_each_rater_is_counted_once(study, tmp_path, capsys):
+    key_path, key, r1 = study
+    out = tmp_path / "scores" / "result.json"
+    assert score_cli(key_path, r1, r1, out=out) == 2
+    assert capsys.readouterr().err == f"mhs human-eval score: error: {r1} is given twice (each rater counts once): " \
+                                      "drop the repeat\n"
+    same_rater = answer_file(tmp_path / "r1-again.json", key, " R1 ", lambda i, blind: "B")
+    assert score_cli(key_path, r1, same_rater, out=out) == 2
+    assert capsys.readouterr().err == (
+        f"mhs human-eval score: error: {same_rater}: rater ' R1 ' already answered in {r1} (each rater counts once): "
+        "drop one file, or give each rater their own id\n")
+    assert not out.exists() and not out.parent.exists()
+    r2 = answer_file(tmp_path / "r2.json", key, "r2", lambda i, blind: "B")
+    assert score_cli(key_path, r1, r2, out=out) == 0
+    result = json.loads(out.read_text())  # --out into a missing folder: the folder is made
+    assert set(result["raters"]) == {"r1", "r2"} and result["pooled"]["n"] == 12
+
+
+ANSWERS_EXPECTED = 'the answers file the study page saves: {"study_id", "rater", "answers"}'
+MALFORMED = {
+    "a JSON list": (lambda key: b"[1, 2, 3]", "{path}: a JSON list, expected {expected}"),
+    "a JSON string": (lambda key: b'"study_id rater answers"', "{path}: a JSON string, expected {expected}"),
+    "binary bytes": (lambda key: bytes(range(256)),
+                     "{path}: byte 128 is not UTF-8 (expected {expected}, a JSON file)"),
+    "truncated JSON": (lambda key: json.dumps({"study_id": key["study_id"], "rater": "x"}).encode()[:-8],
+                       "{path}, line 1: not valid JSON (Unterminated string starting at; expected {expected})"),
+    "wrong key": (lambda key: json.dumps({"study": key["study_id"], "rater": "x", "answers": {}}).encode(),
+                  "{path}: missing field 'study_id' (expected {expected})"),
+    "another study": (lambda key: json.dumps({"study_id": "0123abcd", "rater": "x", "answers": {}}).encode(),
+                      "{path}: answers to study 0123abcd, but the key is for study {study_id}"),
+    "no items answered": (lambda key: json.dumps({"study_id": key["study_id"], "rater": "x", "answers": {}}).encode(),
+                          "{path}, field 'answers': object {{}} (expected item id -> A, B or tie for at least one of "
+                          "the 6 items)"),
+    "answers a list": (lambda key: json.dumps({"study_id": key["study_id"], "rater": "x", "answers": ["A"]}).encode(),
+                       "{path}, field 'answers': list ['A'] (expected item id -> A, B or tie for at least one of "
+                       "the 6 items)"),
+    "no rater id": (lambda key: json.dumps({"study_id": key["study_id"], "rater": " ", "answers": {}}).encode(),
+                    "{path}, field 'rater': ' ' (expected the rater's name or id)"),
+    "unknown item": (lambda key: json.dumps({"study_id": key["study_id"], "rater": "x",
+                                             "answers": {"item-999": "A"}}).encode(),
+                     "{path}, field 'answers.item-999': no such item in the key"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_a_foreign_or_malformed_answers_file_is_one_line(case, study, tmp_path, capsys):
+    key_path, key, r1 = study
+    content, expected = MALFORMED[case]
+    bad = tmp_path / "answers.json"
+    bad.write_bytes(content(key))
+    out = tmp_path / "result.json"
+    assert score_cli(key_path, r1, bad, out=out) == 2
+    message = expected.format(path=bad, study_id=key["study_id"], expected=ANSWERS_EXPECTED)
+    assert capsys.readouterr().err == f"mhs human-eval score: error: {message}\n"
+    assert not out.exists()
+
+
+def test_a_foreign_key_file_is_one_line(study, tmp_path, capsys):
+    _, key, r1 = study
+    expected = "the key.json that `mhs human-eval export` writes"
+    for content, message in ((b"\x89PNG\r\n\x1a\n", f"byte 0 is not UTF-8 (expected {expected}, a JSON file)"),
+                             (b'{"study_id": "x"}', f"missing field 'system_a' (expected {expected})"),
+                             (r1.read_bytes(), f"missing field 'system_a' (expected {expected})")):
+        bad_key = tmp_path / "key.json"
+        bad_key.write_bytes(content)
+        assert score_cli(bad_key, r1) == 2
+        assert capsys.readouterr().err == f"mhs human-eval score: error: {bad_key}: {message}\n"
+    assert score_cli(tmp_path / "no-key.json", r1) == 2
+    assert capsys.readouterr().err == (f"mhs human-eval score: error: {tmp_path / 'no-key.json'}: cannot read "
+                                       f"{expected} (No such file or directory)\n")

@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mhsupport.cli import main
+from mhsupport.generations_io import read_generations
 from mhsupport.llm import final_answer
 from mhsupport import pipeline
 from mhsupport.generations_io import read_generations

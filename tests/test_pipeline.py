@@ -180,3 +180,11 @@ def test_a_copied_artifacts_folder_is_still_up_to_date(own_artifacts, make_cfg, 
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy, copy_function=shutil.copyfile)
     assert pipeline.run("eval", make_cfg("eval", *EVAL, artifacts=copy)).skipped
+
+
+def test_an_up_to_date_eval_needs_no_raw_files(own_artifacts, make_cfg, tmp_path):
+    folder, _ = own_artifacts
+    cfg = make_cfg("eval", *EVAL, f"paths.raw_dir={tmp_path / 'moved-away'}", artifacts=folder)
+    assert pipeline.run("eval", cfg).skipped
+    with pytest.raises(MhsError, match="moved-away: no such folder"):
+        pipeline.run("prepare_data", prepare_data_config(cfg))

@@ -110,6 +110,28 @@ def test_environment_variables_choose_the_directories(raw_slice, tmp_path, monke
     assert pipeline.run("prepare_data", cfg).run.path.parent == (tmp_path / "elsewhere" / "prepare_data").resolve()
 
 
+@pytest.mark.parametrize("variable", ["MHS_ARTIFACTS_DIR", "MHS_RAW_DIR", "MHS_MODELS_DIR"])
+def test_an_empty_directory_variable_is_an_error_not_the_working_directory(variable, raw_slice, tmp_path,
+                                                                           monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MHS_RAW_DIR", str(raw_slice))
+    monkeypatch.setenv(variable, "")
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["prepare-data"]) == 2
+    assert capsys.readouterr().err == (f"mhs prepare-data: error: {variable} is set but empty: set it to a folder, "
+                                       "or unset it for the default (configs/paths/default.yaml)\n")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_empty_directory_override_names_the_key(raw_slice, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MHS_ARTIFACTS_DIR", raising=False)
+    assert main(["prepare-data", f"--raw-dir={raw_slice}", "paths.artifacts_dir="]) == 2
+    assert capsys.readouterr().err == ("mhs prepare-data: error: paths.artifacts_dir is empty: set it to a folder, "
+                                       "or unset it for the default (configs/paths/default.yaml)\n")
+    assert list(tmp_path.iterdir()) == [raw_slice]
+
+
 def test_unknown_override_is_a_clear_error(capsys):
     assert main(["prepare-data", "data.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err

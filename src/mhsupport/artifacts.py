@@ -32,7 +32,7 @@ from mhsupport.errors import MhsError
 log = logging.getLogger(__name__)
 
 # Config keys that say where or how a stage runs, not what it computes.
-NON_RESULT_KEYS = ("force", "paths", "runtime")
+NON_RESULT_KEYS = ("force", "paths", "runtime", "download")  # raw inputs are hashed by content
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
             "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"

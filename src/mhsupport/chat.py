@@ -80,10 +80,23 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
 
 
 def _read(lines, json_mode: bool):
+    """The next seeker line, or None at the end of input. Bytes that are not UTF-8 become U+FFFD
+    with a one-line warning, so no input ends the session with a traceback."""
+    if lines is None:  # Python sets sys.stdin to None when file descriptor 0 is closed
+        raise MhsError("standard input is closed: pipe seeker messages in (one per line, e.g. "
+                       "`echo 'I feel low' | mhs chat --json`) or run `mhs chat` in a terminal")
     if not json_mode and lines is sys.stdin and sys.stdin.isatty():
+        sys.stdin.reconfigure(errors="replace")
         try:
             return input("you> ")
         except EOFError:
             return None
-    line = lines.readline()
+    line = lines.buffer.readline() if hasattr(lines, "buffer") else lines.readline()
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            print(f"mhs chat: warning: a stdin line is not UTF-8 (byte 0x{line[err.start]:02x} at offset "
+                  f"{err.start}); such bytes are read as U+FFFD", file=sys.stderr)
+            line = line.decode("utf-8", errors="replace")
     return line if line else None

@@ -154,6 +154,7 @@ def _run_eval(cfg, args):
 def _run_compare(args) -> None:
     from mhsupport.generations_io import read_generations, scores_from_generations
     from mhsupport.metrics import paired_bootstrap
+    from mhsupport.stages import evaluate
 
     a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
@@ -167,7 +168,7 @@ def _run_compare(args) -> None:
         print(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
               f"| {r['p_value']:.4f} |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
+        _write_out(Path(args.out), json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
 
 
 def _run_report(cfg, args):
@@ -219,13 +220,40 @@ def _run_human_score(args) -> None:
     result = humaneval.score(args.key, args.answers)
     print(humaneval.score_markdown(result), end="")
     if args.out:
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        _write_out(args.out, json.dumps(result, indent=2) + "\n")
+
+
+def _write_out(path: Path, text: str) -> None:
+    """An --out file, its folder created as a user expects; a folder or unwritable place is one line."""
+    if path.is_dir():
+        raise MhsError(f"--out {path} is a folder: give a file name, e.g. {path / 'result.json'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    except OSError as err:
+        raise MhsError(f"--out {path}: cannot write ({err.strerror})") from None
 
 
 def _run_chat(cfg, args):
     from mhsupport import chat
 
     chat.run(cfg, json_mode=args.json)
+
+
+def _clean_flags(parser):
+    parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    parser.add_argument("--partial", action="store_true",
+                        help="also remove resumable training checkpoints (.<run_id>.partial); only when no training runs")
+
+
+def _run_clean(cfg, args):
+    from mhsupport.cleanup import clean
+
+    leftovers = clean(Path(cfg.paths.artifacts_dir), dry_run=args.dry_run, partial=args.partial)
+    for leftover in leftovers:
+        print(leftover.describe())
+    if not leftovers:
+        print(f"nothing to clean in {cfg.paths.artifacts_dir}")
 
 
 def _run_models_fetch(cfg, args):
@@ -269,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
              "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
              "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
              "professional help.", _chat_flags, _run_chat)
+
+    _command(commands, "clean", "clean",
+             "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that processes which "
+             "no longer exist left in the artifacts dir, and say what was removed; list resumable training "
+             "checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
 
     compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
                                   description="Paired bootstrap test of every metric between two eval runs "

@@ -28,17 +28,31 @@ def missing_raw_files(raw_dir: Path, epitome_files) -> list[str]:
 
 
 def fetch_missing(raw_dir: Path, download_cfg, epitome_files) -> list[str]:
-    """Download every missing raw file; returns what was fetched."""
+    """Download every missing raw file when downloads were asked for (download.enabled=true);
+    otherwise one line naming the raw folder, where it was set, what is missing and what it must
+    hold. Nothing is created under raw_dir unless a download was asked for. Returns what was fetched."""
     missing = missing_raw_files(raw_dir, epitome_files)
     if missing and not download_cfg.enabled:
-        raise MhsError(f"raw file(s) not found under {raw_dir}: {', '.join(missing)} "
-                       "(set MHS_RAW_DIR to the folder holding esconv/ and epitome/, or download.enabled=true)")
+        esconv = f"esconv/{{{','.join(ESCONV_SPLIT_FILES.values())}}} or esconv/ESConv.json"
+        epitome = f"epitome/{{{','.join(epitome_files)}}}"
+        problem = "no such folder" if not raw_dir.is_dir() else f"{', '.join(missing)} not found"
+        raise MhsError(f"{raw_dir_setting(raw_dir)}: {problem} (it must hold {esconv} and {epitome}); "
+                       "point MHS_RAW_DIR or --raw-dir at the raw data, or download it there with "
+                       "`mhs prepare-data download.enabled=true`")
     for relative in missing:
         corpus, name = relative.split("/", 1)
         base = download_cfg.esconv_base_url if corpus == "esconv" else download_cfg.epitome_base_url
         expected = download_cfg.sha256.get(corpus, {}).get(Path(name).stem)
         download(f"{base.rstrip('/')}/{name}", raw_dir / relative, expected)
     return missing
+
+
+def raw_dir_setting(raw_dir: Path) -> str:
+    """Where the raw folder came from, as a user set it: the variable, or the config key."""
+    variable = os.environ.get("MHS_RAW_DIR")
+    if variable and Path(variable) == Path(raw_dir):
+        return f"MHS_RAW_DIR={variable}"
+    return f"raw data folder {raw_dir} (from --raw-dir, paths.raw_dir or MHS_RAW_DIR; default data/raw)"
 
 
 def download(url: str, target: Path, sha256: str | None) -> None:

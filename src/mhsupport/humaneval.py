@@ -51,16 +51,31 @@ def export(run_a: Path, run_b: Path, n: int, out_dir: Path, seed: int = 0) -> tu
 
 def _system_name(run_dir: Path) -> str:
     metrics = Path(run_dir) / "metrics.json"
-    return json.loads(metrics.read_text())["system"] if metrics.is_file() else str(run_dir)
+    if not metrics.is_file():
+        return str(run_dir)
+    try:
+        return json.loads(metrics.read_text())["system"]
+    except (ValueError, KeyError, TypeError):
+        raise MhsError(f"{metrics}: not the metrics of an `mhs eval` run (expected a JSON object with 'system'); "
+                       "rebuild the run with its `mhs eval` command and --force") from None
 
 
 def score(key_path: Path, answer_paths: list[Path]) -> dict:
     """Un-blinded wins/losses/ties of system B against system A, per rater and pooled, with a
-    two-sided sign test (ties left out) and Fleiss' kappa between raters."""
-    key = json.loads(Path(key_path).read_text())
+    two-sided sign test (ties left out) and Fleiss' kappa between raters. Each rater counts
+    once: a file given twice, or two files with the same rater id, is refused."""
+    key = read_key(Path(key_path))
     per_rater, outcomes_by_item = {}, {}
-    for path in answer_paths:
-        answers = _read_answers(Path(path), key)
+    seen_files, seen_raters = {}, {}
+    for path in map(Path, answer_paths):
+        if path.resolve() in seen_files:
+            raise MhsError(f"{path} is given twice (each rater counts once): drop the repeat")
+        answers = _read_answers(path, key)
+        rater = " ".join(answers["rater"].split()).casefold()
+        if rater in seen_raters:
+            raise MhsError(f"{path}: rater {answers['rater']!r} already answered in {seen_raters[rater]} (each rater "
+                           "counts once): drop one file, or give each rater their own id")
+        seen_files[path.resolve()], seen_raters[rater] = path, path
         outcomes = {}
         for item_id, choice in answers["answers"].items():
             outcomes[item_id] = "tie" if choice == "tie" else key["items"][item_id][choice]
@@ -68,25 +83,65 @@ def score(key_path: Path, answer_paths: list[Path]) -> dict:
         per_rater[answers["rater"]] = _tally(list(outcomes.values()))
     pooled = _tally([o for values in outcomes_by_item.values() for o in values])
     return {"system_a": key["system_a"], "system_b": key["system_b"], "pooled": pooled, "raters": per_rater,
-            "fleiss_kappa": _agreement(outcomes_by_item, len(answer_paths))}
+            "fleiss_kappa": _agreement(outcomes_by_item, len(per_rater))}
+
+
+def _read_json(path: Path, what: str):
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise MhsError(f"{path}: cannot read {what} ({err.strerror})") from None
+    try:
+        return json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise MhsError(f"{path}: byte {err.start} is not UTF-8 (expected {what}, a JSON file)") from None
+    except json.JSONDecodeError as err:
+        raise MhsError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}; expected {what})") from None
+
+
+KEY_EXPECTED = "the key.json that `mhs human-eval export` writes"
+ANSWERS_EXPECTED = "the answers file the study page saves: {\"study_id\", \"rater\", \"answers\"}"
+
+
+def read_key(path: Path) -> dict:
+    key = _read_json(path, KEY_EXPECTED)
+    if not isinstance(key, dict):
+        raise MhsError(f"{path}: a JSON {_json_type(key)}, expected {KEY_EXPECTED}")
+    for field in ("study_id", "system_a", "system_b", "items"):
+        if field not in key:
+            raise MhsError(f"{path}: missing field '{field}' (expected {KEY_EXPECTED})")
+    if not isinstance(key["items"], dict) or not all(
+            isinstance(v, dict) and v.get("A") in ("a", "b") and v.get("B") in ("a", "b") for v in key["items"].values()):
+        raise MhsError(f"{path}, field 'items': expected item id -> {{\"A\": \"a\"|\"b\", \"B\": ...}} "
+                       f"(expected {KEY_EXPECTED})")
+    return key
 
 
 def _read_answers(path: Path, key: dict) -> dict:
-    try:
-        answers = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise MhsError(f"{path}: not a readable answers file ({err})") from None
+    answers = _read_json(path, ANSWERS_EXPECTED)
+    if not isinstance(answers, dict):
+        raise MhsError(f"{path}: a JSON {_json_type(answers)}, expected {ANSWERS_EXPECTED}")
     for field in ("study_id", "rater", "answers"):
         if field not in answers:
-            raise MhsError(f"{path}: missing field '{field}' (expected the JSON the study page saves)")
+            raise MhsError(f"{path}: missing field '{field}' (expected {ANSWERS_EXPECTED})")
     if answers["study_id"] != key["study_id"]:
         raise MhsError(f"{path}: answers to study {answers['study_id']}, but the key is for study {key['study_id']}")
+    if not isinstance(answers["rater"], str) or not answers["rater"].strip():
+        raise MhsError(f"{path}, field 'rater': {answers['rater']!r} (expected the rater's name or id)")
+    if not isinstance(answers["answers"], dict) or not answers["answers"]:
+        raise MhsError(f"{path}, field 'answers': {_json_type(answers['answers'])} {answers['answers']!r:.40} "
+                       f"(expected item id -> A, B or tie for at least one of the {len(key['items'])} items)")
     for item_id, choice in answers["answers"].items():
         if item_id not in key["items"]:
             raise MhsError(f"{path}, field 'answers.{item_id}': no such item in the key")
         if choice not in CHOICES:
             raise MhsError(f"{path}, field 'answers.{item_id}': {choice!r} (expected one of {list(CHOICES)})")
     return answers
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number")
 
 
 def _tally(outcomes: list[str]) -> dict:

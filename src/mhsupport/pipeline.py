@@ -62,7 +62,7 @@ class Pipeline:
         missing: dict[str, Requirement] = {}
         runs = {}
         for name, (stage, cfg) in requirements.items():
-            run = self._plan(stage, cfg, missing)
+            run = self._plan(stage, cfg, missing, upstream=True)
             if run is None or not run.complete:
                 missing.setdefault(node_key(stage, cfg), (stage, cfg))
             else:
@@ -72,7 +72,7 @@ class Pipeline:
             raise MhsError(missing_runs_message("this command", missing.values()))
         return runs
 
-    def _plan(self, stage: str, cfg: DictConfig, missing: dict[str, Requirement]) -> Run | None:
+    def _plan(self, stage: str, cfg: DictConfig, missing: dict[str, Requirement], upstream: bool = False) -> Run | None:
         key = node_key(stage, cfg)
         if key in self._runs:
             return self._runs[key]
@@ -82,7 +82,7 @@ class Pipeline:
             module.check(cfg)
         inputs, complete = {}, True
         for name, (upstream_stage, upstream_cfg) in module.requires(cfg).items():
-            upstream_run = self._plan(upstream_stage, upstream_cfg, missing)
+            upstream_run = self._plan(upstream_stage, upstream_cfg, missing, upstream=True)
             if upstream_run is None or not upstream_run.complete:
                 missing.setdefault(node_key(upstream_stage, upstream_cfg), (upstream_stage, upstream_cfg))
                 complete = False
@@ -92,7 +92,18 @@ class Pipeline:
         if not complete:
             return None  # not cached: planned again once its upstream runs exist
         if hasattr(module, "file_inputs"):
-            inputs.update(module.file_inputs(cfg))
+            try:
+                inputs.update(module.file_inputs(cfg))
+            except MhsError:
+                # The raw files are gone or moved: an upstream prepare-data run made from them
+                # still serves the stages built on it; only its own command needs them.
+                recorded = module.recorded_run(cfg) if upstream else None
+                if recorded is None:
+                    raise
+                log.info("raw files not at hand; using the %s run %s made from them", stage, recorded.path)
+                recorded.command = command(stage, cfg)
+                self._runs[key], self._inputs[key] = recorded, {}
+                return recorded
         run = artifacts.plan_run(stage, cfg, inputs)
         run.command = command(stage, cfg)
         self._runs[key], self._inputs[key] = run, inputs

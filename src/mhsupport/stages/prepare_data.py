@@ -7,7 +7,8 @@ import logging
 from collections import Counter
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from mhsupport import artifacts, download
 from mhsupport.examples import epitome_example, esconv_examples
@@ -43,6 +44,25 @@ def file_inputs(cfg: DictConfig) -> dict[str, Path]:
     raw_dir = Path(cfg.paths.raw_dir)
     download.fetch_missing(raw_dir, cfg.download, taxonomy.epitome_files.values())
     return raw_inputs(raw_dir, taxonomy)
+
+
+def recorded_run(cfg: DictConfig) -> artifacts.Run | None:
+    """The newest complete prepare-data run made from this config, found by its recorded config: what
+    downstream commands use when the raw files are not at hand (their hashes make the run id)."""
+    wanted = artifacts.result_config(cfg)
+    found = []
+    for manifest in (Path(cfg.paths.artifacts_dir).resolve() / STAGE).glob("*/" + artifacts.MANIFEST):
+        try:
+            recorded = OmegaConf.to_container(OmegaConf.load(manifest.parent / artifacts.CONFIG), resolve=True)
+            inputs = json.loads(manifest.read_text())["inputs"]
+        except (OSError, ValueError, KeyError, OmegaConfBaseException):
+            continue
+        if {k: v for k, v in recorded.items() if k not in artifacts.NON_RESULT_KEYS} == wanted:
+            found.append((manifest.stat().st_mtime, manifest.parent, inputs))
+    if not found:
+        return None
+    _, path, inputs = max(found)
+    return artifacts.Run(STAGE, path.name, path, cfg, inputs)
 
 
 def label(cfg: DictConfig) -> str:
