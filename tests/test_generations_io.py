@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from mhsupport import pipeline
 from mhsupport.cli import main
 from mhsupport.generations_io import GENERATIONS, read_generations
-from mhsupport.stages import evaluate, train_generator
 
 GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=12", "strategy_tag=true"]
 EVAL = [*GEN, "test_subset=12", "bootstrap.resamples=20", "decoding.max_new_tokens=8", "tag_adherence=false",
@@ -21,8 +21,8 @@ GENERIC_HINT = "rebuild the run with the `mhs eval` command that made it, with -
 
 @pytest.fixture(scope="module")
 def eval_run(make_cfg, prepared):
-    train_generator.run(make_cfg("train_generator", *GEN))
-    return evaluate.run(make_cfg("eval", *EVAL)).run.path
+    pipeline.run("train_generator", make_cfg("train_generator", *GEN))
+    return pipeline.run("eval", make_cfg("eval", *EVAL)).run.path
 
 
 def damaged(eval_run: Path, tmp_path: Path, change) -> Path:
