@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
+from mhsupport import curves
 from mhsupport.formatting import IGNORE_INDEX
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
@@ -61,7 +63,7 @@ def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps
         fsdp=runtime.fsdp or "",
         dataloader_num_workers=runtime.dataloader_workers,
         dataloader_pin_memory=on_gpu,
-        report_to="none",
+        report_to=curves.report_to(runtime.report_to),
         remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -108,18 +110,28 @@ def teacher_forced_loss(model, features: list[dict], collator, batch_size: int) 
 
 
 class ValidationCallback(TrainerCallback):
-    """Validation at every epoch end, kept in the trainer state so a resumed run still has it."""
+    """Validation at every epoch end, logged through the trainer (`connect_loggers`): every
+    reporting callback sees it, and the trainer state keeps it, so a resumed run still has it."""
 
     def __init__(self, evaluate, prefix: str = "valid"):
         self.evaluate = evaluate
         self.prefix = prefix
+        self.trainer = None
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         result = self.evaluate(model)
-        entry = {"epoch": round(state.epoch, 4), "step": state.global_step}
-        entry.update({f"{self.prefix}_{k}": v for k, v in result.items()})
-        state.log_history.append(entry)
-        return control
+        self.trainer.log({f"{self.prefix}_{k}": v for k, v in result.items()})
+        return self.trainer.control
+
+
+def connect_loggers(trainer, run_dir: Path) -> None:
+    """Give the validation callback its trainer, and point TensorBoard at `run_dir/tensorboard`
+    (its default, under the checkpoints folder, is deleted when training ends)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ValidationCallback):
+            callback.trainer = trainer
+        elif isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(Path(run_dir) / curves.TENSORBOARD_DIR)
 
 
 def epoch_history(log_history: list[dict], prefix: str = "valid") -> list[dict]:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, models, training, upstream
+from mhsupport import artifacts, curves, models, training, upstream
 from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
                                   previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.errors import MhsError
@@ -34,6 +34,7 @@ def check_options(cfg: DictConfig) -> None:
         raise MhsError(f"mode={cfg.mode!r}: expected next_category or response")
     if cfg.context_turns < 1:
         raise MhsError(f"context_turns={cfg.context_turns}: expected at least 1")
+    curves.report_to(cfg.runtime.report_to)  # an unknown or missing logger fails before anything is written
 
 
 def settings_for(cfg: DictConfig) -> ClassifierSettings:
@@ -91,6 +92,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         trainer = Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
                           train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
                           callbacks=[training.ValidationCallback(validate)])
+        training.connect_loggers(trainer, out)
         resume = training.last_complete_checkpoint(out / "checkpoints")
         if resume:
             log.info("resuming from %s", resume)
@@ -117,6 +119,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
             note = " - tiny: a plumbing check, numbers mean nothing" if p.profile == "tiny" else ""
             plot_confusion(metrics["test"]["model"], out / "confusion_test.png",
                            f"{cfg.mode} classifier ({p.profile}{note}), ESConv test")
+            curves.save(trainer.state.log_history, out, f"{cfg.mode} classifier ({p.profile}{note})")
         trainer.accelerator.wait_for_everyone()
         if is_main:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)

@@ -12,7 +12,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-from mhsupport import artifacts, models, training, upstream
+from mhsupport import artifacts, curves, models, training, upstream
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import FORMATTERS, tag_token
@@ -28,6 +28,7 @@ def check_options(cfg: DictConfig) -> None:
         raise MhsError(f"generator.family={cfg.generator.family!r}: expected one of {sorted(FORMATTERS)}")
     if cfg.generator.trainable not in ("all", "top_layers"):
         raise MhsError(f"generator.trainable={cfg.generator.trainable!r}: expected all or top_layers")
+    curves.report_to(cfg.runtime.report_to)  # an unknown or missing logger fails before anything is written
 
 
 def tag_labels(cfg: DictConfig) -> list[str] | None:
@@ -89,6 +90,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         trainer = Trainer(model=model, args=args, data_collator=collator,
                           train_dataset=Dataset.from_list(train_features), processing_class=tokenizer,
                           callbacks=[training.ValidationCallback(validate)])
+        training.connect_loggers(trainer, out)
         resume = training.last_complete_checkpoint(out / "checkpoints")
         if resume:
             log.info("resuming from %s", resume)
@@ -127,7 +129,8 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         if is_main:
             tokenizer.save_pretrained(str(out / "model"))
             (out / "model" / "README.md").write_text(model_card(cfg, run_.metrics, data_run))
-            (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
+                        f"{', tagged' if labels else ''})")
         trainer.accelerator.wait_for_everyone()
         if is_main:
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
