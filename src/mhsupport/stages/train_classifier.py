@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 from collections import Counter
 
 import matplotlib.pyplot as plt
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, curves, models, training, upstream
+from mhsupport import artifacts, cards, curves, models, training, upstream
 from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
                                   previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.errors import MhsError
@@ -116,6 +117,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         trainer.save_model(str(out / "model"))  # every process: it synchronises them
         if is_main:
             classifier.save(out / "model")
+            cards.classifier_card(cfg, metrics, Path(data_run).name).save(out / "model" / "README.md")
             note = " - tiny: a plumbing check, numbers mean nothing" if p.profile == "tiny" else ""
             plot_confusion(metrics["test"]["model"], out / "confusion_test.png",
                            f"{cfg.mode} classifier ({p.profile}{note}), ESConv test")

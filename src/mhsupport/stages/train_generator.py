@@ -3,20 +3,19 @@ variants ({esconv, unified} x strategy tag on/off), with the Hugging Face Traine
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
+from pathlib import Path
 
 from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-from mhsupport import artifacts, curves, models, training, upstream
+from mhsupport import artifacts, cards, curves, models, training, upstream
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
-from mhsupport.formatting import FORMATTERS, tag_token
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.formatting import FORMATTERS, FormatterSettings, build_formatter, tag_labels, tag_token
 
 log = logging.getLogger(__name__)
 STAGE = "train_generator"
@@ -26,17 +25,9 @@ def check_options(cfg: DictConfig) -> None:
     upstream.check_dataset_and_tag_set(cfg)
     if cfg.generator.family not in FORMATTERS:
         raise MhsError(f"generator.family={cfg.generator.family!r}: expected one of {sorted(FORMATTERS)}")
-    if cfg.generator.trainable not in ("all", "top_layers"):
-        raise MhsError(f"generator.trainable={cfg.generator.trainable!r}: expected all or top_layers")
+    if cfg.generator.trainable not in ("all", "top_layers", "lora"):
+        raise MhsError(f"generator.trainable={cfg.generator.trainable!r}: expected all, top_layers or lora")
     curves.report_to(cfg.runtime.report_to)  # an unknown or missing logger fails before anything is written
-
-
-def tag_labels(cfg: DictConfig) -> list[str] | None:
-    """The tag vocabulary of a tagged model, None for an untagged one."""
-    if not cfg.strategy_tag:
-        return None
-    taxonomy = Taxonomy.from_config(cfg.taxonomy)
-    return list(taxonomy.categories if cfg.tag_set == "category" else taxonomy.esconv_strategies)
 
 
 def tokenizer_texts(examples: list[dict]) -> list[str]:
@@ -51,12 +42,6 @@ def label_key(cfg: DictConfig) -> str:
 def plan(cfg: DictConfig) -> artifacts.Run:
     check_options(cfg)
     return artifacts.plan_run(STAGE, cfg, {"prepare_data": upstream.prepare_data_run(cfg)})
-
-
-def build_formatter(cfg: DictConfig, tokenizer):
-    g = cfg.generator
-    return FORMATTERS[g.family](tokenizer, g.max_context_tokens, g.max_response_tokens, tag_labels(cfg),
-                                cfg.tags_in_history, g.system_prompt)
 
 
 def run(cfg: DictConfig) -> artifacts.StageResult:
@@ -75,6 +60,11 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
     if g.trainable == "top_layers":
         models.freeze_all_but_top(model, g.top_layers)
+    parameters = sum(p.numel() for p in model.parameters())
+    if g.trainable == "lora":
+        tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels or ()]
+        model = models.add_lora(model, g.lora, tag_ids)
+    trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
     key = label_key(cfg)
     train_features = [formatter.training_features(e, key) for e in train_examples]
@@ -98,13 +88,14 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         result = trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.time() - started
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
+        if g.trainable == "lora":  # scored and saved as a plain model, loadable with from_pretrained
+            model = trainer.model = models.merge_lora(model)
 
         final_valid = validate(model)
         final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset, cfg.seed),
                                                    collator, g.eval_batch_size)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
         padded = padded_tokens(trainer)
-        parameters = sum(p.numel() for p in model.parameters())
         run_.metrics = {
             "profile": g.profile, "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag),
             "train_examples": len(train_features), "valid_examples": len(valid_features),
@@ -113,7 +104,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
             "checkpoint": "last (the model after the final epoch)",
             "tokens_seen": tokens_per_epoch * g.epochs,
             "parameters": parameters,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": trainable_parameters,
             "padding_share": padded / (padded + tokens_per_epoch),
             # What differs between an uninterrupted and a resumed run, or between machines.
             "session": {
@@ -128,7 +119,8 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         trainer.save_model(str(out / "model"))  # every process: it synchronises them
         if is_main:
             tokenizer.save_pretrained(str(out / "model"))
-            (out / "model" / "README.md").write_text(model_card(cfg, run_.metrics, data_run))
+            FormatterSettings.from_config(cfg).save(out / "model")
+            cards.generator_card(cfg, run_.metrics, Path(data_run).name).save(out / "model" / "README.md")
             curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
                         f"{', tagged' if labels else ''})")
         trainer.accelerator.wait_for_everyone()
@@ -143,40 +135,3 @@ def padded_tokens(trainer) -> int:
     """Pad positions in one epoch of the trainer's own (length-grouped) batches."""
     return sum(int((batch["attention_mask"] == 0).sum()) for batch in trainer.get_train_dataloader())
 
-
-def model_card(cfg: DictConfig, metrics: dict, data_run) -> str:
-    g = cfg.generator
-    tags = tag_labels(cfg)
-    tiny_warning = ("\n**This is the `tiny` profile: a plumbing check trained from scratch. Its numbers and "
-                    "its answers mean nothing.**\n" if g.profile == "tiny" else "")
-    return f"""# mhsupport generator ({g.profile} profile, {cfg.dataset}, {'tagged' if tags else 'untagged'})
-{tiny_warning}
-A causal language model fine-tuned to write the supporter's next turn in an emotional-support
-conversation, after Song & Yuan, "Synthesized Strategy for Mental Health Support".
-
-## Intended use
-Research only: reproducing and extending the paper's experiments. **Not a substitute for
-professional care**, not for deployment to people in distress, not a crisis service.
-
-## Data
-- Training: `{cfg.dataset}` train split from prepare-data run `{data_run}`
-  ({metrics['train_examples']} examples); validation: ESConv valid ({metrics['valid_examples']} examples).
-- ESConv (Liu et al., ACL 2021), CC BY-NC 4.0, academic research use.
-- EPITOME Reddit (Sharma et al., EMNLP 2020), academic research use, attribution required; real,
-  unedited Reddit posts including self-harm and suicidal ideation.
-
-## Settings
-- Base: {g.source} `{g.get('name_or_path') or g.get('gguf_file') or 'GPT-2 from scratch'}`; formatter `{g.family}`.
-- Tags: {', '.join(tag_token(t) for t in tags) if tags else 'none'} (placed before the response;
-  gold tags in history: {bool(cfg.tags_in_history)}).
-- Context <= {g.max_context_tokens} tokens (truncated from the left); response <= {g.max_response_tokens} tokens;
-  loss on tag and response tokens only.
-- Trainable: {g.trainable}{f' (top {g.top_layers} layers + embeddings)' if g.trainable == 'top_layers' else ''};
-  {metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters.
-- {g.epochs} epoch(s), batch {g.batch_size} x {g.grad_accum}, learning rate {g.learning_rate}, seed {cfg.seed}.
-- Saved checkpoint: {metrics['checkpoint']}.
-
-## Metrics
-- Train loss (teacher-forced, up to {g.train_eval_subset} training examples): {metrics['train_loss']:.4f}
-- ESConv valid loss: {metrics['valid_loss']:.4f}; token-level perplexity: {metrics['valid_ppl']:.2f}
-"""
