@@ -54,12 +54,15 @@ def dataset_card(cfg, stats: dict) -> DatasetCard:
     """The card of a prepare-data run: one config per dataset with its parquet files per split,
     and features and split sizes that `load_dataset` checks on load."""
     sizes = split_sizes(stats)
+    rows = sum(sizes["unified"].values())
+    size_category = next(label for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                                                    (float("inf"), "100K<n<1M")) if rows < bound)
     configs = [{"config_name": name, "default": name == "unified",
                 "data_files": [{"split": HF_SPLITS[s], "path": str(examples_path(Path(), name, s))} for s in SPLITS]}
                for name in ("unified", "esconv")]
     data = DatasetCardData(language="en", license="other", license_name="esconv-cc-by-nc-4.0-and-epitome-research-only",
                            pretty_name="Unified ESConv + EPITOME support categories",
-                           task_categories=["text-generation", "text-classification"], size_categories="10K<n<100K",
+                           task_categories=["text-generation", "text-classification"], size_categories=size_category,
                            tags=["mental-health", "emotional-support", "dialogue"], configs=configs)
     DatasetInfosDict({
         name: DatasetInfo(features=Features.from_arrow_schema(EXAMPLE_SCHEMA), config_name=name,
