@@ -6,8 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from datasets import DatasetInfo, Features, SplitDict, SplitInfo
-from datasets.info import DatasetInfosDict
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData, upload_folder
 
 from mhsupport.errors import MhsError
@@ -53,6 +51,10 @@ def split_sizes(stats: dict) -> dict[str, dict[str, int]]:
 def dataset_card(cfg, stats: dict) -> DatasetCard:
     """The card of a prepare-data run: one config per dataset with its parquet files per split,
     and features and split sizes that `load_dataset` checks on load."""
+    # Imported here: `datasets` takes most of a second to import, longer than the rest of prepare-data's start.
+    from datasets import DatasetInfo, Features, SplitDict, SplitInfo
+    from datasets.info import DatasetInfosDict
+
     sizes = split_sizes(stats)
     rows = sum(sizes["unified"].values())
     size_category = next(label for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
