@@ -81,6 +81,9 @@ def test_tiny_classifier_end_to_end_and_its_api(make_cfg, prepared):
     assert m["test"]["majority"]["accuracy"] == pytest.approx(gold_share)
     assert (out / "confusion_test.png").stat().st_size > 5000
     assert len(m["epochs"]) == 1 and "valid_accuracy" in m["epochs"][0]
+    history = json.loads((out / "log_history.json").read_text())
+    assert [e["valid_macro_f1"] for e in history if "valid_macro_f1" in e] == [m["epochs"][0]["valid_macro_f1"]]
+    assert history[-1]["train_loss"] > 0 and (out / "loss_curve.png").read_bytes().startswith(b"\x89PNG")
 
     loaded = api.load(out)
     assert loaded.labels == LABELS

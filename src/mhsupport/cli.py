@@ -234,6 +234,15 @@ def _write_out(path: Path, text: str) -> None:
         raise MhsError(f"--out {path}: cannot write ({err.strerror})") from None
 
 
+def _run_export(args) -> None:
+    from mhsupport import cards
+
+    folder = cards.export(args.run, args.to)
+    print(f"exported {args.run / 'model'} with its model card to {folder}")
+    if args.push_to_hub:
+        print(f"pushed to the Hub: {cards.push_to_hub(folder, args.push_to_hub)}")
+
+
 def _run_chat(cfg, args):
     from mhsupport import chat
 
@@ -333,6 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("answers", type=Path, nargs="+")
     score.add_argument("--out", type=Path, help="also write the result as JSON here")
     score.set_defaults(stage=None, handler=_run_human_score)
+
+    export_model = commands.add_parser(
+        "export", help="copy a training run's model with its model card",
+        description="Copy a train dialogpt or train classifier run's model/ folder (weights, tokenizer, settings "
+                    "and model card) to a new folder, and optionally upload it to a Hugging Face Hub repository.")
+    export_model.add_argument("run", type=Path, help="training run directory")
+    export_model.add_argument("--to", type=Path, required=True, help="new folder to copy the model into")
+    export_model.add_argument("--push-to-hub", metavar="REPO", help="also upload it to this Hub model repository")
+    export_model.set_defaults(stage=None, handler=_run_export)
 
     fetch = commands.add_parser("models", help="offline pretrained weights")
     fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")

@@ -6,9 +6,15 @@ the response is capped, and the loss covers only the tag and the response tokens
 
 from __future__ import annotations
 
+import json
 import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mhsupport.taxonomy import Taxonomy
 
 IGNORE_INDEX = -100
+SETTINGS_FILE = "generator.json"
 
 
 def tag_token(label: str) -> str:
@@ -95,15 +101,39 @@ class ChatTemplateFormatter(Formatter):
 FORMATTERS = {"eos_joined": EosJoinedFormatter, "chat_template": ChatTemplateFormatter}
 
 
+@dataclass
+class FormatterSettings:
+    """What turns a context into a trained generator's prompt, saved beside its model
+    (`generator.json`) so the model can be used without the run's config."""
+    family: str
+    max_context_tokens: int
+    max_response_tokens: int
+    labels: list[str] | None  # the tag vocabulary; None for an untagged model
+    tags_in_history: bool
+    system_prompt: str | None
+
+    @classmethod
+    def from_config(cls, cfg) -> FormatterSettings:
+        g = cfg.generator
+        return cls(g.family, g.max_context_tokens, g.max_response_tokens, generator_tags(cfg), bool(cfg.tags_in_history),
+                   g.system_prompt)
+
+    @classmethod
+    def load(cls, model_dir: Path) -> FormatterSettings:
+        return cls(**json.loads((Path(model_dir) / SETTINGS_FILE).read_text()))
+
+    def save(self, model_dir: Path) -> None:
+        (Path(model_dir) / SETTINGS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    def build(self, tokenizer) -> Formatter:
+        return FORMATTERS[self.family](tokenizer, self.max_context_tokens, self.max_response_tokens, self.labels,
+                                       self.tags_in_history, self.system_prompt)
+
+
 def generator_tags(cfg) -> list[str] | None:
     """The tag vocabulary of a generator config: None for an untagged model."""
-    from mhsupport.taxonomy import Taxonomy
-
     return Taxonomy.from_config(cfg.taxonomy).labels(cfg.tag_set) if cfg.strategy_tag else None
 
 
 def build_formatter(cfg, tokenizer) -> Formatter:
-    """The formatter of a generator config (`mhs train dialogpt`'s) around its tokenizer."""
-    g = cfg.generator
-    return FORMATTERS[g.family](tokenizer, g.max_context_tokens, g.max_response_tokens, generator_tags(cfg),
-                                cfg.tags_in_history, g.system_prompt)
+    return FormatterSettings.from_config(cfg).build(tokenizer)

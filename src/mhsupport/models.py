@@ -211,3 +211,23 @@ def freeze_all_but_top(model, top_layers: int) -> None:
     top = {id(p) for layer in list(layers)[-top_layers:] for p in layer.parameters()} if top_layers else set()
     for parameter in model.parameters():
         parameter.requires_grad = id(parameter) not in in_stack or id(parameter) in top
+
+
+def add_lora(model, lora_cfg, tag_ids: list[int]):
+    """Wrap a causal LM with LoRA adapters (peft) on `lora_cfg.target_modules`. The tag tokens' embedding
+    rows train too, through peft's trainable tokens (only those rows, tied to the LM head where the
+    embeddings are tied), so a new tag can be learnt while the rest of the vocabulary stays frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+                        trainable_token_indices=list(tag_ids) or None)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:  # e.g. a target module the architecture does not have
+        raise MhsError(f"generator.lora: {str(err).splitlines()[0]}") from None
+
+
+def merge_lora(model):
+    """The plain model with the adapters and trainable tokens merged into its weights."""
+    return model.merge_and_unload()

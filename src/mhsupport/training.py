@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
+from transformers.integrations import TensorBoardCallback
 
 from mhsupport.artifacts import CHECKPOINTS
 
+from mhsupport import curves
 from mhsupport.formatting import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps
         fsdp=runtime.fsdp or "",
         dataloader_num_workers=runtime.dataloader_workers,
         dataloader_pin_memory=on_gpu,
-        report_to="none",
+        report_to=curves.report_to(runtime.report_to),
         remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -119,23 +121,27 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def train_resumable(run, seed: int, fresh: bool, make_trainer, finish):
+def train_resumable(run, seed: int, fresh: bool, make_trainer, finish, before_save=None):
     """The one training sequence of both trainers: build the run's temporary folder -> resume from
     its newest sound checkpoint -> train -> save the model on every process (it synchronises them)
     -> `finish` (metrics and extra files; writes on the main process) -> wait for every process.
     The checkpoints stay until the run is in place, so a kill at any point loses no training.
 
-    make_trainer(checkpoints_dir) -> Trainer; finish(trainer, out_dir, train_output, resumed_from,
-    train_seconds) fills run.metrics."""
+    make_trainer(checkpoints_dir) -> Trainer; before_save(trainer) (optional) changes the trained model
+    before it is saved; finish(trainer, out_dir, train_output, resumed_from, train_seconds) fills
+    run.metrics."""
     is_main = is_main_process()
     with run.build(seed=seed, is_main=is_main, resumable=True, fresh=fresh) as out:
         trainer = make_trainer(out / CHECKPOINTS)
+        connect_loggers(trainer, out)
         resume = last_complete_checkpoint(out / CHECKPOINTS)
         if resume:
             log.info("resuming from %s", resume)
         started = time.time()
         output = trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.time() - started
+        if before_save:
+            before_save(trainer)
         trainer.save_model(str(out / "model"))
         finish(trainer, out, output, resume, train_seconds)
         trainer.accelerator.wait_for_everyone()
@@ -171,18 +177,28 @@ def teacher_forced_loss(model, features: list[dict], collator, batch_size: int) 
 
 
 class ValidationCallback(TrainerCallback):
-    """Validation at every epoch end, kept in the trainer state so a resumed run still has it."""
+    """Validation at every epoch end, logged through the trainer (`connect_loggers`): every
+    reporting callback sees it, and the trainer state keeps it, so a resumed run still has it."""
 
     def __init__(self, evaluate, prefix: str = "valid"):
         self.evaluate = evaluate
         self.prefix = prefix
+        self.trainer = None
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         result = self.evaluate(model)
-        entry = {"epoch": round(state.epoch, 4), "step": state.global_step}
-        entry.update({f"{self.prefix}_{k}": v for k, v in result.items()})
-        state.log_history.append(entry)
-        return control
+        self.trainer.log({f"{self.prefix}_{k}": v for k, v in result.items()})
+        return self.trainer.control
+
+
+def connect_loggers(trainer, run_dir: Path) -> None:
+    """Give the validation callback its trainer, and point TensorBoard at `run_dir/tensorboard`
+    (its default, under the checkpoints folder, is deleted when training ends)."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ValidationCallback):
+            callback.trainer = trainer
+        elif isinstance(callback, TensorBoardCallback):
+            callback.logging_dir = str(Path(run_dir) / curves.TENSORBOARD_DIR)
 
 
 def epoch_history(log_history: list[dict], prefix: str = "valid") -> list[dict]:

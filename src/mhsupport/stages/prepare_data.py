@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mhsupport import artifacts, download
+from mhsupport import artifacts, cards, download
 from mhsupport.examples import epitome_example, esconv_examples
 from mhsupport.examples_io import write_examples
 from mhsupport.rawdata import ESCONV_SINGLE_FILE, ESCONV_SPLIT_FILES, esconv_layout, load_epitome, load_esconv
@@ -109,6 +109,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             write_examples(out, "unified", split, examples["esconv"][split] + examples["epitome"][split])
         (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         (out / "stats.md").write_text(stats_markdown(stats, taxonomy))
+        cards.dataset_card(cfg, stats).save(out / "README.md")
     log.info("prepare-data wrote %s", run_.path)
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, models, training
+from mhsupport import artifacts, cards, curves, models, training
 from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
                                   previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.config import prepare_data_config
@@ -27,6 +27,10 @@ STAGE = "train_classifier"
 COMMAND = "mhs train classifier"
 PROFILE_GROUPS = ("classifier",)
 EVAL_SPLITS = ("valid", "test")
+
+
+def check(cfg: DictConfig) -> None:
+    curves.report_to(cfg.runtime.report_to)  # an unknown or missing logger fails before anything is written
 
 
 def requires(cfg: DictConfig) -> dict:
@@ -101,9 +105,11 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         run_.metrics = metrics
         if training.is_main_process():
             classifier.save(out / "model")
+            cards.classifier_card(cfg, metrics, data_run.name).save(out / "model" / "README.md")
             note = f" - {p.warning}" if p.get("warning") else ""
             plot_confusion(metrics["test"]["model"], out / "confusion_test.png",
                            f"{cfg.mode} classifier ({p.profile}{note}), ESConv test")
+            curves.save(trainer.state.log_history, out, f"{cfg.mode} classifier ({p.profile}{note})")
 
     training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
     if training.is_main_process():

@@ -3,23 +3,26 @@ variants ({esconv, unified} x strategy tag on/off), with the Hugging Face Traine
 
 from __future__ import annotations
 
-import json
 import logging
 
 from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-from mhsupport import artifacts, models, training
+from mhsupport import artifacts, cards, curves, models, training
 from mhsupport.config import prepare_data_config
 from mhsupport.examples_io import read_examples
-from mhsupport.formatting import build_formatter, generator_tags, tag_token
+from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "train_generator"
 COMMAND = "mhs train dialogpt"
 PROFILE_GROUPS = ("generator",)
+
+
+def check(cfg: DictConfig) -> None:
+    curves.report_to(cfg.runtime.report_to)  # an unknown or missing logger fails before anything is written
 
 
 def requires(cfg: DictConfig) -> dict:
@@ -43,6 +46,11 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
     if g.trainable == "top_layers":
         models.freeze_all_but_top(model, g.top_layers)
+    parameters = sum(p.numel() for p in model.parameters())
+    if g.trainable == "lora":
+        tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels or ()]
+        model = models.add_lora(model, g.lora, tag_ids)
+    trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
     key = Taxonomy.label_key(cfg.tag_set)
     train_features = [formatter.training_features(e, key) for e in train_examples]
@@ -57,6 +65,11 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         return Trainer(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
                        processing_class=tokenizer, callbacks=[training.ValidationCallback(validate)])
 
+    def merge_lora(trainer):  # scored and saved as a plain model, loadable with from_pretrained
+        nonlocal model
+        if g.trainable == "lora":
+            model = trainer.model = models.merge_lora(model)
+
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
         final_valid = validate(model)
@@ -64,7 +77,6 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                                                                                  cfg.seed), collator, g.eval_batch_size)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
         padded = padded_tokens(trainer)
-        parameters = sum(p.numel() for p in model.parameters())
         run_.metrics = {
             "profile": g.profile, "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag),
             "train_examples": len(train_features), "valid_examples": len(valid_features),
@@ -73,7 +85,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "checkpoint": "last (the model after the final epoch)",
             "tokens_seen": tokens_per_epoch * g.epochs,
             "parameters": parameters,
-            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "trainable_parameters": trainable_parameters,
             "padding_share": padded / (padded + tokens_per_epoch),
             # What differs between an uninterrupted and a resumed run, or between machines.
             "session": {
@@ -87,10 +99,12 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         }
         if training.is_main_process():
             tokenizer.save_pretrained(str(out / "model"))
-            (out / "model" / "README.md").write_text(model_card(cfg, run_.metrics))
-            (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+            FormatterSettings.from_config(cfg).save(out / "model")
+            cards.generator_card(cfg, run_.metrics, data_run.name).save(out / "model" / "README.md")
+            curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
+                        f"{', tagged' if labels else ''})")
 
-    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
+    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora)
     if training.is_main_process():
         log.info("train dialogpt wrote %s", run_.path)
 
@@ -98,40 +112,3 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 def padded_tokens(trainer) -> int:
     """Pad positions in one epoch of the trainer's own (length-grouped) batches."""
     return sum(int((batch["attention_mask"] == 0).sum()) for batch in trainer.get_train_dataloader())
-
-
-def model_card(cfg: DictConfig, metrics: dict) -> str:
-    g = cfg.generator
-    tags = generator_tags(cfg)
-    tiny_warning = f"\n**{g.warning}**\n" if g.get("warning") else ""
-    return f"""# mhsupport generator ({g.profile} profile, {cfg.dataset}, {'tagged' if tags else 'untagged'})
-{tiny_warning}
-A causal language model fine-tuned to write the supporter's next turn in an emotional-support
-conversation, after Song & Yuan, "Synthesized Strategy for Mental Health Support".
-
-## Intended use
-Research only: reproducing and extending the paper's experiments. **Not a substitute for
-professional care**, not for deployment to people in distress, not a crisis service.
-
-## Data
-- Training: `{cfg.dataset}` train split of the prepare-data run named in the run's `manifest.json`
-  ({metrics['train_examples']} examples); validation: ESConv valid ({metrics['valid_examples']} examples).
-- ESConv (Liu et al., ACL 2021), CC BY-NC 4.0, academic research use.
-- EPITOME Reddit (Sharma et al., EMNLP 2020), academic research use, attribution required; real,
-  unedited Reddit posts including self-harm and suicidal ideation.
-
-## Settings
-- Base: {g.source} `{g.get('name_or_path') or g.get('gguf_file') or 'GPT-2 from scratch'}`; formatter `{g.family}`.
-- Tags: {', '.join(tag_token(t) for t in tags) if tags else 'none'} (placed before the response;
-  gold tags in history: {bool(cfg.tags_in_history)}).
-- Context <= {g.max_context_tokens} tokens (truncated from the left); response <= {g.max_response_tokens} tokens;
-  loss on tag and response tokens only.
-- Trainable: {g.trainable}{f' (top {g.top_layers} layers + embeddings)' if g.trainable == 'top_layers' else ''};
-  {metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters.
-- {g.epochs} epoch(s), batch {g.batch_size} x {g.grad_accum}, learning rate {g.learning_rate}, seed {cfg.seed}.
-- Saved checkpoint: {metrics['checkpoint']}.
-
-## Metrics
-- Train loss (teacher-forced, up to {g.train_eval_subset} training examples): {metrics['train_loss']:.4f}
-- ESConv valid loss: {metrics['valid_loss']:.4f}; token-level perplexity: {metrics['valid_ppl']:.2f}
-"""

@@ -1,0 +1,86 @@
+"""The Python API of a trained generator: `load` a run (or its exported model folder), then
+`respond` to a context, with or without a strategy tag.
+
+    from mhsupport import generator
+    g = generator.load("artifacts/train_generator/<run_id>")
+    g.respond([{"speaker": "seeker", "text": "I lost my job"}], tag="Comforting")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mhsupport import models
+from mhsupport.errors import MhsError
+from mhsupport.formatting import SETTINGS_FILE, FormatterSettings
+from mhsupport.generation import generate
+
+SPEAKERS = ("seeker", "supporter")
+
+
+class Generator:
+    """A trained generator with its prompt formatter; greedy decoding unless told to sample."""
+
+    def __init__(self, model, tokenizer, settings: FormatterSettings):
+        self.model, self.tokenizer, self.settings = model.eval(), tokenizer, settings
+        self.formatter = settings.build(tokenizer)
+
+    @property
+    def tags(self) -> list[str]:
+        """The categories (or strategies) this model takes as tags; empty for an untagged model."""
+        return list(self.settings.labels or [])
+
+    def respond(self, context: list[dict], tag: str | None = None, **decoding) -> str:
+        """The supporter's next turn after `context` (turns as {"speaker": "seeker"|"supporter", "text"},
+        most recent last). `tag` asks a tagged model for a category; without one it picks its own."""
+        return self.respond_many([context], [tag], **decoding)[0]
+
+    def respond_many(self, contexts: list[list[dict]], tags: list[str | None] | None = None,
+                     batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
+                     temperature: float = 0.7, seed: int = 0) -> list[str]:
+        """`respond` over many contexts in batches; `tags` is one tag (or None) per context."""
+        tags = [None] * len(contexts) if tags is None else list(tags)
+        if len(tags) != len(contexts):
+            raise MhsError(f"respond_many: {len(contexts)} contexts but {len(tags)} tags; give one tag (or None) "
+                           "per context")
+        for i, context in enumerate(contexts):
+            check_context(context, i)
+        for tag in tags:
+            self.check_tag(tag)
+        outputs = generate(self.model, self.tokenizer, self.formatter, contexts, tags, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
+                           temperature=temperature, seed=seed, progress=False)
+        return [o["response"] for o in outputs]
+
+    def check_tag(self, tag: str | None) -> None:
+        if tag is None:
+            return
+        if not self.tags:
+            raise MhsError(f"tag={tag!r}: this generator was trained without tags; leave the tag out "
+                           "(or load a run trained with --strategy-tag)")
+        if tag not in self.tags:
+            raise MhsError(f"tag={tag!r}: not one of this generator's tags {self.tags}")
+
+
+def check_context(context, index: int = 0) -> None:
+    if not isinstance(context, list) or not context:
+        raise MhsError(f"context {index}: expected a non-empty list of {{'speaker', 'text'}} turns, got {context!r:.80}")
+    for turn_index, turn in enumerate(context):
+        if not isinstance(turn, dict) or turn.get("speaker") not in SPEAKERS or not isinstance(turn.get("text"), str):
+            raise MhsError(f"context {index}, turn {turn_index}: expected {{'speaker': 'seeker' or 'supporter', "
+                           f"'text': str}}, got {turn!r:.80}")
+
+
+def load(path: str | Path, device: str | None = None) -> Generator:
+    """A generator from a training run's folder, its `model/` folder, or an exported copy of it."""
+    path = Path(path)
+    if (path / "model" / SETTINGS_FILE).is_file():
+        path = path / "model"
+    if not (path / SETTINGS_FILE).is_file():
+        raise MhsError(f"{path}: no {SETTINGS_FILE} found; expected a `mhs train dialogpt` run folder, its model/ "
+                       "folder or a `mhs export` of it (runs from before generator.json: retrain with --force)")
+    model, tokenizer = models.load_saved_causal_lm(path)
+    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Generator(model, tokenizer, FormatterSettings.load(path))
