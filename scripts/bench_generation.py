@@ -15,9 +15,10 @@ from mhsupport.config import load_config
 from mhsupport.examples_io import read_examples
 from mhsupport.generation import generate
 from mhsupport.models import load_saved_causal_lm
-from mhsupport.stages import evaluate, train_generator
+from mhsupport.config import generator_config, prepare_data_config
+from mhsupport.formatting import build_formatter
+from mhsupport.pipeline import Pipeline
 from mhsupport.training import seeded_subset
-from mhsupport import upstream
 
 
 def main() -> None:
@@ -30,11 +31,11 @@ def main() -> None:
     args = parser.parse_args()
     parsed = build_parser().parse_args(["eval", *[a for a in args.eval_args if a != "--"]])
     cfg = load_config("eval", flag_overrides(parsed) + list(parsed.overrides))
-    gcfg = evaluate.generator_config(cfg)
-    run = upstream.require_complete(train_generator.plan(gcfg), evaluate.train_generator_command(cfg))
+    gcfg = generator_config(cfg)
+    runs = Pipeline().upstream({"generator": ("train_generator", gcfg), "prepare_data": ("prepare_data", prepare_data_config(cfg))})
+    run, data_run = runs["generator"], runs["prepare_data"]
     model, tokenizer = load_saved_causal_lm(run.path / "model")
-    formatter = train_generator.build_formatter(gcfg, tokenizer)
-    data_run = upstream.prepare_data_run(cfg)
+    formatter = build_formatter(gcfg, tokenizer)
     examples = seeded_subset(read_examples(data_run.path, "esconv", "test"), args.examples, cfg.seed)
     contexts, tags = [e["context"] for e in examples], [e["category"] if cfg.strategy_tag else None for e in examples]
 

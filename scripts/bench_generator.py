@@ -17,7 +17,7 @@ import torch
 
 from mhsupport.cli import build_parser, flag_overrides
 from mhsupport.config import load_config
-from mhsupport.stages import train_generator
+from mhsupport import pipeline
 
 
 def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
 
     peak_before = matmul_flops()
     started = time.perf_counter()
-    result = train_generator.run(cfg)
+    result = pipeline.run("train_generator", cfg)
     wall = time.perf_counter() - started
     peak_after = matmul_flops()
     m = result.metrics

@@ -10,11 +10,10 @@ from datasets import load_dataset
 from huggingface_hub import DatasetCard, ModelCard
 from transformers import AutoModelForCausalLM
 
-from conftest import stage_config
+from mhsupport import pipeline
 from mhsupport import cards
 from mhsupport.cli import main
 from mhsupport.config import load_config
-from mhsupport.stages import prepare_data, train_classifier, train_generator
 
 GENERATOR = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 
@@ -57,8 +56,8 @@ def test_dataset_card_metadata_and_dropped_conversations(prepared):
     assert "- none" in card.text  # the slice has no overlapping situations
 
 
-def test_generator_card_has_metadata_tags_and_relative_paths_only(prepared):
-    result = train_generator.run(stage_config("train_generator", prepared, *GENERATOR, "strategy_tag=true",
+def test_generator_card_has_metadata_tags_and_relative_paths_only(make_cfg, prepared):
+    result = pipeline.run("train_generator", make_cfg("train_generator", *GENERATOR, "strategy_tag=true",
                                               "dataset=unified"))
     card = ModelCard.load(result.run.path / "model" / "README.md")
     assert card.data.pipeline_tag == "text-generation" and card.data.datasets == ["thu-coai/esconv", "epitome"]
@@ -72,8 +71,8 @@ def test_generator_card_has_metadata_tags_and_relative_paths_only(prepared):
     assert settings["labels"] == ["Comforting", "Exploration", "Action", "Others"]
 
 
-def test_classifier_card_and_export(prepared, tmp_path, capsys):
-    result = train_classifier.run(stage_config("train_classifier", prepared, "classifier=tiny",
+def test_classifier_card_and_export(make_cfg, prepared, tmp_path, capsys):
+    result = pipeline.run("train_classifier", make_cfg("train_classifier", "classifier=tiny",
                                                "classifier.train_subset=200"))
     card = ModelCard.load(result.run.path / "model" / "README.md")
     assert card.data.pipeline_tag == "text-classification"
@@ -91,8 +90,8 @@ def test_classifier_card_and_export(prepared, tmp_path, capsys):
     assert "not a training run" in capsys.readouterr().err and not (tmp_path / "other").exists()
 
 
-def test_exported_generator_loads_with_from_pretrained(prepared, tmp_path):
-    result = train_generator.run(stage_config("train_generator", prepared, *GENERATOR))
+def test_exported_generator_loads_with_from_pretrained(make_cfg, prepared, tmp_path):
+    result = pipeline.run("train_generator", make_cfg("train_generator", *GENERATOR))
     assert main(["export", str(result.run.path), "--to", str(tmp_path / "g")]) == 0
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "g")
     assert sum(p.numel() for p in model.parameters()) == result.metrics["parameters"]

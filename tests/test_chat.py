@@ -56,7 +56,6 @@ def test_oracle_and_untagged_samplers_are_refused(make_cfg, trained):
         chat.run(make_cfg("chat", *GEN, "sampler=oracle"), lines=io.StringIO(""), out=io.StringIO())
     with pytest.raises(MhsError, match="accepts only --sampler none"):
         chat.run(make_cfg("chat", *GEN[:3], "sampler=random"), lines=io.StringIO(""), out=io.StringIO())
-        chat.run(make_cfg("chat", *GEN[:3], "sampler=random"), lines=io.StringIO(""), out=io.StringIO())
 
 
 def chat_command(mhs_env, trained, stdin, **options):
@@ -68,11 +67,11 @@ def chat_command(mhs_env, trained, stdin, **options):
     return done, before, sorted(p for p in trained[1].rglob("*"))
 
 
-def test_bytes_that_are_not_utf8_are_replaced_with_one_warning(trained, tmp_path):
+def test_bytes_that_are_not_utf8_are_replaced_with_one_warning(mhs_env, trained, tmp_path):
     messages = tmp_path / "messages.txt"
     messages.write_bytes(b"I feel low \xff\xfe today\n\xc3\nI want to kill my self\n")
     with open(messages, "rb") as stdin:
-        done, before, after = chat_command(trained, stdin)
+        done, before, after = chat_command(mhs_env, trained, stdin)
     err = done.stderr.decode()
     assert done.returncode == 0, err[-2000:]
     rows = [json.loads(line) for line in done.stdout.decode().splitlines()]
@@ -85,8 +84,8 @@ def test_bytes_that_are_not_utf8_are_replaced_with_one_warning(trained, tmp_path
     assert "Traceback" not in err and before == after
 
 
-def test_closed_stdin_is_one_line_and_exit_2(trained):
-    done, before, after = chat_command(trained, None, preexec_fn=lambda: os.close(0))
+def test_closed_stdin_is_one_line_and_exit_2(mhs_env, trained):
+    done, before, after = chat_command(mhs_env, trained, None, preexec_fn=lambda: os.close(0))
     err = done.stderr.decode()
     assert done.returncode == 2 and done.stdout == b""
     assert err.strip().splitlines()[-1] == (

@@ -8,18 +8,17 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import stage_config
+from mhsupport import pipeline
 from mhsupport import curves
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.stages import train_generator
 
 TINY = ["generator=tiny", "generator.train_subset=96", "generator.valid_subset=24", "generator.batch_size=8",
         "generator.epochs=2", "runtime.logging_steps=4"]
 
 
-def test_tensorboard_event_files_hold_training_and_validation_scalars(prepared):
-    result = train_generator.run(stage_config("train_generator", prepared, *TINY, "seed=11",
+def test_tensorboard_event_files_hold_training_and_validation_scalars(make_cfg, prepared):
+    result = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "seed=11",
                                               "runtime.report_to=tensorboard"))
     out = result.run.path
     events = EventAccumulator(str(out / "tensorboard"))
@@ -39,8 +38,8 @@ def test_tensorboard_event_files_hold_training_and_validation_scalars(prepared):
     assert not (out / "checkpoints").exists()
 
 
-def test_report_to_none_writes_no_event_files(prepared):
-    out = train_generator.run(stage_config("train_generator", prepared, *TINY, "seed=12",
+def test_report_to_none_writes_no_event_files(make_cfg, prepared):
+    out = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "seed=12",
                                            "runtime.report_to=none")).run.path
     assert not (out / "tensorboard").exists()
     assert (out / "loss_curve.png").is_file() and (out / "log_history.json").is_file()

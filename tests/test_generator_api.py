@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import stage_config
+from mhsupport import pipeline
 from mhsupport import generator
 from mhsupport.errors import MhsError
 from mhsupport.formatting import FormatterSettings, build_formatter
 from mhsupport.generation import generate
-from mhsupport.stages import train_generator
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 CONTEXTS = [[{"speaker": "seeker", "text": "I lost my job and I can't sleep."}],
@@ -20,8 +19,8 @@ CONTEXTS = [[{"speaker": "seeker", "text": "I lost my job and I can't sleep."}],
 
 
 @pytest.fixture(scope="module")
-def tagged_run(prepared):
-    return train_generator.run(stage_config("train_generator", prepared, *TINY, "strategy_tag=true")).run.path
+def tagged_run(make_cfg, prepared):
+    return pipeline.run("train_generator", make_cfg("train_generator", *TINY, "strategy_tag=true")).run.path
 
 
 def test_respond_matches_the_evaluation_decoding_path(tagged_run):
@@ -56,8 +55,8 @@ def test_malformed_contexts_are_refused(tagged_run, context, message):
         generator.load(tagged_run).respond(context)
 
 
-def test_tag_on_an_untagged_model_is_refused(prepared, tmp_path):
-    out = train_generator.run(stage_config("train_generator", prepared, *TINY)).run.path
+def test_tag_on_an_untagged_model_is_refused(make_cfg, prepared, tmp_path):
+    out = pipeline.run("train_generator", make_cfg("train_generator", *TINY)).run.path
     g = generator.load(out)
     assert g.tags == [] and isinstance(g.respond(CONTEXTS[0], max_new_tokens=8), str)
     with pytest.raises(MhsError, match="tag='Comforting': this generator was trained without tags"):

@@ -7,17 +7,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import stage_config
+from mhsupport import pipeline
 from mhsupport import generator
 from mhsupport.cli import main
-from mhsupport.stages import train_generator
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8",
         "generator.trainable=lora", "strategy_tag=true"]
 
 
-def test_lora_run_is_a_plain_model_whose_tag_rows_trained(prepared):
-    result = train_generator.run(stage_config("train_generator", prepared, *TINY))
+def test_lora_run_is_a_plain_model_whose_tag_rows_trained(make_cfg, prepared):
+    result = pipeline.run("train_generator", make_cfg("train_generator", *TINY))
     out, m = result.run.path / "model", result.metrics
     assert not (out / "adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -40,7 +39,7 @@ def test_lora_run_is_a_plain_model_whose_tag_rows_trained(prepared):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["generator.trainable=adapters"], "generator.trainable='adapters': expected all, top_layers or lora"),
+    (["generator.trainable=adapters"], "generator.trainable='adapters': expected one of all, top_layers, lora"),
     (["generator.lora.target_modules=[q_proj]"], "generator.lora: "),
 ])
 def test_bad_lora_options_are_clear_errors(prepared, overrides, message, capsys):

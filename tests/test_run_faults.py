@@ -66,18 +66,30 @@ def hidden(env, stage="train_generator") -> list[str]:
 
 
 def test_kill_between_the_renames_of_a_force_rebuild_keeps_the_previous_run(env):
+    prepared_run = only_run(env, "prepare_data")
+    before = json.loads((prepared_run / "manifest.json").read_text())
+    killed = mhs(["prepare-data", "--force"], env, kill_at="between_force_renames")
+    assert killed.returncode == -signal.SIGKILL
+    assert not prepared_run.exists()  # the kill came with the old run moved aside
+
+    again = mhs(["prepare-data"], env)
+    assert again.returncode == 0, again.stderr
+    assert "restoring the previous run" in again.stderr and "up to date" in again.stderr
+    assert json.loads((prepared_run / "manifest.json").read_text())["finished_at"] == before["finished_at"]
+
+
+def test_kill_between_the_renames_of_a_forced_training_puts_the_finished_one_in_place(env):
     assert mhs(TRAIN, env).returncode == 0
     run = only_run(env)
     before = json.loads((run / "manifest.json").read_text())
     killed = mhs([*TRAIN, "--force"], env, kill_at="between_force_renames")
-    assert killed.returncode == -signal.SIGKILL
-    assert not run.exists()  # the kill came with the old run moved aside
+    assert killed.returncode == -signal.SIGKILL and not run.exists()
 
     again = mhs(TRAIN, env)
     assert again.returncode == 0, again.stderr
-    assert "restoring the previous run" in again.stderr and "up to date" in again.stderr
-    assert json.loads((run / "manifest.json").read_text())["finished_at"] == before["finished_at"]
-    assert not [name for name in hidden(env) if name.startswith("old-")]
+    assert "putting it in place" in again.stderr and "up to date" in again.stderr
+    assert json.loads((run / "manifest.json").read_text())["finished_at"] != before["finished_at"]
+    assert hidden(env) == []  # neither the replaced run nor the checkpoints are left
 
 
 def test_kill_before_the_run_is_put_in_place_loses_no_training(env):

@@ -162,6 +162,8 @@ class Run:
                      self.stage, self.path)
             self.partial_path.rename(self.path)
             shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+            for old in self.path.parent.glob(f".{self.run_id}.old-*"):  # what a --force rebuild replaced
+                shutil.rmtree(old, ignore_errors=True)
             return
         for old in sorted(self.path.parent.glob(f".{self.run_id}.old-*")):
             if (old / MANIFEST).is_file():

@@ -377,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mhs {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        close_progress_bars()
         print(f"mhs {name}: interrupted; the same command resumes", file=sys.stderr)
         return 130
     except (OSError, RuntimeError) as err:
@@ -386,6 +387,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mhs {name}: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def close_progress_bars() -> None:
+    """Close the bars an interrupted stage left open, so none is drawn after the last message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def storage_error(err: BaseException) -> str | None:

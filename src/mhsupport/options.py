@@ -25,7 +25,7 @@ CLASSIFIER_SAMPLING = ("argmax", "sample")
 GENERATOR_SOURCES = ("finetuned", "base", "llm")
 PROMPTS = ("vanilla", "cot", "strategy", "oracle")
 LLM_BACKENDS = ("local", "openai")
-TRAINABLE = ("all", "top_layers")
+TRAINABLE = ("all", "top_layers", "lora")
 _ABSENT = object()
 MODEL_SOURCES = {"generator": ("scratch", "pretrained", "gguf"), "classifier": ("scratch", "pretrained", "local")}
 
@@ -98,6 +98,8 @@ RULES = {
     **{f"generator.{k}": rule for k, rule in _MODEL_RULES.items()},
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
+    "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
+    "generator.lora.dropout": _number(0, high=1.0),
     "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
     "generator.valid_subset": _int(1, optional=True), "generator.train_eval_subset": _int(1, optional=True),
     **{f"classifier.{k}": rule for k, rule in _MODEL_RULES.items()},
