@@ -71,6 +71,15 @@ def test_tagged_eval_writes_generations_and_recomputable_metrics(trained, sample
         assert value == pytest.approx(result.metrics["metrics"][name]["value"])
     m = result.metrics["metrics"]
     assert {"bleu", "bleu_1", "bleu_4", "rouge_l", "distinct_1", "distinct_2", "ppl", "length"} <= set(m)
+    assert {"esconv_bleu_1", "esconv_bleu_4", "esconv_rouge_l", "esconv_distinct_2"} <= set(m)
+    assert set(m) == set(result.metrics["signatures"]) and result.metrics["protocols"] == ["default", "esconv"]
+    assert result.metrics["signatures"]["esconv_rouge_l"]["protocol"] == "esconv"
+    if sampler != "none":
+        prediction = result.metrics["strategy_prediction"]["0"]
+        assert prediction["accuracy"] * 100 == pytest.approx(m["strategy_accuracy"]["value"])
+        assert set(prediction["preference"]) == set(LABELS) and prediction["preference_bias"] >= 0
+    if sampler == "oracle":
+        assert prediction["macro_f1"] == 1.0 and prediction["preference_bias"] == pytest.approx(0, abs=1e-9)
     if sampler != "none":
         assert "tag_adherence" in m and "strategy_accuracy" in m
     assert m["bleu"]["ci_low"] <= m["bleu"]["value"] <= m["bleu"]["ci_high"]

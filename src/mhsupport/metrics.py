@@ -95,8 +95,12 @@ class GenerationScores:
 
     def signatures(self) -> dict[str, dict]:
         out = signatures(self.protocols)
-        out["length"] = {"protocol": "both", "library": "ours", "tokenizer": "whitespace", "case": "n/a",
-                         "smoothing": "none", "ngram_order": 1}
+        either = {"protocol": "any", "library": "ours", "case": "n/a", "smoothing": "none", "ngram_order": "n/a"}
+        out["length"] = {**either, "tokenizer": "whitespace (words per response)"}
+        extra = {"ppl": "the generator's own tokenizer (exp of reference NLL per token, teacher forcing)",
+                 "strategy_accuracy": "none (tag used = gold label)",
+                 "tag_adherence": "none (response recogniser's label = tag used)"}
+        out.update({name: {**either, "tokenizer": tokenizer} for name, tokenizer in extra.items() if name in self.sums})
         return out
 
     def scores(self, rows: np.ndarray | None = None) -> dict[str, float]:

@@ -16,13 +16,15 @@ from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import IGNORE_INDEX
 from mhsupport.generation import generate
-from mhsupport.metrics import GenerationScores, bootstrap_intervals
+from mhsupport.metric_protocols import PROTOCOLS
+from mhsupport.metrics import GenerationScores, bootstrap_intervals, classification_scores
 from mhsupport.stages import train_classifier, train_generator
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
 GENERATIONS = "generations.jsonl"
+NO_TAG = "(no tag)"
 
 
 def generator_config(cfg: DictConfig) -> DictConfig:
@@ -59,6 +61,9 @@ def train_classifier_command(ccfg: DictConfig) -> str:
 
 
 def check_options(cfg: DictConfig) -> None:
+    unknown = [p for p in cfg.metrics.protocols if p not in PROTOCOLS]
+    if unknown or not cfg.metrics.protocols:
+        raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of {list(PROTOCOLS)}")
     if cfg.generator_source not in ("finetuned", "base", "llm"):
         raise MhsError(f"generator_source={cfg.generator_source!r}: expected finetuned, base or llm")
     if cfg.generator_source == "llm":
@@ -111,7 +116,8 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
 
     d = cfg.decoding
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
-    lines, per_seed = [], {}
+    lines, per_seed, strategy_prediction = [], {}, {}
+    protocols = list(cfg.metrics.protocols)
     for seed in seeds:
         outputs, nll, counts = respond(seed)
         used_tags = [o["tag"] for o in outputs]
@@ -119,8 +125,13 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         recognised = recogniser.predict(responses) if recogniser else None
         gold = [e[label_key] for e in examples]
         scores = GenerationScores(responses, [e["response"] for e in examples], nll, counts,
-                                  used_tags if labels else None, gold, recognised)
+                                  used_tags if labels else None, gold, recognised, protocols=protocols)
         per_seed[str(seed)] = bootstrap_intervals(scores, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        if labels and any(tag is not None for tag in used_tags):
+            # the tags used as predictions of the gold label: accuracy, Q (macro-F1), preference bias B;
+            # a response without a tag counts as a wrong prediction outside the label set
+            strategy_prediction[str(seed)] = classification_scores(
+                gold, [NO_TAG if tag is None else tag for tag in used_tags], list(labels))
         for i, (example, output) in enumerate(zip(examples, outputs)):
             lines.append({"seed": seed, "conversation_id": example["conversation_id"],
                           "turn_index": example["turn_index"], "context": example["context"],
@@ -137,6 +148,8 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
         "examples": len(examples), "decoding": "sampled" if len(seeds) > 1 or d.do_sample else "greedy",
         "seeds": seeds,
         "metrics": mean_over_seeds(per_seed), "per_seed": per_seed,
+        "protocols": protocols, "signatures": scores.signatures(),
+        "strategy_prediction": strategy_prediction,
         "note": ("tiny profile: a plumbing check; these numbers mean nothing" if cfg.generator.profile == "tiny" else ""),
     }
     with run_.build(seed=cfg.seed) as out:
@@ -257,7 +270,7 @@ def read_generations(run_dir: Path, seed: int | None = None) -> list[dict]:
     return [line for line in lines if line["seed"] == seed]
 
 
-def scores_from_generations(lines: list[dict]) -> GenerationScores:
+def scores_from_generations(lines: list[dict], protocols=PROTOCOLS) -> GenerationScores:
     """The scores of stored generations, recomputed exactly as `mhs eval` computed them."""
     tagged = any(line["tag"] is not None for line in lines)
     recognised = [line["recognised"] for line in lines] if lines[0]["recognised"] is not None else None
@@ -266,4 +279,4 @@ def scores_from_generations(lines: list[dict]) -> GenerationScores:
                             [line["reference_nll"] for line in lines] if has_nll else None,
                             [line["reference_tokens"] for line in lines] if has_nll else None,
                             [line["tag"] for line in lines] if tagged else None,
-                            [line["gold_label"] for line in lines], recognised)
+                            [line["gold_label"] for line in lines], recognised, protocols=protocols)
