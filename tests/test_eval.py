@@ -127,3 +127,8 @@ def test_compare_two_runs(trained, tmp_path, capsys):
     assert "| bleu |" in capsys.readouterr().out
     result = json.loads((tmp_path / "c.json").read_text())["tests"]
     assert 0 < result["bleu"]["p_value"] <= 1 and result["strategy_accuracy"]["b"] == 100.0
+    # oracle tags against random ones: every randomisation trial falls short of the observed gap
+    assert result["strategy_accuracy"]["p_randomisation"] == pytest.approx(1 / 101)
+    assert all(r["p_value_holm"] >= r["p_value"] and r["p_randomisation_holm"] >= r["p_randomisation"]
+               for r in result.values())
+    assert "esconv_rouge_l" in result
