@@ -79,6 +79,8 @@ def test_paired_bootstrap_separates_a_better_system_and_not_an_identical_one():
     assert result["bleu"]["delta"] > 0 and result["bleu"]["p_value"] < 0.01
     same = paired_bootstrap(better, better, 300, seed=0)
     assert same["bleu"]["delta"] == 0 and same["bleu"]["p_value"] == 1.0
+    chosen = paired_bootstrap(worse, better, 300, seed=0, metrics=["bleu", "esconv_rouge_l"])
+    assert chosen == {name: result[name] for name in ("bleu", "esconv_rouge_l")}  # same resamples, fewer metrics
 
 
 def test_paired_randomisation_separates_a_better_system_and_not_an_identical_one():

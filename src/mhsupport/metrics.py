@@ -93,6 +93,10 @@ class GenerationScores:
             self.sums["tag_adherence"] = np.array([[c is not None and c == r] for c, r in zip(chosen, recognised)],
                                                   dtype=np.float64)
 
+    @property
+    def metric_names(self) -> list[str]:
+        return [*self.sums, *self.ngrams]
+
     def signatures(self) -> dict[str, dict]:
         out = signatures(self.protocols)
         either = {"protocol": "any", "library": "ours", "case": "n/a", "smoothing": "none", "ngram_order": "n/a"}
@@ -103,19 +107,22 @@ class GenerationScores:
         out.update({name: {**either, "tokenizer": tokenizer} for name, tokenizer in extra.items() if name in self.sums})
         return out
 
-    def scores(self, rows: np.ndarray | None = None) -> dict[str, float]:
+    def scores(self, rows: np.ndarray | None = None, names=None) -> dict[str, float]:
+        """Every metric (or those in `names`) over the examples `rows` (default: all)."""
         rows = np.arange(self.n) if rows is None else rows
-        return self._values({name: a[rows].sum(axis=0) for name, a in self.sums.items()},
-                            {name: [ids[i] for i in rows] for name, ids in self.ngrams.items()}, len(rows))
+        return self._values({name: a[rows].sum(axis=0) for name, a in self.sums.items() if _wanted(name, names)},
+                            {name: [ids[i] for i in rows] for name, ids in self.ngrams.items() if _wanted(name, names)},
+                            len(rows))
 
-    def mixed_scores(self, other: GenerationScores, take_other: np.ndarray) -> dict[str, float]:
+    def mixed_scores(self, other: GenerationScores, take_other: np.ndarray, names=None) -> dict[str, float]:
         """Scores of the system that answers example i as `other` did where take_other[i], else as
-        this one (the metrics both systems have)."""
+        this one (the metrics both systems have, or those in `names`)."""
         column = take_other[:, None]
         return self._values({name: np.where(column, other.sums[name], a).sum(axis=0)
-                             for name, a in self.sums.items() if name in other.sums},
+                             for name, a in self.sums.items() if name in other.sums and _wanted(name, names)},
                             {name: [o if t else s for s, o, t in zip(ids, other.ngrams[name], take_other)]
-                             for name, ids in self.ngrams.items() if name in other.ngrams}, self.n)
+                             for name, ids in self.ngrams.items() if name in other.ngrams and _wanted(name, names)},
+                            self.n)
 
     @staticmethod
     def _values(sums: dict[str, np.ndarray], ngrams: dict[str, list[np.ndarray]], examples: int) -> dict[str, float]:
@@ -135,6 +142,10 @@ class GenerationScores:
         return out
 
 
+def _wanted(name: str, names) -> bool:
+    return names is None or name in names
+
+
 def no_interval(name: str) -> bool:
     # A resample with replacement repeats responses, which lowers any type/token ratio by
     # construction (the interval would miss the value), so Distinct-n gets no interval; paired
@@ -146,7 +157,8 @@ def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> 
     """Each metric's value with a 95% percentile bootstrap interval over examples."""
     point = scores.scores()
     rng = np.random.default_rng(seed)
-    samples = [scores.scores(rng.integers(0, scores.n, scores.n)) for _ in range(resamples)]
+    with_interval = [name for name in point if not no_interval(name)]
+    samples = [scores.scores(rng.integers(0, scores.n, scores.n), with_interval) for _ in range(resamples)]
     out = {}
     for name, value in point.items():
         if no_interval(name):
@@ -158,23 +170,25 @@ def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> 
     return out
 
 
-def _paired_points(a: GenerationScores, b: GenerationScores) -> tuple[dict, dict, list[str]]:
-    """Both systems' scores and the metrics they share."""
+def _paired_points(a: GenerationScores, b: GenerationScores, names) -> tuple[dict, dict, list[str]]:
+    """Both systems' scores and the metrics they share (of `names`, if given)."""
     if a.n != b.n:
         raise ValueError(f"paired test needs the same examples: {a.n} vs {b.n}")
-    point_a, point_b = a.scores(), b.scores()
+    point_a, point_b = a.scores(names=names), b.scores(names=names)
     return point_a, point_b, [name for name in point_a if name in point_b]
 
 
-def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, seed: int) -> dict[str, dict]:
-    """Paired bootstrap over the same examples: for each metric, B - A and the two-sided
-    p-value of 'no difference' (share of resampled differences on the other side of zero, doubled)."""
-    point_a, point_b, names = _paired_points(a, b)
+def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, seed: int,
+                     metrics=None) -> dict[str, dict]:
+    """Paired bootstrap over the same examples: for each metric (all shared, or `metrics`), B - A
+    and the two-sided p-value of 'no difference' (share of resampled differences on the other side
+    of zero, doubled)."""
+    point_a, point_b, names = _paired_points(a, b, metrics)
     rng = np.random.default_rng(seed)
     deltas: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(resamples):
         rows = rng.integers(0, a.n, a.n)
-        sa, sb = a.scores(rows), b.scores(rows)
+        sa, sb = a.scores(rows, names), b.scores(rows, names)
         for name in deltas:
             deltas[name].append(sb[name] - sa[name])
     out = {}
@@ -188,17 +202,19 @@ def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, s
     return out
 
 
-def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, seed: int) -> dict[str, dict]:
+def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, seed: int,
+                         metrics=None) -> dict[str, dict]:
     """Paired approximate randomisation (Noreen 1989; sacrebleu's `--paired-ar` for BLEU): each
-    trial swaps A's and B's outputs on a random half of the examples and recomputes every metric;
-    the two-sided p-value is (1 + #trials with |B' - A'| >= |B - A|) / (1 + trials)."""
-    point_a, point_b, names = _paired_points(a, b)
+    trial swaps A's and B's outputs on a random half of the examples and recomputes every metric
+    (all shared, or `metrics`); the two-sided p-value is (1 + #trials with |B' - A'| >= |B - A|)
+    / (1 + trials)."""
+    point_a, point_b, names = _paired_points(a, b, metrics)
     observed = {name: abs(point_b[name] - point_a[name]) for name in names}
     rng = np.random.default_rng(seed)
     at_least = dict.fromkeys(names, 0)
     for _ in range(trials):
         swap = rng.random(a.n) < 0.5
-        sa, sb = a.mixed_scores(b, swap), b.mixed_scores(a, swap)
+        sa, sb = a.mixed_scores(b, swap, names), b.mixed_scores(a, swap, names)
         for name in names:
             # a tolerance, so that float noise in re-summed statistics does not count as a difference
             at_least[name] += abs(sb[name] - sa[name]) >= observed[name] - 1e-9
