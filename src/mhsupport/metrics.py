@@ -86,7 +86,8 @@ class GenerationScores:
             self.ngrams.update(ngrams)
         self.sums["length"] = np.array([[len(h.split())] for h in hypotheses], dtype=np.float64)
         if nll is not None:
-            self.sums["ppl"] = np.column_stack([np.array(nll, dtype=np.float64), np.array(nll_tokens, dtype=np.float64)])
+            self.sums["ppl"] = np.column_stack([np.array(nll, dtype=np.float64),
+                                                np.array(nll_tokens, dtype=np.float64)])
         if chosen is not None and gold is not None and any(c is not None for c in chosen):
             self.sums["strategy_accuracy"] = np.array([[c == g] for c, g in zip(chosen, gold)], dtype=np.float64)
         if recognised is not None and chosen is not None and any(c is not None for c in chosen):

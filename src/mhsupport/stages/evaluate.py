@@ -63,7 +63,8 @@ def train_classifier_command(ccfg: DictConfig) -> str:
 def check_options(cfg: DictConfig) -> None:
     unknown = [p for p in cfg.metrics.protocols if p not in PROTOCOLS]
     if unknown or not cfg.metrics.protocols:
-        raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of {list(PROTOCOLS)}")
+        raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of "
+                       f"{list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
     if cfg.generator_source not in ("finetuned", "base", "llm"):
         raise MhsError(f"generator_source={cfg.generator_source!r}: expected finetuned, base or llm")
     if cfg.generator_source == "llm":

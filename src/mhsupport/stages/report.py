@@ -111,8 +111,8 @@ def run(cfg: DictConfig) -> ReportResult:
     table1 = [{"category": c, "paper": stats["table1"]["paper"][c], "ours_membership": stats["table1"]["membership"][c],
                "ours_primary": stats["table1"]["primary"][c]} for c in stats["table1"]["paper"]]
     table2 = [row(name, metrics[f"table2/{name}"], PAPER_TABLE2[name]) for name in TABLE2_SYSTEMS]
-    table4 = [row(f"{DATASET_NAMES[d]}+tag / {s}", metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s)))
-              for d in ("esconv", "unified") for s in cfg.table4_samplers]
+    table4_cells = {f"{DATASET_NAMES[d]}+tag / {s}": (d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers}
+    table4 = [row(name, metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s))) for name, (d, s) in table4_cells.items()]
     tests = significance(cfg, evals)
     run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests}
 
@@ -121,10 +121,9 @@ def run(cfg: DictConfig) -> ReportResult:
         write_csv(out / "table2.csv", table2)
         write_csv(out / "table4.csv", table4)
         write_csv(out / "significance.csv", tests)
-        bleu_figure({r["system"]: metrics[f"table2/{name}"] for r, name in zip(table2, TABLE2_SYSTEMS)},
+        bleu_figure({name: metrics[f"table2/{name}"] for name in TABLE2_SYSTEMS},
                     out / "table2_bleu", f"Table 2 ({profile} profile): BLEU with 95% intervals")
-        bleu_figure({r["system"]: metrics[f"table4/{d}/{s}"]
-                     for r, (d, s) in zip(table4, [(d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers])},
+        bleu_figure({name: metrics[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()},
                     out / "table4_bleu", f"Table 4 ({profile} profile): BLEU with 95% intervals")
         (out / "report.md").write_text(report_markdown(cfg, metrics, table1, table2, table4, tests))
     log.info("report wrote %s", run_.path)
@@ -256,8 +255,9 @@ def protocol_tables(title: str, rows: list[dict], signatures: dict, protocols, l
     parts = []
     for protocol in protocols:
         shown = rows + list(literature) if protocol == "esconv" else rows
-        parts.append(f"### {title} ({PROTOCOL_TITLES[protocol]})\n\n{markdown_table(shown, generation_columns(shown, protocol))}"
-                     f"\n\n{signature_notes(signatures, rows, protocol)}")
+        table = markdown_table(shown, generation_columns(shown, protocol))
+        notes = signature_notes(signatures, rows, protocol)
+        parts.append(f"### {title} ({PROTOCOL_TITLES[protocol]})\n\n{table}\n\n{notes}")
     return "\n\n".join(parts)
 
 
@@ -266,6 +266,7 @@ def report_markdown(cfg, metrics, table1, table2, table4, tests) -> str:
     first = next(iter(metrics.values()))
     n = first["examples"]
     signatures, protocols = first.get("signatures", {}), list(cfg.metrics.protocols)
+    tested_metrics = max(len(cfg.significance_metrics), 1)
     warning = ("\n> **tiny profile: a plumbing check. Models trained from scratch for seconds; every number "
                "below means nothing.**\n" if profile == "tiny" else "")
     literature = ("\nThe rows \"Liu et al. 2021\" are the ESConv paper's own B-2 and ROUGE-L, for other models "
@@ -306,12 +307,13 @@ always predicted). Preferences are listed per category.
                         ("p_randomisation", "p approx. rand."), ("p_randomisation_holm", "Holm"),
                         ("holds", "Holds")])}
 
-{len(tests)} comparisons ({len(tests) // max(len(cfg.significance_metrics), 1)} orderings x {len(cfg.significance_metrics)}
-metrics), each by a paired bootstrap and by paired approximate randomisation ({cfg.significance_resamples} resamples or
+{len(tests)} comparisons ({len(tests) // tested_metrics} orderings x {tested_metrics} metrics),
+each by a paired bootstrap and by paired approximate randomisation ({cfg.significance_resamples} resamples or
 trials, two-sided); "Holm" is the p-value Holm-adjusted over all {len(tests)} tests of its kind (statsmodels
 `multipletests`). An ordering holds when B - A > 0 and both Holm-adjusted p < 0.05.
 
-Figures: `table2_bleu.png`, `table4_bleu.png` (and `.pdf`). CSV: `table1.csv`, `table2.csv`, `table4.csv`, `significance.csv`.
+Figures: `table2_bleu.png`, `table4_bleu.png` (and `.pdf`). CSV: `table1.csv`, `table2.csv`, `table4.csv`,
+`significance.csv`.
 """
 
 
