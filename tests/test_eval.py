@@ -132,3 +132,9 @@ def test_compare_two_runs(trained, tmp_path, capsys):
     assert all(r["p_value_holm"] >= r["p_value"] and r["p_randomisation_holm"] >= r["p_randomisation"]
                for r in result.values())
     assert "esconv_rouge_l" in result
+
+
+def test_unknown_metric_protocol_is_refused_before_anything_runs(prepared):
+    with pytest.raises(MhsError, match=r"metrics.protocols=\['bleurt'\]: expected a non-empty list of "
+                                       r"\['default', 'esconv'\], e.g. metrics.protocols=\[default\]"):
+        evaluate.plan(stage_config("eval", prepared, *EVAL, "metrics.protocols=[bleurt]"))
