@@ -72,6 +72,15 @@ def test_tagged_eval_writes_generations_and_recomputable_metrics(make_cfg, train
         assert value == pytest.approx(result.metrics["metrics"][name]["value"])
     m = result.metrics["metrics"]
     assert {"bleu", "bleu_1", "bleu_4", "rouge_l", "distinct_1", "distinct_2", "ppl", "length"} <= set(m)
+    assert {"esconv_bleu_1", "esconv_bleu_4", "esconv_rouge_l", "esconv_distinct_2"} <= set(m)
+    assert set(m) == set(result.metrics["signatures"]) and result.metrics["protocols"] == ["default", "esconv"]
+    assert result.metrics["signatures"]["esconv_rouge_l"]["protocol"] == "esconv"
+    if sampler != "none":
+        prediction = result.metrics["strategy_prediction"]["0"]
+        assert prediction["accuracy"] * 100 == pytest.approx(m["strategy_accuracy"]["value"])
+        assert set(prediction["preference"]) == set(LABELS) and prediction["preference_bias"] >= 0
+    if sampler == "oracle":
+        assert prediction["macro_f1"] == 1.0 and prediction["preference_bias"] == pytest.approx(0, abs=1e-9)
     if sampler != "none":
         assert "tag_adherence" in m and "strategy_accuracy" in m
     assert m["bleu"]["ci_low"] <= m["bleu"]["value"] <= m["bleu"]["ci_high"]
@@ -119,3 +128,14 @@ def test_compare_two_runs(make_cfg, trained, tmp_path, capsys):
     assert "| bleu |" in capsys.readouterr().out
     result = json.loads((tmp_path / "c.json").read_text())["tests"]
     assert 0 < result["bleu"]["p_value"] <= 1 and result["strategy_accuracy"]["b"] == 100.0
+    # oracle tags against random ones: every randomisation trial falls short of the observed gap
+    assert result["strategy_accuracy"]["p_randomisation"] == pytest.approx(1 / 101)
+    assert all(r["p_value_holm"] >= r["p_value"] and r["p_randomisation_holm"] >= r["p_randomisation"]
+               for r in result.values())
+    assert "esconv_rouge_l" in result
+
+
+def test_unknown_metric_protocol_is_refused_before_anything_runs(make_cfg, prepared):
+    with pytest.raises(MhsError, match=r"metrics.protocols=\['bleurt'\]: expected a non-empty list of "
+                                       r"\['default', 'esconv'\], e.g. metrics.protocols=\[default\]"):
+        evaluate.plan(make_cfg("eval", *EVAL, "metrics.protocols=[bleurt]"))

@@ -1,4 +1,6 @@
-"""Generation metrics against sacrebleu called directly and against hand-worked cases."""
+"""Generation metrics against sacrebleu called directly and against hand-worked cases; paired
+tests; strategy-prediction scores (Q, preference bias B). The protocols' tokenisation, ROUGE-L and
+the esconv formulas are in test_metric_protocols.py."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from mhsupport.metrics import GenerationScores, bootstrap_intervals, paired_bootstrap, rouge_l
+from mhsupport.metrics import (GenerationScores, bootstrap_intervals, classification_scores, paired_bootstrap,
+                               paired_randomisation, preference_bias)
 
 HYPS = ["I am sorry to hear that.", "Have you talked to your boss about it?", "That sounds hard",
         "Maybe try a walk outside.", "ok"]
@@ -28,12 +31,18 @@ def test_bleu_n_is_cumulative_smoothed_lowercased(n):
     assert GenerationScores(upper, REFS).scores()["bleu"] < GenerationScores(HYPS, REFS).scores()["bleu"]
 
 
-def test_rouge_l_hand_worked():
-    # LCS("the cat sat on the mat", "the cat lay on the mat") = 5; P = R = 5/6
-    assert rouge_l("the cat sat on the mat", "The cat lay on the mat") == pytest.approx(5 / 6)
-    # LCS = 2 ("a c"); P = 2/3, R = 2/4, F = 2PR/(P+R) = 4/7
-    assert rouge_l("a b c", "a x c y") == pytest.approx(4 / 7)
-    assert rouge_l("", "a") == 0.0 and rouge_l("x", "y") == 0.0
+def test_every_metric_has_a_signature_naming_its_protocol():
+    scores = GenerationScores(HYPS, REFS, nll=[1.0] * 5, nll_tokens=[1] * 5)
+    signatures = scores.signatures()
+    for name in scores.scores():
+        assert {"protocol", "library", "tokenizer", "case", "smoothing", "ngram_order"} <= set(signatures[name]), name
+    reference_bleu = sacrebleu.BLEU()
+    reference_bleu.corpus_score(HYPS, [REFS])
+    assert signatures["bleu"]["signature"] == reference_bleu.get_signature().format()
+    assert signatures["bleu_2"]["signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:")
+    assert signatures["esconv_rouge_l"]["protocol"] == "esconv" and signatures["rouge_l"]["protocol"] == "default"
+    only_default = GenerationScores(HYPS, REFS, protocols=("default",)).scores()
+    assert "bleu" in only_default and not any(name.startswith("esconv_") for name in only_default)
 
 
 def test_distinct_hand_worked_and_length():
@@ -56,7 +65,7 @@ def test_bootstrap_interval_brackets_the_value_and_is_seeded():
     a = bootstrap_intervals(scores, 200, seed=1)
     assert a == bootstrap_intervals(scores, 200, seed=1)
     for name, metric in a.items():
-        if name.startswith("distinct"):
+        if "distinct_" in name:
             assert metric["ci_low"] is None  # resampling with replacement biases a type/token ratio
         else:
             assert metric["ci_low"] <= metric["value"] <= metric["ci_high"], name
@@ -70,3 +79,68 @@ def test_paired_bootstrap_separates_a_better_system_and_not_an_identical_one():
     assert result["bleu"]["delta"] > 0 and result["bleu"]["p_value"] < 0.01
     same = paired_bootstrap(better, better, 300, seed=0)
     assert same["bleu"]["delta"] == 0 and same["bleu"]["p_value"] == 1.0
+    chosen = paired_bootstrap(worse, better, 300, seed=0, metrics=["bleu", "esconv_rouge_l"])
+    assert chosen == {name: result[name] for name in ("bleu", "esconv_rouge_l")}  # same resamples, fewer metrics
+
+
+def test_paired_randomisation_separates_a_better_system_and_not_an_identical_one():
+    worse = GenerationScores(["hello there"] * 50, REFS * 10)
+    better = GenerationScores(HYPS * 10, REFS * 10)
+    result = paired_randomisation(worse, better, 300, seed=0)
+    for name in ("bleu", "bleu_2", "rouge_l", "esconv_bleu_2", "esconv_rouge_l", "distinct_1"):
+        assert result[name]["delta"] > 0 and result[name]["p_value"] < 0.01, name
+    assert result["bleu"]["p_value"] == pytest.approx(1 / 301)
+    same = paired_randomisation(better, better, 300, seed=0)
+    assert all(r["delta"] == 0 and r["p_value"] == 1.0 for r in same.values())
+
+
+def test_paired_randomisation_of_one_differing_example_is_not_significant():
+    a = GenerationScores(HYPS * 10, REFS * 10)
+    b = GenerationScores(["hello there"] + (HYPS * 10)[1:], REFS * 10)
+    result = paired_randomisation(a, b, 400, seed=1)
+    # Only example 0 differs: a trial either swaps it (B' - A' = -(B - A)) or not (= B - A), so every
+    # trial reaches the observed difference.
+    assert result["bleu"]["delta"] < 0 and result["bleu"]["p_value"] == 1.0
+
+
+def newman_iteration(confusion, rounds):
+    """A transcription of the preference update Kang et al. publish (Newman 2023), run to convergence."""
+    k = len(confusion)
+    p = np.ones(k)
+    for _ in range(rounds):
+        for i in range(k):
+            num = sum(confusion[j, i] * p[j] / (p[i] + p[j]) for j in range(k))
+            den = sum(confusion[i, j] / (p[i] + p[j]) for j in range(k))
+            p[i] = num / den
+        p = p * k / p.sum()
+    return p
+
+
+def test_preference_bias_hand_built_confusion_matrices():
+    # Two classes: predicting A where the gold is B 30 times, B where A 10 times: p_A / p_B = 3,
+    # so p = (1.5, 0.5) at mean 1 and B = 0.5. The diagonal does not enter.
+    preferences, bias = preference_bias(np.array([[50, 10], [30, 7]]))
+    assert preferences == pytest.approx([1.5, 0.5], abs=1e-6) and bias == pytest.approx(0.5, abs=1e-6)
+    perfect, bias = preference_bias(np.diag([20, 5, 9, 3]))
+    assert perfect == pytest.approx([1, 1, 1, 1]) and bias == pytest.approx(0.0, abs=1e-9)
+    always_first = np.zeros((4, 4))
+    always_first[:, 0] = [20, 5, 9, 3]
+    preferences, bias = preference_bias(always_first)
+    assert preferences[0] == pytest.approx(4, abs=1e-4) and bias == pytest.approx(np.sqrt(3), abs=1e-4)
+
+
+def test_preference_bias_is_the_bradley_terry_fit_of_the_published_update():
+    confusion = np.random.default_rng(3).integers(1, 40, (5, 5)).astype(float)
+    confusion[:, 2] *= 4  # a favoured class
+    preferences, bias = preference_bias(confusion)
+    expected = newman_iteration(confusion, 500)
+    assert preferences == pytest.approx(expected, rel=1e-5)
+    assert bias == pytest.approx(np.std(expected), rel=1e-5) and int(np.argmax(preferences)) == 2
+
+
+def test_classification_scores_carry_q_and_preferences():
+    gold = ["A", "B", "C", "A", "B", "C"]
+    out = classification_scores(gold, ["A"] * 6, ["A", "B", "C"])
+    assert out["macro_f1"] == pytest.approx((2 * (2 / 6) * 1 / (2 / 6 + 1)) / 3)
+    assert out["preference"]["A"] > 2.99 and out["preference_bias"] == pytest.approx(np.sqrt(2), abs=1e-4)
+    assert classification_scores(gold, gold, ["A", "B", "C"])["preference_bias"] == pytest.approx(0, abs=1e-9)

@@ -20,7 +20,7 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     first = pipeline.reproduce(cfg)
     out = first.report.run.path
     for name in ("report.md", "table1.csv", "table2.csv", "table4.csv", "significance.csv", "table2_bleu.png",
-                 "table4_bleu.png", "manifest.json"):
+                 "table4_bleu.png", "table2_bleu.pdf", "table4_bleu.pdf", "manifest.json"):
         assert (out / name).is_file(), name
     table2 = list(csv.DictReader(open(out / "table2.csv")))
     assert [r["system"] for r in table2] == ["Pretrained", "ESConv", "Unified", "ESConv+tag", "Unified+tag"]
@@ -28,8 +28,16 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     table4 = list(csv.DictReader(open(out / "table4.csv")))
     assert len(table4) == 8 and table4[-1]["system"] == "Unified+tag / oracle"
     assert float(table4[-1]["strategy_accuracy"]) == 100.0
+    assert float(table4[-1]["strategy_q"]) == 100.0 and float(table4[-1]["strategy_bias"]) == pytest.approx(0, abs=1e-3)
+    assert float(table4[-1]["esconv_bleu_2"]) >= 0 and "esconv_rouge_l_ci" in table4[-1]
     text = (out / "report.md").read_text()
     assert "every number below means nothing" in text and "| Comforting |" in text
+    assert "| B-2 [esconv] |" in text and "| Liu et al. 2021: DialoGPT-Joint (other model, data, split) |" in text
+    assert "signature `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in text
+    tests = list(csv.DictReader(open(out / "significance.csv")))
+    assert len(tests) == 9 * 4 and f"{len(tests)} comparisons (9 orderings x 4" in text
+    assert all(float(t["p_bootstrap_holm"]) >= float(t["p_bootstrap"]) and 0 < float(t["p_randomisation"]) <= 1
+               for t in tests)
     stages = [t["stage"] for t in first.timings]
     # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once.
     assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 11 + 1

@@ -152,21 +152,33 @@ def _run_eval(cfg, args):
 
 
 def _run_compare(args) -> None:
+    from statsmodels.stats.multitest import multipletests
+
     from mhsupport.generations_io import read_generations, scores_from_generations
-    from mhsupport.metrics import paired_bootstrap
-    from mhsupport.stages import evaluate
+    from mhsupport.metrics import paired_bootstrap, paired_randomisation
 
     a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
     if key != [(l["conversation_id"], l["turn_index"]) for l in b_lines]:
         raise MhsError("the two eval runs scored different test examples: a paired test needs the same ones")
-    result = paired_bootstrap(scores_from_generations(a_lines), scores_from_generations(b_lines),
-                              args.resamples, args.seed)
-    print(f"A = {args.run_a}\nB = {args.run_b}\n{len(key)} paired examples, {args.resamples} resamples\n")
-    print("| metric | A | B | B - A | 95% CI of B - A | p |\n| --- | ---: | ---: | ---: | --- | ---: |")
+    a_scores, b_scores = scores_from_generations(a_lines), scores_from_generations(b_lines)
+    result = paired_bootstrap(a_scores, b_scores, args.resamples, args.seed)
+    randomised = paired_randomisation(a_scores, b_scores, args.resamples, args.seed)
+    names = list(result)
+    holm_bootstrap = multipletests([result[n]["p_value"] for n in names], method="holm")[1]
+    holm_randomised = multipletests([randomised[n]["p_value"] for n in names], method="holm")[1]
+    for name, p_b, p_r in zip(names, holm_bootstrap, holm_randomised):
+        result[name].update(p_value_holm=float(p_b), p_randomisation=randomised[name]["p_value"],
+                            p_randomisation_holm=float(p_r))
+    print(f"A = {args.run_a}\nB = {args.run_b}\n{len(key)} paired examples, {args.resamples} bootstrap resamples "
+          f"and approximate-randomisation trials; Holm over the {len(names)} metrics; esconv_* metrics are the "
+          f"esconv protocol, the others the default protocol\n")
+    print("| metric | A | B | B - A | 95% CI of B - A | p bootstrap | Holm | p approx. rand. | Holm |\n"
+          "| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for name, r in result.items():
         print(f"| {name} | {r['a']:.3f} | {r['b']:.3f} | {r['delta']:+.3f} | [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] "
-              f"| {r['p_value']:.4f} |")
+              f"| {r['p_value']:.4f} | {r['p_value_holm']:.4f} | {r['p_randomisation']:.4f} "
+              f"| {r['p_randomisation_holm']:.4f} |")
     if args.out:
         _write_out(Path(args.out), json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
 
@@ -312,12 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
              "no longer exist left in the artifacts dir, and say what was removed; list resumable training "
              "checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
 
-    compare = commands.add_parser("compare", help="paired bootstrap test between two eval runs",
-                                  description="Paired bootstrap test of every metric between two eval runs "
-                                              "over the same test examples.")
+    compare = commands.add_parser("compare", help="paired tests between two eval runs",
+                                  description="Paired bootstrap and paired approximate-randomisation tests of every "
+                                              "metric (both protocols) between two eval runs over the same test "
+                                              "examples, with Holm-adjusted p-values over the metrics.")
     compare.add_argument("run_a", type=Path, help="eval run directory A")
     compare.add_argument("run_b", type=Path, help="eval run directory B")
-    compare.add_argument("--resamples", type=int, default=1000)
+    compare.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples and randomisation trials")
     compare.add_argument("--seed", type=int, default=0)
     compare.add_argument("--out", help="also write the result as JSON here")
     compare.set_defaults(stage=None, handler=_run_compare)

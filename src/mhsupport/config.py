@@ -82,7 +82,7 @@ def classifier_config(cfg: DictConfig, mode: str) -> DictConfig:
         "class_weighting": chosen.class_weighting})
 
 
-REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples")
+REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples", "significance_metrics")
 
 
 def eval_config(report_cfg: DictConfig, values: dict) -> DictConfig:

@@ -9,6 +9,7 @@ import shlex
 from pathlib import Path
 
 from mhsupport.errors import MhsError
+from mhsupport.metric_protocols import PROTOCOLS
 from mhsupport.metrics import GenerationScores
 
 GENERATIONS = "generations.jsonl"
@@ -78,7 +79,7 @@ def _manifest(run_dir: Path) -> dict:
     return manifest if isinstance(manifest, dict) else {}
 
 
-def scores_from_generations(lines: list[dict]) -> GenerationScores:
+def scores_from_generations(lines: list[dict], protocols=PROTOCOLS) -> GenerationScores:
     """The scores of stored generations, recomputed exactly as `mhs eval` computed them."""
     tagged = any(line["tag"] is not None for line in lines)
     recognised = [line["recognised"] for line in lines] if lines[0]["recognised"] is not None else None
@@ -87,4 +88,4 @@ def scores_from_generations(lines: list[dict]) -> GenerationScores:
                             [line["reference_nll"] for line in lines] if has_nll else None,
                             [line["reference_tokens"] for line in lines] if has_nll else None,
                             [line["tag"] for line in lines] if tagged else None,
-                            [line["gold_label"] for line in lines], recognised)
+                            [line["gold_label"] for line in lines], recognised, protocols=protocols)

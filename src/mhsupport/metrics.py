@@ -1,17 +1,23 @@
-"""Scores: classification (accuracy, F1, per-class, confusion matrix) and generation (BLEU,
-ROUGE-L, Distinct, perplexity, strategy accuracy, tag adherence) with bootstrap statistics."""
+"""Scores: classification (accuracy, F1 (Q), per-class, confusion matrix, preference bias B) and
+generation (the two metric protocols of `metric_protocols`, perplexity, length, strategy accuracy,
+tag adherence) with bootstrap intervals, paired bootstrap and paired approximate-randomisation tests."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from sacrebleu.metrics import BLEU
+from scipy.optimize import minimize
+from scipy.special import expit, logsumexp
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+from mhsupport.metric_protocols import PROTOCOLS, metric_value, per_example_statistics, signatures
 
 
 def classification_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
     precision, recall, f1, support = precision_recall_fscore_support(gold, predicted, labels=labels, zero_division=0)
+    confusion = confusion_matrix(gold, predicted, labels=labels)
+    preferences, bias = preference_bias(confusion)
     return {
         "n": len(gold),
         "accuracy": accuracy_score(gold, predicted),
@@ -19,113 +25,144 @@ def classification_scores(gold: list[str], predicted: list[str], labels: list[st
         "weighted_f1": f1_score(gold, predicted, labels=labels, average="weighted", zero_division=0),
         "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
                       for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
-        "confusion": {"labels": labels, "rows_gold_cols_predicted":
-                      confusion_matrix(gold, predicted, labels=labels).tolist()},
+        "confusion": {"labels": labels, "rows_gold_cols_predicted": confusion.tolist()},
+        # Kang et al. 2024 (arXiv:2402.13211): proficiency Q is the macro-F1 above.
+        "preference": dict(zip(labels, preferences)),
+        "preference_bias": bias,
     }
+
+
+def preference_bias(confusion: np.ndarray) -> tuple[list[float], float]:
+    """Each class's Bradley-Terry preference and the preference bias B (Kang et al. 2024, "Can
+    Large Language Models be Good Emotional Supporter?", arXiv:2402.13211, section 3): predicting
+    class i where the gold is j counts as i winning over j (confusion[j, i] wins, rows gold); the
+    strengths p are the Bradley-Terry maximum-likelihood fit of these wins, scaled to mean 1; B is
+    their standard deviation (population). The authors' code reaches the same fit by 20 rounds of
+    Newman's (2023) fixed-point update; we maximise the likelihood with scipy to convergence.
+    Diagonal counts do not enter the likelihood. A perfect predictor gives every class p = 1 and
+    B = 0; one that always predicts the same class gives p -> (K, 0, ..., 0) and B -> sqrt(K - 1)."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    k = confusion.shape[0]
+    wins = confusion.T.copy()  # wins[i, j]: i predicted, j gold
+    np.fill_diagonal(wins, 0.0)
+    games = wins + wins.T
+
+    def negative_log_likelihood(theta):
+        diff = theta[:, None] - theta[None, :]
+        nll = float((wins * np.logaddexp(0.0, -diff)).sum())
+        # d/dtheta_i of sum_ij wins_ij log(1 + exp(theta_j - theta_i))
+        loss_share = wins * expit(-diff)
+        return nll, loss_share.T.sum(axis=1) - loss_share.sum(axis=1)
+
+    theta = np.zeros(k)
+    if games.sum() > 0:
+        theta = minimize(negative_log_likelihood, theta, jac=True, method="L-BFGS-B",
+                         options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 10_000}).x
+    preferences = k * np.exp(theta - logsumexp(theta))
+    return [float(p) for p in preferences], float(np.std(preferences))
 
 
 # --- generation metrics (DESIGN.md section 8) --------------------------------------------
 #
-# Every metric is a function of per-example statistics, so one bootstrap resample is a
-# re-summing of rows: intervals and paired tests stay exact and fast.
-
-BLEU_METRICS = {"bleu": BLEU(), **{f"bleu_{n}": BLEU(max_ngram_order=n, smooth_method="exp", lowercase=True)
-                                   for n in range(1, 5)}}
-
-
-def bleu_stats(metric: BLEU, hypotheses: list[str], references: list[str]) -> np.ndarray:
-    """sacrebleu's per-sentence sufficient statistics (n-gram matches, totals, lengths)."""
-    return np.array(metric._extract_corpus_statistics(hypotheses, [references]), dtype=np.int64)
-
-
-def bleu_from_stats(metric: BLEU, summed: np.ndarray) -> float:
-    return metric._compute_score_from_stats(summed.tolist()).score
-
-
-def rouge_l(hypothesis: str, reference: str) -> float:
-    """LCS F-measure over lowercased whitespace tokens (beta = 1)."""
-    h, r = hypothesis.lower().split(), reference.lower().split()
-    if not h or not r:
-        return 0.0
-    previous = [0] * (len(r) + 1)
-    for token in h:
-        current = [0]
-        for j, other in enumerate(r):
-            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(h), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def ngram_ids(texts: list[str], n: int) -> list[np.ndarray]:
-    """Each text's n-grams (lowercased whitespace tokens) as integer ids shared across texts."""
-    vocabulary: dict[tuple, int] = {}
-    out = []
-    for text in texts:
-        tokens = text.lower().split()
-        grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-        out.append(np.array([vocabulary.setdefault(g, len(vocabulary)) for g in grams], dtype=np.int64))
-    return out
-
-
-def distinct(ids: list[np.ndarray], rows: np.ndarray) -> float:
-    chosen = [ids[i] for i in rows]
-    total = sum(len(a) for a in chosen)
-    return len(np.unique(np.concatenate(chosen))) / total if total else 0.0
-
+# Every metric is a function of per-example statistics (summed rows, or per-response n-gram
+# ids for Distinct-n), so a bootstrap resample or a paired permutation re-sums rows: intervals
+# and paired tests stay exact and fast.
 
 class GenerationScores:
     """Per-example statistics of one system's outputs, and every corpus metric over any
-    resample of the examples (`rows`: indices, repeats allowed)."""
+    resample of the examples (`rows`: indices, repeats allowed) or any mix with another system
+    over the same examples."""
 
     def __init__(self, hypotheses: list[str], references: list[str], nll: list[float] | None = None,
                  nll_tokens: list[int] | None = None, chosen: list | None = None, gold: list | None = None,
-                 recognised: list | None = None):
+                 recognised: list | None = None, protocols=PROTOCOLS):
         self.n = len(hypotheses)
-        self.bleu = {name: bleu_stats(metric, hypotheses, references) for name, metric in BLEU_METRICS.items()}
-        self.rouge = np.array([rouge_l(h, r) for h, r in zip(hypotheses, references)])
-        self.ngrams = {n: ngram_ids(hypotheses, n) for n in (1, 2)}
-        self.length = np.array([len(h.split()) for h in hypotheses], dtype=np.float64)
-        self.nll = None if nll is None else (np.array(nll, dtype=np.float64), np.array(nll_tokens, dtype=np.float64))
-        self.strategy_hit = None
+        self.protocols = tuple(protocols)
+        self.sums: dict[str, np.ndarray] = {}
+        self.ngrams: dict[str, list[np.ndarray]] = {}
+        for protocol in self.protocols:
+            sums, ngrams = per_example_statistics(protocol, hypotheses, references)
+            self.sums.update(sums)
+            self.ngrams.update(ngrams)
+        self.sums["length"] = np.array([[len(h.split())] for h in hypotheses], dtype=np.float64)
+        if nll is not None:
+            self.sums["ppl"] = np.column_stack([np.array(nll, dtype=np.float64),
+                                                np.array(nll_tokens, dtype=np.float64)])
         if chosen is not None and gold is not None and any(c is not None for c in chosen):
-            self.strategy_hit = np.array([c == g for c, g in zip(chosen, gold)], dtype=np.float64)
-        self.adherence = None
+            self.sums["strategy_accuracy"] = np.array([[c == g] for c, g in zip(chosen, gold)], dtype=np.float64)
         if recognised is not None and chosen is not None and any(c is not None for c in chosen):
-            self.adherence = np.array([c is not None and c == r for c, r in zip(chosen, recognised)], dtype=np.float64)
+            self.sums["tag_adherence"] = np.array([[c is not None and c == r] for c, r in zip(chosen, recognised)],
+                                                  dtype=np.float64)
 
-    def scores(self, rows: np.ndarray | None = None) -> dict[str, float]:
+    @property
+    def metric_names(self) -> list[str]:
+        return [*self.sums, *self.ngrams]
+
+    def signatures(self) -> dict[str, dict]:
+        out = signatures(self.protocols)
+        either = {"protocol": "any", "library": "ours", "case": "n/a", "smoothing": "none", "ngram_order": "n/a"}
+        out["length"] = {**either, "tokenizer": "whitespace (words per response)"}
+        extra = {"ppl": "the generator's own tokenizer (exp of reference NLL per token, teacher forcing)",
+                 "strategy_accuracy": "none (tag used = gold label)",
+                 "tag_adherence": "none (response recogniser's label = tag used)"}
+        out.update({name: {**either, "tokenizer": tokenizer} for name, tokenizer in extra.items() if name in self.sums})
+        return out
+
+    def scores(self, rows: np.ndarray | None = None, names=None) -> dict[str, float]:
+        """Every metric (or those in `names`) over the examples `rows` (default: all)."""
         rows = np.arange(self.n) if rows is None else rows
-        out = {name: bleu_from_stats(BLEU_METRICS[name], stats[rows].sum(axis=0)) for name, stats in self.bleu.items()}
-        out["rouge_l"] = float(self.rouge[rows].mean()) * 100
-        out["distinct_1"] = distinct(self.ngrams[1], rows) * 100
-        out["distinct_2"] = distinct(self.ngrams[2], rows) * 100
-        out["length"] = float(self.length[rows].mean())
-        if self.nll is not None:
-            out["ppl"] = math.exp(self.nll[0][rows].sum() / max(self.nll[1][rows].sum(), 1))
-        if self.strategy_hit is not None:
-            out["strategy_accuracy"] = float(self.strategy_hit[rows].mean()) * 100
-        if self.adherence is not None:
-            out["tag_adherence"] = float(self.adherence[rows].mean()) * 100
+        return self._values({name: a[rows].sum(axis=0) for name, a in self.sums.items() if _wanted(name, names)},
+                            {name: [ids[i] for i in rows] for name, ids in self.ngrams.items() if _wanted(name, names)},
+                            len(rows))
+
+    def mixed_scores(self, other: GenerationScores, take_other: np.ndarray, names=None) -> dict[str, float]:
+        """Scores of the system that answers example i as `other` did where take_other[i], else as
+        this one (the metrics both systems have, or those in `names`)."""
+        column = take_other[:, None]
+        return self._values({name: np.where(column, other.sums[name], a).sum(axis=0)
+                             for name, a in self.sums.items() if name in other.sums and _wanted(name, names)},
+                            {name: [o if t else s for s, o, t in zip(ids, other.ngrams[name], take_other)]
+                             for name, ids in self.ngrams.items() if name in other.ngrams and _wanted(name, names)},
+                            self.n)
+
+    @staticmethod
+    def _values(sums: dict[str, np.ndarray], ngrams: dict[str, list[np.ndarray]], examples: int) -> dict[str, float]:
+        out = {}
+        for name, summed in sums.items():
+            if name == "ppl":
+                out[name] = math.exp(summed[0] / max(summed[1], 1))
+            elif name == "length":
+                out[name] = float(summed[0]) / examples
+            elif name in ("strategy_accuracy", "tag_adherence"):
+                out[name] = 100 * float(summed[0]) / examples
+            else:
+                out[name] = metric_value(name, summed, examples)
+        for name, chosen in ngrams.items():
+            total = sum(len(a) for a in chosen)
+            out[name] = 100 * len(np.unique(np.concatenate(chosen))) / total if total else 0.0
         return out
 
 
-# A resample with replacement repeats responses, which lowers any type/token ratio by construction
-# (the interval would miss the value), so Distinct-n gets no interval; paired differences are fine.
-NO_INTERVAL = ("distinct_1", "distinct_2")
+def _wanted(name: str, names) -> bool:
+    return names is None or name in names
+
+
+def no_interval(name: str) -> bool:
+    # A resample with replacement repeats responses, which lowers any type/token ratio by
+    # construction (the interval would miss the value), so Distinct-n gets no interval; paired
+    # differences are fine.
+    return "distinct_" in name
 
 
 def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> dict[str, dict]:
     """Each metric's value with a 95% percentile bootstrap interval over examples."""
     point = scores.scores()
     rng = np.random.default_rng(seed)
-    samples = [scores.scores(rng.integers(0, scores.n, scores.n)) for _ in range(resamples)]
+    with_interval = [name for name in point if not no_interval(name)]
+    samples = [scores.scores(rng.integers(0, scores.n, scores.n), with_interval) for _ in range(resamples)]
     out = {}
     for name, value in point.items():
-        if name in NO_INTERVAL:
+        if no_interval(name):
             out[name] = {"value": value, "ci_low": None, "ci_high": None}
         else:
             values = [s[name] for s in samples]
@@ -134,17 +171,25 @@ def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> 
     return out
 
 
-def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, seed: int) -> dict[str, dict]:
-    """Paired bootstrap over the same examples: for each metric, B - A and the two-sided
-    p-value of 'no difference' (share of resampled differences on the other side of zero, doubled)."""
+def _paired_points(a: GenerationScores, b: GenerationScores, names) -> tuple[dict, dict, list[str]]:
+    """Both systems' scores and the metrics they share (of `names`, if given)."""
     if a.n != b.n:
         raise ValueError(f"paired test needs the same examples: {a.n} vs {b.n}")
-    point_a, point_b = a.scores(), b.scores()
+    point_a, point_b = a.scores(names=names), b.scores(names=names)
+    return point_a, point_b, [name for name in point_a if name in point_b]
+
+
+def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, seed: int,
+                     metrics=None) -> dict[str, dict]:
+    """Paired bootstrap over the same examples: for each metric (all shared, or `metrics`), B - A
+    and the two-sided p-value of 'no difference' (share of resampled differences on the other side
+    of zero, doubled)."""
+    point_a, point_b, names = _paired_points(a, b, metrics)
     rng = np.random.default_rng(seed)
-    deltas: dict[str, list[float]] = {name: [] for name in point_a if name in point_b}
+    deltas: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(resamples):
         rows = rng.integers(0, a.n, a.n)
-        sa, sb = a.scores(rows), b.scores(rows)
+        sa, sb = a.scores(rows, names), b.scores(rows, names)
         for name in deltas:
             deltas[name].append(sb[name] - sa[name])
     out = {}
@@ -156,3 +201,23 @@ def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, s
                      "ci_low": float(np.percentile(values, 2.5)), "ci_high": float(np.percentile(values, 97.5)),
                      "p_value": float(min(1.0, 2 * (other_side + 1) / (resamples + 1)))}
     return out
+
+
+def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, seed: int,
+                         metrics=None) -> dict[str, dict]:
+    """Paired approximate randomisation (Noreen 1989; sacrebleu's `--paired-ar` for BLEU): each
+    trial swaps A's and B's outputs on a random half of the examples and recomputes every metric
+    (all shared, or `metrics`); the two-sided p-value is (1 + #trials with |B' - A'| >= |B - A|)
+    / (1 + trials)."""
+    point_a, point_b, names = _paired_points(a, b, metrics)
+    observed = {name: abs(point_b[name] - point_a[name]) for name in names}
+    rng = np.random.default_rng(seed)
+    at_least = dict.fromkeys(names, 0)
+    for _ in range(trials):
+        swap = rng.random(a.n) < 0.5
+        sa, sb = a.mixed_scores(b, swap, names), b.mixed_scores(a, swap, names)
+        for name in names:
+            # a tolerance, so that float noise in re-summed statistics does not count as a difference
+            at_least[name] += abs(sb[name] - sa[name]) >= observed[name] - 1e-9
+    return {name: {"a": point_a[name], "b": point_b[name], "delta": point_b[name] - point_a[name],
+                   "p_value": (at_least[name] + 1) / (trials + 1)} for name in names}

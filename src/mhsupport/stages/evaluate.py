@@ -19,17 +19,23 @@ from mhsupport.examples_io import read_examples
 from mhsupport.formatting import IGNORE_INDEX, build_formatter, generator_tags
 from mhsupport.generation import generate
 from mhsupport.generations_io import GENERATIONS
-from mhsupport.metrics import GenerationScores, bootstrap_intervals
+from mhsupport.metric_protocols import PROTOCOLS
+from mhsupport.metrics import GenerationScores, bootstrap_intervals, classification_scores
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
 COMMAND = "mhs eval"
 PROFILE_GROUPS = ("generator", "classifier")
+NO_TAG = "(no tag)"
 
 
 def check(cfg: DictConfig) -> None:
     """The rules between options (each option's own values are checked in `options`)."""
+    unknown = [p for p in cfg.metrics.protocols if p not in PROTOCOLS]
+    if unknown or not cfg.metrics.protocols:
+        raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of "
+                       f"{list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
     if cfg.generator_source == "llm":
         if cfg.strategy_tag or cfg.sampler != "none":
             raise MhsError("--generator llm takes --prompt, not --strategy-tag or --sampler")
@@ -71,7 +77,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         respond, tags = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
     d = cfg.decoding
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
-    lines, per_seed = [], {}
+    lines, per_seed, strategy_prediction = [], {}, {}
+    protocols = list(cfg.metrics.protocols)
     for seed in seeds:
         outputs, nll, counts = respond(seed)
         used_tags = [o["tag"] for o in outputs]
@@ -79,8 +86,13 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         recognised = recogniser.predict(responses) if recogniser else None
         gold = [e[label_key] for e in examples]
         scores = GenerationScores(responses, [e["response"] for e in examples], nll, counts,
-                                  used_tags if labels else None, gold, recognised)
+                                  used_tags if labels else None, gold, recognised, protocols=protocols)
         per_seed[str(seed)] = bootstrap_intervals(scores, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        if labels and any(tag is not None for tag in used_tags):
+            # the tags used as predictions of the gold label: accuracy, Q (macro-F1), preference bias B;
+            # a response without a tag counts as a wrong prediction outside the label set
+            strategy_prediction[str(seed)] = classification_scores(
+                gold, [NO_TAG if tag is None else tag for tag in used_tags], list(labels))
         for i, (example, output) in enumerate(zip(examples, outputs)):
             lines.append({"seed": seed, "conversation_id": example["conversation_id"],
                           "turn_index": example["turn_index"], "context": example["context"],
@@ -97,6 +109,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         "examples": len(examples), "decoding": "sampled" if len(seeds) > 1 or d.do_sample else "greedy",
         "seeds": seeds,
         "metrics": mean_over_seeds(per_seed), "per_seed": per_seed,
+        "protocols": protocols, "signatures": scores.signatures(),
+        "strategy_prediction": strategy_prediction,
         "note": cfg.generator.get("warning") or "",
     }
     text = "".join(json.dumps(line) + "\n" for line in lines)

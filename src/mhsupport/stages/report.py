@@ -11,11 +11,13 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 from omegaconf import DictConfig
+from statsmodels.stats.multitest import multipletests
 
 from mhsupport import artifacts
 from mhsupport.config import eval_config, prepare_data_config
-from mhsupport.metrics import paired_bootstrap
+from mhsupport.errors import MhsError
 from mhsupport.generations_io import read_generations, scores_from_generations
+from mhsupport.metrics import paired_bootstrap, paired_randomisation
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -34,7 +36,18 @@ TABLE2_SYSTEMS = {
     "ESConv+tag": {"dataset": "esconv", "strategy_tag": True, "sampler": "none"},
     "Unified+tag": {"dataset": "unified", "strategy_tag": True, "sampler": "none"},
 }
-COLUMNS = ("bleu", "bleu_2", "bleu_4", "rouge_l", "distinct_2", "ppl", "length", "strategy_accuracy", "tag_adherence")
+COLUMNS = ("bleu", "bleu_2", "bleu_4", "rouge_l", "distinct_2", "ppl", "length", "strategy_accuracy", "tag_adherence",
+           "esconv_bleu_1", "esconv_bleu_2", "esconv_bleu_3", "esconv_bleu_4", "esconv_rouge_l", "esconv_distinct_1",
+           "esconv_distinct_2")
+# The ESConv paper's automatic evaluation (Liu et al., ACL 2021) under the esconv protocol:
+# other models (DialoGPT with strategy tokens: Joint predicts the strategy, Oracle is given the gold
+# one), all of ESConv, its own random split.
+LITERATURE = [
+    {"system": "Liu et al. 2021: DialoGPT-Joint (other model, data, split)", "esconv_bleu_2": 5.00,
+     "esconv_rouge_l": 15.09},
+    {"system": "Liu et al. 2021: DialoGPT-Oracle (other model, data, split)", "esconv_bleu_2": 5.52,
+     "esconv_rouge_l": 15.82},
+]
 DATASET_NAMES = {"esconv": "ESConv", "unified": "Unified"}
 
 
@@ -66,8 +79,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     table1 = [{"category": c, "paper": stats["table1"]["paper"][c], "ours_membership": stats["table1"]["membership"][c],
                "ours_primary": stats["table1"]["primary"][c]} for c in stats["table1"]["paper"]]
     table2 = [row(name, metrics[f"table2/{name}"], PAPER_TABLE2[name]) for name in TABLE2_SYSTEMS]
-    table4 = [row(f"{DATASET_NAMES[d]}+tag / {s}", metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s)))
-              for d in ("esconv", "unified") for s in cfg.table4_samplers]
+    table4_cells = {f"{DATASET_NAMES[d]}+tag / {s}": (d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers}
+    table4 = [row(name, metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s))) for name, (d, s) in table4_cells.items()]
     tests = significance(cfg, evals)
     run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests}
 
@@ -76,8 +89,10 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         write_csv(out / "table2.csv", table2)
         write_csv(out / "table4.csv", table4)
         write_csv(out / "significance.csv", tests)
-        bleu_figure(table2, out / "table2_bleu.png", f"Table 2 ({profile} profile): BLEU with 95% intervals")
-        bleu_figure(table4, out / "table4_bleu.png", f"Table 4 ({profile} profile): BLEU with 95% intervals")
+        bleu_figure({name: metrics[f"table2/{name}"] for name in TABLE2_SYSTEMS},
+                    out / "table2_bleu", f"Table 2 ({profile} profile): BLEU with 95% intervals")
+        bleu_figure({name: metrics[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()},
+                    out / "table4_bleu", f"Table 4 ({profile} profile): BLEU with 95% intervals")
         (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests))
     log.info("report wrote %s", run_.path)
 
@@ -90,6 +105,11 @@ def row(name: str, m: dict, paper_bleu: float | None) -> dict:
             out[column] = round(value["value"], 3)
             if value["ci_low"] is not None:
                 out[f"{column}_ci"] = f"[{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
+    prediction = next(iter(m.get("strategy_prediction", {}).values()), None)
+    if prediction is not None:  # the tags as predictions of the gold category (first decoding seed)
+        out["strategy_q"] = round(100 * prediction["macro_f1"], 2)
+        out["strategy_bias"] = round(prediction["preference_bias"], 3)
+        out["strategy_preferences"] = " ".join(f"{label[:4]} {p:.2f}" for label, p in prediction["preference"].items())
     return out
 
 
@@ -107,19 +127,35 @@ ORDERINGS = [  # (claim, system A, system B): B should beat A
 
 
 def significance(cfg: DictConfig, evals: dict[str, artifacts.Run]) -> list[dict]:
-    """Paired bootstrap tests of the paper's orderings on BLEU and BLEU-2."""
-    tests = []
+    """Paired bootstrap and paired approximate-randomisation tests of the paper's orderings on the
+    configured metrics, with Holm-adjusted p-values over all the tests of each kind."""
+    tests, metrics = [], list(cfg.significance_metrics)
+    protocols = list(cfg.metrics.protocols)
     for claim, a, b in ORDERINGS:
         if a not in evals or b not in evals:
             continue
-        result = paired_bootstrap(scores_from_generations(read_generations(evals[a].path)),
-                                  scores_from_generations(read_generations(evals[b].path)),
-                                  cfg.significance_resamples, cfg.bootstrap.seed)
-        for metric in ("bleu", "bleu_2"):
-            r = result[metric]
+        scores_a, scores_b = (scores_from_generations(read_generations(evals[key].path), protocols)
+                              for key in (a, b))
+        unknown = [m for m in metrics if m not in scores_a.metric_names or m not in scores_b.metric_names]
+        if unknown:
+            raise MhsError(f"significance_metrics={metrics}: {unknown} not scored by these eval runs (protocols "
+                           f"{protocols}); expected names from their metrics.json, e.g. bleu, bleu_2, esconv_rouge_l")
+        bootstrap = paired_bootstrap(scores_a, scores_b, cfg.significance_resamples, cfg.bootstrap.seed, metrics)
+        randomised = paired_randomisation(scores_a, scores_b, cfg.significance_resamples, cfg.bootstrap.seed, metrics)
+        for metric in metrics:
+            r = bootstrap[metric]
             tests.append({"claim": claim, "metric": metric, "a": round(r["a"], 3), "b": round(r["b"], 3),
                           "delta": round(r["delta"], 3), "ci": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
-                          "p_value": round(r["p_value"], 4), "holds": bool(r["delta"] > 0 and r["p_value"] < 0.05)})
+                          "p_bootstrap": r["p_value"], "p_randomisation": randomised[metric]["p_value"]})
+    for kind in ("bootstrap", "randomisation"):
+        if tests:
+            adjusted = multipletests([t[f"p_{kind}"] for t in tests], method="holm")[1]
+            for t, p in zip(tests, adjusted):
+                t[f"p_{kind}_holm"] = float(p)
+    for t in tests:
+        t["holds"] = bool(t["delta"] > 0 and t["p_bootstrap_holm"] < 0.05 and t["p_randomisation_holm"] < 0.05)
+        for key in ("p_bootstrap", "p_bootstrap_holm", "p_randomisation", "p_randomisation_holm"):
+            t[key] = round(t[key], 4)
     return tests
 
 
@@ -144,27 +180,74 @@ def markdown_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def generation_columns(rows) -> list[tuple[str, str]]:
-    columns = [("system", "System"), ("paper_bleu", "Paper BLEU (0-1?)"), ("bleu", "BLEU"), ("bleu_ci", "95% CI"),
-               ("bleu_2", "B-2"), ("bleu_4", "B-4"), ("rouge_l", "ROUGE-L"), ("distinct_2", "Dist-2"),
-               ("ppl", "PPL"), ("length", "Len"), ("strategy_accuracy", "Strategy acc. %"),
-               ("tag_adherence", "Tag adherence %")]
+PROTOCOL_TITLES = {
+    "default": "default protocol: sacrebleu BLEU and B-n, rouge-score ROUGE-L, Distinct over 13a tokens",
+    "esconv": "esconv protocol: the ESConv papers' metric code (nltk tokens, nltk BLEU method 3, ROUGE-L beta 1.2)",
+}
+
+
+def generation_columns(rows, protocol: str) -> list[tuple[str, str]]:
+    if protocol == "default":
+        columns = [("system", "System"), ("paper_bleu", "Paper BLEU (0-1?)"), ("bleu", "BLEU [default]"),
+                   ("bleu_ci", "95% CI"), ("bleu_2", "B-2 [default]"), ("bleu_4", "B-4 [default]"),
+                   ("rouge_l", "ROUGE-L [default]"), ("rouge_l_ci", "95% CI"), ("distinct_2", "Dist-2 [default]"),
+                   ("ppl", "PPL"), ("length", "Len"), ("strategy_accuracy", "Strategy acc. %"),
+                   ("tag_adherence", "Tag adherence %"), ("strategy_q", "Q (macro-F1 %)"),
+                   ("strategy_bias", "Preference bias B"), ("strategy_preferences", "Preferences")]
+    else:
+        columns = [("system", "System"), ("esconv_bleu_1", "B-1 [esconv]"), ("esconv_bleu_2", "B-2 [esconv]"),
+                   ("esconv_bleu_2_ci", "95% CI"), ("esconv_bleu_3", "B-3 [esconv]"), ("esconv_bleu_4", "B-4 [esconv]"),
+                   ("esconv_rouge_l", "ROUGE-L [esconv]"), ("esconv_rouge_l_ci", "95% CI"),
+                   ("esconv_distinct_1", "Dist-1 [esconv]"), ("esconv_distinct_2", "Dist-2 [esconv]")]
     return [c for c in columns if any(c[0] in r for r in rows)]
+
+
+def signature_notes(signatures: dict, rows: list[dict], protocol: str) -> str:
+    """One line per metric shown in the table: how it was computed."""
+    lines = []
+    for key, _ in generation_columns(rows, protocol):
+        sig = signatures.get(key)
+        if sig is None:
+            continue
+        if "signature" in sig:
+            lines.append(f"- `{key}`: {sig['library']}, signature `{sig['signature']}`")
+        else:
+            lines.append(f"- `{key}`: {sig['library']}; tokenizer: {sig['tokenizer']}; case: {sig['case']}; "
+                         f"smoothing: {sig['smoothing']}; n-gram order: {sig['ngram_order']}")
+    return "Signatures:\n\n" + "\n".join(lines) if lines else ""
+
+
+def protocol_tables(title: str, rows: list[dict], signatures: dict, protocols, literature=()) -> str:
+    """The table once per computed protocol, each with its signatures below it."""
+    parts = []
+    for protocol in protocols:
+        shown = rows + list(literature) if protocol == "esconv" else rows
+        table = markdown_table(shown, generation_columns(shown, protocol))
+        notes = signature_notes(signatures, rows, protocol)
+        parts.append(f"### {title} ({PROTOCOL_TITLES[protocol]})\n\n{table}\n\n{notes}")
+    return "\n\n".join(parts)
 
 
 def report_markdown(cfg, metrics, table1, table2, table4, tests) -> str:
     profile = cfg.generator.profile
-    n = next(iter(metrics.values()))["examples"]
+    first = next(iter(metrics.values()))
+    n = first["examples"]
+    signatures, protocols = first.get("signatures", {}), list(cfg.metrics.protocols)
+    tested_metrics = max(len(cfg.significance_metrics), 1)
     warning = f"\n> **{cfg.generator.warning}**\n" if cfg.generator.get("warning") else ""
+    literature = ("\nThe rows \"Liu et al. 2021\" are the ESConv paper's own B-2 and ROUGE-L, for other models "
+                  "(DialoGPT), all of ESConv and its own random split: a scale reference, not a comparison. The "
+                  "esconv protocol is the metric code of the group's later releases (codes_zcj); that the 2021 "
+                  "numbers were computed the same way is assumed, not checked.\n" if "esconv" in protocols else "")
     return f"""# Reproduction report ({profile} profile)
 {warning}
 Generators: `{cfg.generator.get('name_or_path') or cfg.generator.get('gguf_file') or 'GPT-2 from scratch'}`
 ({profile} profile); classifier: `{cfg.classifier.get('name_or_path') or 'BERT from scratch'}`.
 Scored on {n:,} ESConv test examples (seeded subset: {cfg.test_subset is not None}), greedy decoding,
-{cfg.bootstrap.resamples} bootstrap resamples. BLEU is sacrebleu corpus BLEU (0-100); B-n are
-cumulative, smoothed, lowercased; the paper's BLEU is on an unstated scale, probably 0-1, with its own
-split and tokenisation: compare orderings, not values.
-
+{cfg.bootstrap.resamples} bootstrap resamples. Metric protocols: {", ".join(protocols)}. Under the default
+protocol BLEU is sacrebleu corpus BLEU (0-100) and B-n are cumulative, smoothed, lowercased; the paper's BLEU
+is on an unstated scale, probably 0-1, with its own split and tokenisation: compare orderings, not values.
+{literature}
 ## Table 1: category counts
 
 {markdown_table(table1, [("category", "Category"), ("paper", "Paper"), ("ours_membership", "Ours, Table-1 membership"),
@@ -172,31 +255,46 @@ split and tokenisation: compare orderings, not values.
 
 ## Table 2: fine-tuning data and tags (no tag sampling)
 
-{markdown_table(table2, generation_columns(table2))}
+{protocol_tables("Table 2", table2, signatures, protocols, LITERATURE)}
 
 ## Table 4: tag samplers (tagged generators)
 
-{markdown_table(table4, generation_columns(table4))}
+{protocol_tables("Table 4", table4, signatures, protocols)}
 
-## Do the paper's orderings hold? (paired bootstrap, B - A)
+Q and B score the tags used as predictions of the gold category: Q is macro-F1 and B the preference bias of
+Kang et al. (2024): the spread (standard deviation) of per-category Bradley-Terry preferences fitted on the
+gold x predicted counts, preferences scaled to mean 1 (0: no category favoured; sqrt(3) = 1.73: one category
+always predicted). Preferences are listed per category.
+
+## Do the paper's orderings hold? (paired tests, B - A)
 
 {markdown_table(tests, [("claim", "Claim (B > A)"), ("metric", "Metric"), ("a", "A"), ("b", "B"), ("delta", "B - A"),
-                        ("ci", "95% CI"), ("p_value", "p"), ("holds", "Holds (p < 0.05)")])}
+                        ("ci", "95% CI (bootstrap)"), ("p_bootstrap", "p bootstrap"), ("p_bootstrap_holm", "Holm"),
+                        ("p_randomisation", "p approx. rand."), ("p_randomisation_holm", "Holm"),
+                        ("holds", "Holds")])}
 
-Figures: `table2_bleu.png`, `table4_bleu.png`. CSV: `table1.csv`, `table2.csv`, `table4.csv`, `significance.csv`.
+{len(tests)} comparisons ({len(tests) // tested_metrics} orderings x {tested_metrics} metrics),
+each by a paired bootstrap and by paired approximate randomisation ({cfg.significance_resamples} resamples or
+trials, two-sided); "Holm" is the p-value Holm-adjusted over all {len(tests)} tests of its kind (statsmodels
+`multipletests`). An ordering holds when B - A > 0 and both Holm-adjusted p < 0.05.
+
+Figures: `table2_bleu.png`, `table4_bleu.png` (and `.pdf`). CSV: `table1.csv`, `table2.csv`, `table4.csv`,
+`significance.csv`.
 """
 
 
-def bleu_figure(rows: list[dict], path: Path, title: str) -> None:
-    names = [r["system"] for r in rows]
-    values = [r["bleu"] for r in rows]
-    bounds = [tuple(float(x) for x in r["bleu_ci"].strip("[]").split(", ")) for r in rows]
-    errors = [[v - lo for v, (lo, _) in zip(values, bounds)], [hi - v for v, (_, hi) in zip(values, bounds)]]
-    figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4.2))
-    axes.bar(range(len(rows)), values, yerr=errors, capsize=4, color="#4C72B0")
-    axes.set_xticks(range(len(rows)), names, rotation=30, ha="right")
-    axes.set_ylabel("sacrebleu BLEU (0-100)")
+def bleu_figure(systems: dict[str, dict], stem: Path, title: str) -> None:
+    """BLEU bars with whiskers from each eval's stored interval (unrounded), as PNG and PDF."""
+    names = list(systems)
+    bleu = [systems[name]["metrics"]["bleu"] for name in names]
+    values = [b["value"] for b in bleu]
+    errors = [[b["value"] - b["ci_low"] for b in bleu], [b["ci_high"] - b["value"] for b in bleu]]
+    figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4.2))
+    axes.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4C72B0")
+    axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    axes.set_ylabel("sacrebleu BLEU (0-100), default protocol")
     axes.set_title(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(stem.with_suffix(".png"), dpi=120)
+    figure.savefig(stem.with_suffix(".pdf"))
     plt.close(figure)
