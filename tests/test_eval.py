@@ -12,9 +12,8 @@ import pytest
 from mhsupport import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations
-from mhsupport.sampling import choose_tags
 from mhsupport import pipeline
+from mhsupport.sampling import choose_tags
 from mhsupport.generations_io import read_generations, scores_from_generations
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
@@ -138,4 +137,4 @@ def test_compare_two_runs(make_cfg, trained, tmp_path, capsys):
 def test_unknown_metric_protocol_is_refused_before_anything_runs(make_cfg, prepared):
     with pytest.raises(MhsError, match=r"metrics.protocols=\['bleurt'\]: expected a non-empty list of "
                                        r"\['default', 'esconv'\], e.g. metrics.protocols=\[default\]"):
-        evaluate.plan(make_cfg("eval", *EVAL, "metrics.protocols=[bleurt]"))
+        pipeline.Pipeline().plan("eval", make_cfg("eval", *EVAL, "metrics.protocols=[bleurt]"))
