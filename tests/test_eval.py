@@ -108,7 +108,8 @@ def test_missing_generator_run_names_the_command(trained, capsys):
                  f"paths.artifacts_dir={artifacts}", "generator.train_subset=64"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "run `mhs train dialogpt --profile tiny --dataset unified --strategy-tag generator.train_subset=64` first" in err
+    assert (f"  mhs train dialogpt --profile tiny --dataset unified --strategy-tag generator.train_subset=64 "
+            f"paths.raw_dir={raw} paths.artifacts_dir={artifacts}\n") in err
 
 
 def test_sampled_decoding_reports_the_mean_over_seeds(make_cfg, trained):

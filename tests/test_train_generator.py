@@ -127,7 +127,8 @@ def test_missing_prepare_data_run_names_the_command(prepared, tmp_path, capsys):
     code = main(["train", "dialogpt", "--profile", "tiny", f"paths.raw_dir={raw}",
                  f"paths.artifacts_dir={tmp_path / 'empty'}", "data.max_context_turns=4"])
     err = capsys.readouterr().err
-    assert code == 2 and "run `mhs prepare-data data.max_context_turns=4` first" in err
+    assert code == 2
+    assert f"  mhs prepare-data data.max_context_turns=4 paths.raw_dir={raw} paths.artifacts_dir={tmp_path / 'empty'}\n" in err
     assert not (tmp_path / "empty" / "train_generator").exists()
 
 

@@ -159,19 +159,38 @@ def command(stage: str, cfg: DictConfig) -> str:
     module = STAGES[stage]
     groups = module.PROFILE_GROUPS
     chosen = {group: cfg[group].profile for group in groups}
-    parts = [module.COMMAND]
+    parts, overrides = [module.COMMAND], []
     if groups and len(set(chosen.values())) == 1:
         parts.append(f"--profile {next(iter(chosen.values()))}")
     else:
-        parts += [f"{group}={profile}" for group, profile in chosen.items()]
+        overrides += [f"{group}={profile}" for group, profile in chosen.items()]
     defaults = load_config(stage, [f"{group}={profile}" for group, profile in chosen.items()])
     current = _leaves(OmegaConf.to_container(cfg, resolve=True))
     default = _leaves(OmegaConf.to_container(defaults, resolve=True))
+    flags = CLI_FLAGS.get(stage, {})
     for key, value in current.items():
         if key.split(".")[0] in ("force", "runtime") or default.get(key, _MISSING) == value:
             continue
-        parts.append(shlex.quote(f"{'' if key in default else '+'}{key}={_override_value(value)}"))
-    return " ".join(parts)
+        if key in flags:
+            flag = flags[key]
+            parts.append((flag if value else flag.replace("--", "--no-", 1)) if isinstance(value, bool)
+                         else f"{flag} {shlex.quote(str(value))}")
+            continue
+        overrides.append(shlex.quote(f"{'' if key in default else '+'}{key}={_override_value(value)}"))
+    # Where runs live (usually set by MHS_* variables) last, after what the run computes.
+    overrides.sort(key=lambda override: override.lstrip("'+").startswith("paths."))
+    return " ".join(parts + overrides)
+
+
+# The CLI's flags for the keys a user most often sets (see cli.py), so hints read as users type.
+_MODEL_FLAGS = {"dataset": "--dataset", "tag_set": "--tag-set"}
+CLI_FLAGS = {
+    "train_generator": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag"},
+    "train_classifier": {**_MODEL_FLAGS, "mode": "--mode", "context_turns": "--context-turns",
+                         "history_categories": "--history-categories", "class_weighting": "--class-weighting"},
+    "eval": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "sampler": "--sampler",
+             "generator_source": "--generator", "llm.prompt": "--prompt"},
+}
 
 
 _MISSING = object()
