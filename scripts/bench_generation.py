@@ -17,7 +17,7 @@ from mhsupport.generation import generate
 from mhsupport.models import load_saved_causal_lm
 from mhsupport.stages import evaluate, train_generator
 from mhsupport.training import seeded_subset
-from mhsupport import upstream
+from mhsupport import devices, upstream
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     cfg = load_config("eval", flag_overrides(parsed) + list(parsed.overrides))
     gcfg = evaluate.generator_config(cfg)
     run = upstream.require_complete(train_generator.plan(gcfg), evaluate.train_generator_command(cfg))
-    model, tokenizer = load_saved_causal_lm(run.path / "model")
+    model, tokenizer = load_saved_causal_lm(run.path / "model", devices.inference(cfg.runtime))
     formatter = train_generator.build_formatter(gcfg, tokenizer)
     data_run = upstream.prepare_data_run(cfg)
     examples = seeded_subset(read_examples(data_run.path, "esconv", "test"), args.examples, cfg.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from mhsupport import artifacts
+from mhsupport import artifacts, devices
 from mhsupport.errors import MhsError
 
 PREPARE_DATA_KEYS = ("paths", "taxonomy", "data", "download", "force")
@@ -48,6 +48,9 @@ def derived_config(stage: str, cfg, values: dict):
             derived[key] = cfg[key]
     for key, value in values.items():
         OmegaConf.update(derived, key, value, merge=False)
+    for key in devices.RULE_KEYS:  # where models run is decided once, by the command the user ran
+        if "runtime" in derived and key in cfg.get("runtime", {}):
+            derived.runtime[key] = cfg.runtime[key]
     derived.force = False
     OmegaConf.set_struct(derived, True)
     return derived

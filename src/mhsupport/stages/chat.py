@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import classifier as classifier_api, models, sampling, upstream
+from mhsupport import classifier as classifier_api, devices, models, sampling, upstream
 from mhsupport.errors import MhsError
 from mhsupport.generation import generate
 from mhsupport.safety import CRISIS_REPLY, screen
@@ -35,8 +35,8 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
     if sampler == "classifier":
         ccfg = evaluate.classifier_config(cfg, "next_category")
         classifier = classifier_api.load(upstream.require_complete(
-            evaluate.train_classifier.plan(ccfg), evaluate.train_classifier_command(ccfg)).path)
-    model, tokenizer = models.load_saved_causal_lm(Path(generator_run.path) / "model")
+            evaluate.train_classifier.plan(ccfg), evaluate.train_classifier_command(ccfg)).path, cfg.runtime)
+    model, tokenizer = models.load_saved_causal_lm(Path(generator_run.path) / "model", devices.inference(cfg.runtime))
     formatter = train_generator.build_formatter(gcfg, tokenizer)
     labels = train_generator.tag_labels(gcfg) or []
     set_seed(cfg.seed)

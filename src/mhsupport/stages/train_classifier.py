@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, models, training, upstream
+from mhsupport import artifacts, devices, models, training, upstream
 from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
                                   previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.errors import MhsError
@@ -63,7 +63,8 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
     set_seed(cfg.seed)
     texts = [t["text"] for e in train_examples for t in e["context"][-cfg.context_turns:]] + \
             [e["response"] for e in train_examples]
-    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), train_texts=texts)
+    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), devices.training(cfg.runtime),
+                                                       train_texts=texts)
     model.config.id2label = dict(enumerate(settings.labels))
     model.config.label2id = label_id
     classifier = Classifier(model, tokenizer, settings)
@@ -111,6 +112,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
             for name, predicted in baselines[split].items():
                 metrics[split][name] = classification_scores(gold, predicted, settings.labels)
         run_.metrics = metrics
+        run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if args.bf16 else None)
         trainer.save_model(str(out / "model"))  # every process: it synchronises them
         if is_main:
             classifier.save(out / "model")

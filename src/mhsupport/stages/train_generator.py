@@ -12,7 +12,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-from mhsupport import artifacts, models, training, upstream
+from mhsupport import artifacts, devices, models, training, upstream
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import FORMATTERS, tag_token
@@ -68,7 +68,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
     valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.seed)
 
     set_seed(cfg.seed)
-    model, tokenizer = models.load_causal_lm(g, train_texts=tokenizer_texts(train_examples))
+    model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime), train_texts=tokenizer_texts(train_examples))
     labels = tag_labels(cfg)
     if labels:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
@@ -123,6 +123,7 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
                 "trainer_train_loss": result.training_loss,
             },
         }
+        run_.device = devices.describe(cfg.runtime, {"generator": trainer.model}, "bf16" if args.bf16 else None)
         trainer.save_model(str(out / "model"))  # every process: it synchronises them
         if is_main:
             tokenizer.save_pretrained(str(out / "model"))
