@@ -182,16 +182,18 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
     paper = load_config("train_generator", ["generator=paper", f"runtime.device={device}"])
     classifier_paper = load_config("train_classifier", ["classifier=paper", f"runtime.device={device}"])
     eval_paper = load_config("report", ["generator=paper", "classifier=paper"])
-    split = {(d, s): read_examples(data_run, d, s) for d in ("esconv", "unified") for s in ("train",)}
-    split[("esconv", "valid")] = read_examples(data_run, "esconv", "valid")
-    split[("esconv", "test")] = read_examples(data_run, "esconv", "test")
-    texts = train_generator.tokenizer_texts(split[("unified", "train")])
+    # Unified train is ESConv train plus the Reddit pairs: one pass counts both.
+    split = {name: read_examples(data_run, dataset, name) for dataset, name in
+             (("unified", "train"), ("esconv", "valid"), ("esconv", "test"))}
+    texts = train_generator.tokenizer_texts(split["train"])
     tokenizer, counted_with = counting_tokenizer(models_dir, texts, sizes["count_vocab"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     formatter = train_generator.build_formatter(paper, tokenizer)
-    features = {key: [formatter.training_features(e) for e in examples] for key, examples in split.items()}
-    tokens_per_epoch = {d: sum(len(f["input_ids"]) for f in features[(d, "train")]) for d in ("esconv", "unified")}
+    features = {name: [formatter.training_features(e) for e in split[name]] for name in ("train", "test")}
+    tokens_per_epoch = {"unified": sum(len(f["input_ids"]) for f in features["train"]),
+                        "esconv": sum(len(f["input_ids"]) for f, e in zip(features["train"], split["train"])
+                                      if e["source"] == "esconv")}
 
     set_seed(0)
     config = GPT2Config(**{**sizes["gpt2"], "vocab_size": max(len(tokenizer), sizes["gpt2"].get("vocab_size", 0)),
@@ -199,20 +201,20 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
                            "pad_token_id": tokenizer.pad_token_id})
     generator = devices.place(GPT2LMHeadModel(config), devices.training(paper.runtime))
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    train = trainer_throughput(generator, features[("unified", "train")], collator, paper.generator, paper.runtime,
+    train = trainer_throughput(generator, features["train"], collator, paper.generator, paper.runtime,
                                sizes["train_steps"], sizes["warm_steps"], work / "generator")
 
     inference = devices.inference(paper.runtime)
     generator = devices.place(generator, inference)
     d = eval_paper.decoding
-    test = split[("esconv", "test")]
+    test = split["test"]
     contexts = [e["context"] for e in test][:sizes["generate_examples"]]
     generate(generator, tokenizer, formatter, contexts[:d.batch_size], [None] * min(d.batch_size, len(contexts)),
              batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, progress=False)  # warm-up
     outputs, generate_s = timed(lambda: generate(generator, tokenizer, formatter, contexts, [None] * len(contexts),
                                                  batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
                                                  progress=False), device)
-    nll_features = features[("esconv", "test")][:sizes["nll_examples"]]
+    nll_features = features["test"][:sizes["nll_examples"]]
     _, nll_s = timed(lambda: training.per_example_nll(generator, nll_features, collator, d.batch_size), device)
     generation = {"batch_size": d.batch_size, "max_new_tokens": d.max_new_tokens, "dtype": str(inference.dtype).removeprefix("torch."),
                   "examples": len(contexts), "examples_per_s": round(len(contexts) / generate_s, 2),
@@ -228,7 +230,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
     bert = BertForSequenceClassification(BertConfig(**sizes["bert"], vocab_size=len(tokenizer), num_labels=4,
                                                     pad_token_id=tokenizer.pad_token_id))
     bert = devices.place(bert, devices.training(classifier_paper.runtime))
-    unified = split[("unified", "train")]
+    unified = split["train"]
     encoded = tokenizer([settings.text(e, " | ") for e in unified], truncation=True, max_length=cp.max_length)
     label_id = {label: i for i, label in enumerate(settings.labels)}
     classifier_features = [{"input_ids": ids, "attention_mask": mask, "labels": label_id[e["category"]]}
@@ -236,6 +238,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
     classifier_train = trainer_throughput(bert, classifier_features, DataCollatorWithPadding(tokenizer), cp,
                                           classifier_paper.runtime, sizes["classifier_steps"], sizes["classifier_warm"],
                                           work / "classifier")
+    classifier_train["note"] = "bert-base's shape with the counting tokenizer's vocabulary (so more parameters)"
     clf = Classifier(devices.place(bert, devices.inference(classifier_paper.runtime)), tokenizer, settings)
     to_predict = (test * (sizes["predict_examples"] // len(test) + 1))[:sizes["predict_examples"]]
     clf.predict(to_predict[:cp.eval_batch_size], cp.eval_batch_size)  # warm-up
@@ -253,7 +256,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
                 "classifier_predict_examples_per_s": round(len(to_predict) / predict_s, 2),
                 "scoring_seconds_per_eval": round(scoring_s, 2), "scoring_examples": len(test)}
     return measured, projection(measured, paper, classifier_paper, eval_paper, tokens_per_epoch, classifier_tokens,
-                                {k[1]: len(v) for k, v in split.items() if k[0] == "esconv"})
+                                {"valid": len(split["valid"]), "test": len(test)})
 
 
 def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classifier_tokens, esconv_sizes) -> dict:
