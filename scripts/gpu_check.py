@@ -75,16 +75,22 @@ def card(device: torch.device) -> dict:
 
 # --- (a) the tiny chain ---------------------------------------------------------------------
 
+def quietly(log_path: Path, argv: list[str]) -> tuple[int, str]:
+    """`mhs ARGV` in this process, its printed output (errors included) into a log file."""
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code = cli.main(argv)
+    return code, log_path.read_text()
+
+
 def tiny_chain(args, device: torch.device, sizes: dict, artifacts: Path) -> dict:
     overrides = [f"paths.artifacts_dir={artifacts}", f"paths.raw_dir={args.raw_dir}", f"runtime.device={args.device}",
                  "runtime.progress=false", *sizes["chain"]]
     artifacts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(artifacts.parent / "chain.log", "w") as log, contextlib.redirect_stdout(log):
-        code = cli.main(["reproduce", "--profile", "tiny", *overrides])
+    code, log = quietly(artifacts.parent / "chain.log", ["reproduce", "--profile", "tiny", *overrides])
     seconds = time.perf_counter() - started
     if code != 0:
-        return {"ok": False, "exit_code": code, "seconds": round(seconds, 1)}
+        return {"ok": False, "exit_code": code, "seconds": round(seconds, 1), "log_tail": log[-2000:]}
     (timings_file,) = (artifacts / "reproduce").glob("timings-*.json")
     return {**model_placements(artifacts, devices.inference(OmegaConf.create({"device": args.device}))),
             "seconds": round(seconds, 1),
@@ -153,7 +159,8 @@ def trainer_throughput(model, features, collator, profile, runtime, steps: int, 
     parameters = sum(p.numel() for p in model.parameters())
     return {"steps_timed": steps - warm, "batch_size": profile.batch_size, "bf16_autocast": args.bf16,
             "parameters": parameters, "tokens_per_s": round(real / seconds, 1),
-            "padding_share": round(1 - real / padded, 4), "achieved_tflops_6NT": round(6 * parameters * real / seconds / 1e12, 3),
+            "padding_share": round(1 - real / padded, 4),
+            "achieved_tflops_6NT": round(6 * parameters * real / seconds / 1e12, 3),
             "model_device": devices.model_placement(trainer.model)}
 
 
@@ -211,13 +218,14 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
     contexts = [e["context"] for e in test][:sizes["generate_examples"]]
     generate(generator, tokenizer, formatter, contexts[:d.batch_size], [None] * min(d.batch_size, len(contexts)),
              batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, progress=False)  # warm-up
-    outputs, generate_s = timed(lambda: generate(generator, tokenizer, formatter, contexts, [None] * len(contexts),
-                                                 batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
-                                                 progress=False), device)
+    _, generate_s = timed(lambda: generate(generator, tokenizer, formatter, contexts, [None] * len(contexts),
+                                           batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
+                                           progress=False), device)
     nll_features = features["test"][:sizes["nll_examples"]]
     _, nll_s = timed(lambda: training.per_example_nll(generator, nll_features, collator, d.batch_size), device)
-    generation = {"batch_size": d.batch_size, "max_new_tokens": d.max_new_tokens, "dtype": str(inference.dtype).removeprefix("torch."),
-                  "examples": len(contexts), "examples_per_s": round(len(contexts) / generate_s, 2),
+    generation = {"batch_size": d.batch_size, "max_new_tokens": d.max_new_tokens,
+                  "dtype": str(inference.dtype).removeprefix("torch."), "examples": len(contexts),
+                  "examples_per_s": round(len(contexts) / generate_s, 2),
                   "new_tokens_per_s": round(len(contexts) * d.max_new_tokens / generate_s, 1),
                   "note": "random weights never stop early: every example writes max_new_tokens (an upper bound)",
                   "nll_examples_per_s": round(len(nll_features) / nll_s, 2),
@@ -247,7 +255,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
                          "response": sum(len(ids) for ids in tokenizer([e["response"] for e in unified], truncation=True,
                                                                       max_length=cp.max_length)["input_ids"])}
 
-    references = [e["response"] for e in test]
+    references = [e["response"] for e in test]  # scored against each other: the cost of scoring, not a score
     scores = GenerationScores(references[::-1], references, None, None, None, [e["category"] for e in test], None)
     _, scoring_s = timed(lambda: bootstrap_intervals(scores, eval_paper.bootstrap.resamples, 0), device)
 
@@ -270,7 +278,8 @@ def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classif
     predict_rate = m["classifier_predict_examples_per_s"]
     classifiers = sum(c.epochs * tokens / m["classifier_training"]["tokens_per_s"]
                       + ((c.epochs + 1) * valid + test) / predict_rate for tokens in classifier_tokens.values())
-    systems = report.systems(eval_paper)
+    # Table 2's tagged rows are Table 4's "none" cells: the same runs, made once.
+    systems = {tuple(sorted(values.items())): values for values in report.systems(eval_paper).values()}
     evals = sum(test / m["generation"]["examples_per_s"] + test / nll_rate + m["scoring_seconds_per_eval"]
                 + test * (bool(s["strategy_tag"]) + (s["sampler"] == "classifier")) / predict_rate
                 for s in systems.values())
@@ -279,7 +288,7 @@ def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classif
         "formula": ("sum over the 4 generators of [epochs x tokens_per_epoch / train_tokens_per_s + "
                     "((epochs + 1) x esconv_valid + train_eval_subset) / nll_examples_per_s] + sum over the 2 "
                     "classifiers of [epochs x tokens / classifier_tokens_per_s + ((epochs + 1) x valid + test) / "
-                    "predict_examples_per_s] + sum over the 13 evals of [2779 / generation_examples_per_s + "
+                    "predict_examples_per_s] + sum over the 11 distinct evals of [2779 / generation_examples_per_s + "
                     "2779 / nll_examples_per_s + scoring_seconds + 2779 x (recogniser + classifier) / "
                     "predict_examples_per_s]; not included: process start-up and model loading (see the tiny "
                     "chain's stage times), prepare-data, the TF-IDF baselines, the report"),
@@ -292,7 +301,9 @@ def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classif
 
 # --- (c) the offline profile's generator --------------------------------------------------
 
-def offline_generator(args, sizes: dict, artifacts: Path, models_dir: Path) -> dict:
+def offline_generator(args, device: torch.device, sizes: dict, artifacts: Path, models_dir: Path) -> dict:
+    """The offline profile's generator (SmolLM2-135M, full fine-tuning) for offline_steps steps; ok when
+    it trained and its manifest records it on `device`."""
     smollm = load_config("train_generator", ["generator=offline", f"paths.models_dir={models_dir}"]).generator
     if not (Path(smollm.model_dir).expanduser() / smollm.gguf_file).is_file():
         return {"ran": False, "why": f"no offline weights in {models_dir} (`mhs models fetch`, then carry the cache)"}
@@ -306,16 +317,19 @@ def offline_generator(args, sizes: dict, artifacts: Path, models_dir: Path) -> d
     overrides = [f"{key}={value}" for key, value in settings.items()]
     artifacts.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with open(artifacts.parent / "offline.log", "w") as log, contextlib.redirect_stdout(log):
-        code = cli.main(["train", "dialogpt", "--profile", "offline", *overrides])
+    log_path = artifacts.parent / "offline.log"
+    code, log = quietly(log_path, ["prepare-data", f"paths.artifacts_dir={artifacts}", f"paths.raw_dir={args.raw_dir}"])
+    if code == 0:
+        code, log = quietly(log_path, ["train", "dialogpt", "--profile", "offline", *overrides])
     if code != 0:
-        return {"ran": True, "ok": False, "exit_code": code}
+        return {"ran": True, "ok": False, "exit_code": code, "log_tail": log[-2000:]}
     (run_dir,) = (artifacts / "train_generator").glob("*/manifest.json")
     metrics = json.loads((run_dir.parent / "metrics.json").read_text())
-    return {"ran": True, "ok": True, "seconds": round(time.perf_counter() - started, 1),
+    where = json.loads(run_dir.read_text())["device"]["models"]["generator"]
+    return {"ran": True, "ok": torch.device(where["device"]) == device, "seconds": round(time.perf_counter() - started, 1),
             "steps": metrics["epochs"][-1]["step"], "train_examples": metrics["train_examples"],
             "tokens_per_s": metrics["session"]["tokens_per_s"], "train_seconds": metrics["session"]["train_seconds"],
-            "valid_ppl": metrics["valid_ppl"], "device": json.loads(run_dir.read_text())["device"]["models"]}
+            "valid_ppl": metrics["valid_ppl"], "model_device": where}
 
 
 def main() -> int:
@@ -346,7 +360,7 @@ def main() -> int:
         peak = result["card"]["bf16_peak_tflops"]
         result["throughput"]["generator_training"]["share_of_bf16_peak"] = (
             round(result["throughput"]["generator_training"]["achieved_tflops_6NT"] / peak, 4) if peak else None)
-        result["offline"] = offline_generator(args, sizes, work / "offline" / "artifacts", models_dir)
+        result["offline"] = offline_generator(args, device, sizes, work / "offline" / "artifacts", models_dir)
     finally:
         result["seconds"] = round(time.perf_counter() - started, 1)
         out = Path(args.out)

@@ -68,7 +68,8 @@ def run(cfg: DictConfig) -> artifacts.StageResult:
     valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.seed)
 
     set_seed(cfg.seed)
-    model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime), train_texts=tokenizer_texts(train_examples))
+    model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
+                                             train_texts=tokenizer_texts(train_examples))
     labels = tag_labels(cfg)
     if labels:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
