@@ -6,7 +6,7 @@ export MHS_RAW_DIR ?= $(abspath ../shared/data)
 
 PROFILE ?= cpu
 
-.PHONY: setup test test-fast prepare-data models reproduce-paper bench clean
+.PHONY: setup test test-fast prepare-data models reproduce-paper bench gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ bench: setup
 	mkdir -p artifacts/bench
 	$(PY) scripts/bench_generator.py --out artifacts/bench/tiny_unified.json -- --profile tiny --dataset unified generator.train_subset=null
 	$(PY) scripts/bench_generator.py --out artifacts/bench/cpu_esconv_tag.json -- --profile cpu --strategy-tag
+
+# On a GPU machine: the tiny chain on CUDA, paper-profile throughput and the projected paper run
+# time, one JSON in artifacts/gpu_check/ (scripts/gpu_check.sh; a few minutes).
+gpu-check: setup
+	PYTHON=$(PY) scripts/gpu_check.sh
 
 clean:
 	rm -rf artifacts .pytest_cache

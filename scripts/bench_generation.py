@@ -19,6 +19,7 @@ from mhsupport.config import generator_config, prepare_data_config
 from mhsupport.formatting import build_formatter
 from mhsupport.pipeline import Pipeline
 from mhsupport.training import seeded_subset
+from mhsupport import devices
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
     gcfg = generator_config(cfg)
     runs = Pipeline().upstream({"generator": ("train_generator", gcfg), "prepare_data": ("prepare_data", prepare_data_config(cfg))})
     run, data_run = runs["generator"], runs["prepare_data"]
-    model, tokenizer = load_saved_causal_lm(run.path / "model")
+    model, tokenizer = load_saved_causal_lm(run.path / "model", devices.inference(cfg.runtime))
     formatter = build_formatter(gcfg, tokenizer)
     examples = seeded_subset(read_examples(data_run.path, "esconv", "test"), args.examples, cfg.seed)
     contexts, tags = [e["context"] for e in examples], [e["category"] if cfg.strategy_tag else None for e in examples]

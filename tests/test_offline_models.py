@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mhsupport import devices
 from mhsupport.cli import main
 from mhsupport.generation import generate
 from mhsupport.models import load_saved_causal_lm
@@ -47,7 +48,7 @@ def test_cpu_profile_trains_tags_on_smollm2_and_answers(make_cfg, models_dir, pr
     m = result.metrics
     assert m["parameters"] > 130e6 and m["trainable_parameters"] < m["parameters"] / 2
     assert m["valid_ppl"] < 200  # a pretrained model, not a random one
-    model, tokenizer = load_saved_causal_lm(result.run.path / "model")
+    model, tokenizer = load_saved_causal_lm(result.run.path / "model", devices.inference(None))
     formatter = build_formatter(cfg, tokenizer)
     context = [{"speaker": "seeker", "text": "I failed my exam and I feel like a failure.", "category": None}]
     # Four optimizer steps teach the tags little, so the model picks its own (or none); the

@@ -63,6 +63,7 @@ class Run:
     inputs: dict[str, dict]  # name -> {"path" or "run", "sha256"}
     metrics: dict = field(default_factory=dict)
     command: str = ""  # the command that builds this run (for messages)
+    device: dict | None = None  # devices.describe(...) of the models a stage loaded
 
     @property
     def complete(self) -> bool:
@@ -214,6 +215,7 @@ class Run:
             "platform": platform.platform(),
             "command": sys.argv,
             "seed": seed,
+            "device": self.device,
             "wall_time_s": round(wall_time_s, 3),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

@@ -9,7 +9,7 @@ import sys
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import classifier as classifier_api, models, options, sampling
+from mhsupport import classifier as classifier_api, devices, models, options, sampling
 from mhsupport.config import classifier_config, generator_config
 from mhsupport.errors import MhsError
 from mhsupport.formatting import build_formatter, generator_tags
@@ -41,8 +41,8 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
     gcfg = generator_config(cfg)
     runs = Pipeline().upstream(requires(cfg, sampler))
     generator_run = runs["generator"]
-    classifier = classifier_api.load(runs["classifier"].path) if "classifier" in runs else None
-    model, tokenizer = models.load_saved_causal_lm(generator_run.path / "model")
+    classifier = classifier_api.load(runs["classifier"].path, cfg.runtime) if "classifier" in runs else None
+    model, tokenizer = models.load_saved_causal_lm(generator_run.path / "model", devices.inference(cfg.runtime))
     formatter = build_formatter(gcfg, tokenizer)
     labels = generator_tags(gcfg) or []
     set_seed(cfg.seed)

@@ -14,6 +14,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from mhsupport import devices
+
 SETTINGS_FILE = "classifier.json"
 SPEAKER_NAMES = {"seeker": "Seeker", "supporter": "Supporter"}
 
@@ -85,13 +87,15 @@ class Classifier:
         return [self.labels[i] for i in self.predict_proba(items, batch_size).argmax(axis=1)]
 
 
-def load(path: str | Path) -> Classifier:
-    """A classifier from a run's `model/` folder (or the run folder itself)."""
+def load(path: str | Path, runtime=None) -> Classifier:
+    """A classifier from a run's `model/` folder (or the run folder itself), placed by the device
+    rule for inference (`runtime`: a config's runtime node; None: the defaults, auto)."""
     path = Path(path)
     if (path / "model" / SETTINGS_FILE).is_file():
         path = path / "model"
     settings = ClassifierSettings(**json.loads((path / SETTINGS_FILE).read_text()))
-    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    model = devices.place(AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32),
+                          devices.inference(runtime))
     return Classifier(model, AutoTokenizer.from_pretrained(path), settings)
 
 

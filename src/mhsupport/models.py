@@ -20,6 +20,7 @@ from tokenizers.processors import TemplateProcessing
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           GPT2Config, PreTrainedTokenizerFast)
 
+from mhsupport import devices
 from mhsupport.errors import MhsError
 
 log = logging.getLogger(__name__)
@@ -114,8 +115,9 @@ def tokenizer_texts(examples: list[dict]) -> list[str]:
 
 # --- models -----------------------------------------------------------------------------
 
-def load_causal_lm(model_cfg, train_texts=None):
-    """(model, tokenizer) for a generator profile: from scratch, a Hub id / folder, or a GGUF file."""
+def load_causal_lm(model_cfg, placement: devices.Placement, train_texts=None):
+    """(model, tokenizer) for a generator profile: from scratch, a Hub id / folder, or a GGUF file,
+    placed by the device rule (devices.training or devices.inference)."""
     source = model_cfg.source
     if source == "scratch":
         if train_texts is None:
@@ -125,7 +127,7 @@ def load_causal_lm(model_cfg, train_texts=None):
         config = GPT2Config(vocab_size=len(tokenizer), n_positions=arch.n_positions, n_embd=arch.n_embd,
                             n_layer=arch.n_layer, n_head=arch.n_head, bos_token_id=tokenizer.eos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        return AutoModelForCausalLM.from_config(config), tokenizer
+        return devices.place(AutoModelForCausalLM.from_config(config), placement), tokenizer
     if source == "pretrained":
         name = model_cfg.name_or_path
         try:
@@ -148,15 +150,17 @@ def load_causal_lm(model_cfg, train_texts=None):
         raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return devices.place(model, placement), tokenizer
 
 
-def load_saved_causal_lm(path: Path):
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+def load_saved_causal_lm(path: Path, placement: devices.Placement):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return devices.place(model, placement), AutoTokenizer.from_pretrained(path)
 
 
-def load_sequence_classifier(model_cfg, num_labels: int, train_texts=None):
-    """(model, tokenizer) for a classifier profile: a small BERT from scratch or a BERT folder / Hub id."""
+def load_sequence_classifier(model_cfg, num_labels: int, placement: devices.Placement, train_texts=None):
+    """(model, tokenizer) for a classifier profile: a small BERT from scratch or a BERT folder / Hub id,
+    placed by the device rule."""
     if model_cfg.source == "scratch":
         tokenizer = train_bpe_tokenizer(train_texts, model_cfg.tokenizer.vocab_size, model_cfg.tokenizer.min_frequency,
                                         bert_inputs=True)
@@ -165,7 +169,7 @@ def load_sequence_classifier(model_cfg, num_labels: int, train_texts=None):
                             num_attention_heads=arch.num_heads, intermediate_size=arch.intermediate_size,
                             max_position_embeddings=arch.max_positions, num_labels=num_labels,
                             pad_token_id=tokenizer.pad_token_id)
-        return AutoModelForSequenceClassification.from_config(config), tokenizer
+        return devices.place(AutoModelForSequenceClassification.from_config(config), placement), tokenizer
     path = model_cfg.name_or_path
     if model_cfg.source == "local":
         path = str(require_local(Path(path).expanduser(), "offline classifier model folder"))
@@ -174,7 +178,7 @@ def load_sequence_classifier(model_cfg, num_labels: int, train_texts=None):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=torch.float32)
     except OSError as err:
         raise MhsError(f"cannot load classifier {path!r}: {str(err).splitlines()[0]}") from None
-    return model, tokenizer
+    return devices.place(model, placement), tokenizer
 
 
 def add_tag_tokens(model, tokenizer, tags: dict[str, str]) -> None:

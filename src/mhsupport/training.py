@@ -18,9 +18,8 @@ from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from mhsupport import curves, devices
 from mhsupport.artifacts import CHECKPOINTS
-
-from mhsupport import curves
 from mhsupport.formatting import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -44,10 +43,10 @@ def seeded_subset(items: list, size: int | None, seed: int) -> list:
 
 
 def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps: int) -> TrainingArguments:
-    on_gpu = torch.cuda.is_available()
-    bf16 = runtime.bf16
-    if bf16 == "auto":
-        bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    device = devices.resolve(runtime)
+    devices.check_training_device(device)
+    on_gpu = device.type == "cuda"
+    bf16 = devices.uses_bf16(device, runtime)
     backend = runtime.ddp_backend or (None if on_gpu else ("gloo" if world_size() > 1 else None))
     return TrainingArguments(
         output_dir=str(output_dir),
@@ -66,7 +65,8 @@ def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps
         logging_steps=runtime.logging_steps,
         seed=seed,
         data_seed=seed,
-        bf16=bool(bf16),
+        bf16=bf16,
+        use_cpu=not on_gpu,  # runtime.device=cpu keeps the Trainer off a visible GPU
         ddp_backend=backend,
         fsdp=runtime.fsdp or "",
         dataloader_num_workers=runtime.dataloader_workers,

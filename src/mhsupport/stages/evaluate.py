@@ -12,7 +12,7 @@ import numpy as np
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from mhsupport import artifacts, classifier as classifier_api, llm, models, sampling, training
+from mhsupport import artifacts, classifier as classifier_api, devices, llm, models, sampling, training
 from mhsupport.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
@@ -69,12 +69,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.seed)
 
     set_seed(cfg.seed)
-    recogniser = classifier_api.load(inputs["recogniser"].path) if "recogniser" in inputs else None
+    recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     if cfg.generator_source == "llm":
         examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.seed)
-        respond, tags, labels = llm_responder(cfg, inputs, examples, label_key)
+        respond, tags, labels, loaded = llm_responder(cfg, inputs, examples, label_key)
     else:
-        respond, tags = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
+        respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
+    if recogniser:
+        loaded["recogniser"] = recogniser.model
+
     d = cfg.decoding
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
     lines, per_seed, strategy_prediction = [], {}, {}
@@ -113,6 +116,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         "strategy_prediction": strategy_prediction,
         "note": cfg.generator.get("warning") or "",
     }
+    run_.device = devices.describe(cfg.runtime, loaded)
     text = "".join(json.dumps(line) + "\n" for line in lines)
     try:
         with run_.build(seed=cfg.seed) as out:
@@ -129,19 +133,22 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
 
 def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
-    """Responses of a fine-tuned (or base) generator under the configured tag sampler."""
+    """Responses of a fine-tuned (or base) generator under the configured tag sampler; the
+    models it loaded (name -> model)."""
+    placement = devices.inference(cfg.runtime)
     if cfg.generator_source == "finetuned":
-        model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model")
+        model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model", placement)
     else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
         train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
                                        cfg.seed)
-        model, tokenizer = models.load_causal_lm(cfg.generator, train_texts=models.tokenizer_texts(train))
+        model, tokenizer = models.load_causal_lm(cfg.generator, placement, train_texts=models.tokenizer_texts(train))
     formatter = build_formatter(gcfg, tokenizer)
     prior = None
     if cfg.sampler == "random_prior":
         train = read_examples(data_run, cfg.dataset, "train")
         prior = {label: sum(e[label_key] == label for e in train) / len(train) for label in labels}
-    next_classifier = classifier_api.load(inputs["classifier"].path) if "classifier" in inputs else None
+    next_classifier = classifier_api.load(inputs["classifier"].path, cfg.runtime) if "classifier" in inputs else None
+    loaded = {"generator": model, **({"classifier": next_classifier.model} if next_classifier else {})}
     tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
                                 classifier=next_classifier, classifier_sampling=cfg.classifier_sampling)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
@@ -155,18 +162,21 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
                                     d.batch_size)
         return outputs, nll, counts
 
-    return respond, tags
+    return respond, tags, loaded
 
 
 def llm_responder(cfg, inputs, examples, label_key):
-    """Responses of an instruction-tuned chat model prompted (optionally) with a category."""
+    """Responses of an instruction-tuned chat model prompted (optionally) with a category; the
+    local models it loaded (name -> model)."""
     c = cfg.llm
     categories = [None] * len(examples)
-    labels = None
+    labels, loaded = None, {}
     if c.prompt in ("strategy", "oracle"):
         labels = list(Taxonomy.from_config(cfg.taxonomy).categories)
         sampler = "classifier" if c.prompt == "strategy" else "oracle"
-        next_classifier = classifier_api.load(inputs["classifier"].path) if "classifier" in inputs else None
+        next_classifier = classifier_api.load(inputs["classifier"].path, cfg.runtime) if "classifier" in inputs else None
+        if next_classifier:
+            loaded["classifier"] = next_classifier.model
         categories = sampling.choose_tags(sampler, examples, labels, "category", cfg.seed, classifier=next_classifier)
     prompts = [llm.system_prompt(c, category) for category in categories]
     max_new = c.max_new_tokens * (3 if c.prompt == "cot" else 1)
@@ -175,8 +185,9 @@ def llm_responder(cfg, inputs, examples, label_key):
     if c.backend == "openai":
         backend = llm.OpenAICompatibleBackend(c)
     else:
-        model, tokenizer = models.load_causal_lm(cfg.generator)
+        model, tokenizer = models.load_causal_lm(cfg.generator, devices.inference(cfg.runtime))
         backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens)
+        loaded["generator"] = model
 
     def respond(seed):
         raw = backend.respond(contexts, prompts, max_new, d.batch_size, cfg.runtime.progress)
@@ -194,7 +205,7 @@ def llm_responder(cfg, inputs, examples, label_key):
                 nll[i], counts[i] = value, count
         return outputs, nll, counts
 
-    return respond, categories, labels
+    return respond, categories, labels, loaded
 
 
 def reference_nll(model, formatter, examples, tags, label_key, collator, batch_size):

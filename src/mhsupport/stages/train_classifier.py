@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, cards, curves, models, training
+from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
                                   previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.config import prepare_data_config
@@ -59,7 +59,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     set_seed(cfg.seed)
     texts = [t["text"] for e in train_examples for t in e["context"][-cfg.context_turns:]] + \
             [e["response"] for e in train_examples]
-    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), train_texts=texts)
+    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), devices.training(cfg.runtime),
+                                                       train_texts=texts)
     model.config.id2label = dict(enumerate(settings.labels))
     model.config.label2id = label_id
     classifier = Classifier(model, tokenizer, settings)
@@ -103,6 +104,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             for name, predicted in baselines[split].items():
                 metrics[split][name] = classification_scores(gold, predicted, settings.labels)
         run_.metrics = metrics
+        run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if training.is_main_process():
             classifier.save(out / "model")
             cards.classifier_card(cfg, metrics, data_run.name).save(out / "model" / "README.md")

@@ -9,7 +9,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
 
-from mhsupport import artifacts, cards, curves, models, training
+from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.config import prepare_data_config
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
@@ -40,7 +40,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.seed)
 
     set_seed(cfg.seed)
-    model, tokenizer = models.load_causal_lm(g, train_texts=models.tokenizer_texts(train_examples))
+    model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
+                                             train_texts=models.tokenizer_texts(train_examples))
     labels = generator_tags(cfg)
     if labels:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
@@ -97,6 +98,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                 "trainer_train_loss": result.training_loss,
             },
         }
+        run_.device = devices.describe(cfg.runtime, {"generator": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if training.is_main_process():
             tokenizer.save_pretrained(str(out / "model"))
             FormatterSettings.from_config(cfg).save(out / "model")

@@ -1,0 +1,287 @@
+"""The device rule (runtime.device, runtime.bf16) and where every loader puts its model.
+
+This machine has no GPU, so two stand-ins are used, each for what it can show honestly:
+- torch's `meta` device is real and is not the default placement, so a loader that ignores the
+  rule leaves its model on the CPU and fails; nothing can run forward on it, so the input paths are
+  checked by recording what reaches the model and stopping there;
+- `runtime.bf16=true` on the CPU is a placement that differs from the default and still runs, so a
+  whole eval can show that every model it loads follows the rule and that the manifest says so.
+CUDA itself is faked only where no tensor is made (the rule's choice of index).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import DataCollatorForSeq2Seq
+
+from conftest import REPO, stage_config, write_raw_slice
+from mhsupport import pipeline
+from mhsupport import artifacts, classifier as classifier_api, devices, models, training
+from mhsupport.config import load_config
+from mhsupport.errors import MhsError
+from mhsupport.formatting import IGNORE_INDEX
+from mhsupport.generation import generate
+from mhsupport.stages import evaluate, report, train_classifier, train_generator
+
+META = devices.Placement(torch.device("meta"), torch.bfloat16)
+GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=8"]
+CLF = ["classifier=tiny", "classifier.train_subset=120"]
+TEXTS = ["I feel so alone since I moved", "Have you tried talking to your family about it?"] * 20
+
+
+def runtime(**values):
+    return OmegaConf.create({"device": "auto", "bf16": "auto", **values})
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """CUDA 'available' with a given number of devices, for the rule's choice alone."""
+    def make(count: int, bf16: bool = True):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    return make
+
+
+# --- the rule -----------------------------------------------------------------------------
+
+def test_auto_is_the_cpu_without_cuda_and_cuda_0_with_it(fake_cuda, monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert devices.resolve(runtime()) == torch.device("cpu")
+    assert devices.inference(runtime()).dtype == torch.float32
+    assert devices.resolve(None) == torch.device("cpu")
+    fake_cuda(2)
+    assert devices.resolve(runtime()) == torch.device("cuda", 0)
+    assert devices.inference(runtime()) == devices.Placement(torch.device("cuda", 0), torch.bfloat16)
+    assert devices.training(runtime()).dtype == torch.float32  # the Trainer autocasts; weights stay fp32
+    assert devices.resolve(runtime(device="cpu")) == torch.device("cpu")
+    assert devices.inference(runtime(device="cpu")).dtype == torch.float32
+    assert devices.resolve(runtime(device="cuda:1")) == torch.device("cuda", 1)
+    assert devices.inference(runtime(bf16=False)).dtype == torch.float32
+    fake_cuda(1, bf16=False)  # a GPU without bf16 (before Ampere): fp32
+    assert devices.inference(runtime()).dtype == torch.float32
+
+
+def test_torchrun_local_rank_picks_each_process_gpu(fake_cuda, monkeypatch):
+    fake_cuda(4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert devices.resolve(runtime()) == torch.device("cuda", 3)
+    assert devices.resolve(runtime(device="cuda")) == torch.device("cuda", 3)
+    assert devices.resolve(runtime(device="cpu")) == torch.device("cpu")
+    devices.check_training_device(torch.device("cuda", 3))
+    with pytest.raises(MhsError, match="CUDA_VISIBLE_DEVICES=1"):
+        devices.check_training_device(torch.device("cuda", 1))
+    fake_cuda(2)
+    with pytest.raises(MhsError, match="needs CUDA device 3, but 2 are visible"):
+        devices.resolve(runtime())
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"device": "gpu"}, "expected auto, cpu, cuda or cuda:N"),
+    ({"device": "cuda"}, "needs CUDA device 0, but 0 are visible"),
+    ({"device": "cuda:1"}, "needs CUDA device 1, but 0 are visible"),
+    ({"bf16": "yes"}, "runtime.bf16='yes': expected auto, true or false"),
+])
+def test_bad_device_settings_are_one_line_errors(values, message, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(MhsError, match=message):
+        devices.inference(runtime(**values))
+
+
+def test_runtime_device_cpu_keeps_the_trainer_off_a_gpu(fake_cuda, tmp_path, monkeypatch):
+    fake_cuda(1)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    cfg = load_config("train_generator", ["generator=tiny", "runtime.device=cpu"])
+    args = training.training_arguments(tmp_path, cfg.generator, cfg.runtime, 0, 10)
+    assert args.use_cpu and not args.bf16 and args.device == torch.device("cpu")
+
+
+def test_cpu_flags_come_from_proc_cpuinfo(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse avx2 amx_bf16 avx512f "
+                       "amx_tile\n\nprocessor\t: 1\nmodel name\t: Test CPU 9000\nflags\t\t: fpu\n")
+    monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    described = devices.cpu_description()
+    assert described["name"] == "Test CPU 9000"
+    assert described["flags"] == ["avx2", "avx512f", "amx_tile", "amx_bf16"]
+
+
+def test_runtime_keys_stay_out_of_run_ids_and_reach_the_stages_reproduce_runs():
+    cpu = load_config("report", ["generator=tiny", "classifier=tiny", "runtime.device=cpu", "runtime.bf16=false"])
+    cuda = load_config("report", ["generator=tiny", "classifier=tiny", "runtime.device=cuda:1"])
+    assert artifacts.result_config(cpu) == artifacts.result_config(cuda)
+    values = {"dataset": "unified", "strategy_tag": True}
+    trained = evaluate.generator_config(report.eval_config(cpu, values))
+    assert (trained.runtime.device, trained.runtime.bf16) == ("cpu", False)
+    assert evaluate.classifier_config(report.eval_config(cuda, values), "response").runtime.device == "cuda:1"
+
+
+def test_decoding_batch_size_is_sized_per_profile():
+    sizes = {p: load_config("eval", [f"generator={p}"]).decoding.batch_size for p in ("tiny", "cpu", "offline", "paper")}
+    assert sizes == {"tiny": 16, "cpu": 16, "offline": 64, "paper": 64}
+    assert load_config("eval", ["generator=paper", "decoding.batch_size=8"]).decoding.batch_size == 8
+
+
+# --- every loader places its model by the rule ---------------------------------------------
+
+def on(model) -> tuple[str, torch.dtype]:
+    parameter = next(model.parameters())
+    return parameter.device.type, parameter.dtype
+
+
+def test_every_loader_places_its_model_where_the_rule_says(tmp_path, monkeypatch):
+    tiny_generator = load_config("train_generator", ["generator=tiny"]).generator
+    tiny_classifier = load_config("train_classifier", ["classifier=tiny"]).classifier
+    model, tokenizer = models.load_causal_lm(tiny_generator, META, train_texts=TEXTS)
+    assert on(model) == ("meta", torch.bfloat16)
+    model, _ = models.load_sequence_classifier(tiny_classifier, 4, META, train_texts=TEXTS)
+    assert on(model) == ("meta", torch.bfloat16)
+
+    cpu_model, tokenizer = models.load_causal_lm(tiny_generator, devices.training(runtime(device="cpu")),
+                                                 train_texts=TEXTS)
+    assert on(cpu_model) == ("cpu", torch.float32)
+    cpu_model.save_pretrained(tmp_path / "generator")
+    tokenizer.save_pretrained(tmp_path / "generator")
+    model, _ = models.load_saved_causal_lm(tmp_path / "generator", META)
+    assert on(model) == ("meta", torch.bfloat16)
+
+    settings = train_classifier.settings_for(load_config("train_classifier", ["classifier=tiny"]))
+    cpu_classifier, classifier_tokenizer = models.load_sequence_classifier(tiny_classifier, 4, devices.training(None),
+                                                                           train_texts=TEXTS)
+    classifier_api.Classifier(cpu_classifier, classifier_tokenizer, settings).save(tmp_path / "classifier")
+    monkeypatch.setattr(devices, "resolve", lambda runtime: torch.device("meta"))
+    assert on(classifier_api.load(tmp_path / "classifier", runtime(bf16=True)).model) == ("meta", torch.bfloat16)
+    assert on(classifier_api.load(tmp_path / "classifier").model) == ("meta", torch.float32)
+
+
+class ReachedModel(Exception):
+    """Raised where a model is called, once the devices of its inputs are recorded."""
+
+
+def record_inputs(seen: list):
+    def hook(module, args, kwargs):
+        seen.extend(value.device.type for value in [*args, *kwargs.values()] if torch.is_tensor(value))
+        raise ReachedModel
+    return hook
+
+
+def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
+    tiny_generator = load_config("train_generator", ["generator=tiny"])
+    model, tokenizer = models.load_causal_lm(tiny_generator.generator, META, train_texts=TEXTS)
+    formatter = train_generator.build_formatter(tiny_generator, tokenizer)
+    context = [{"speaker": "seeker", "text": "I lost my job"}]
+
+    seen = []
+
+    def generate_spy(**kwargs):  # generate() itself cannot run on meta tensors
+        seen.extend(value.device.type for value in kwargs.values() if torch.is_tensor(value))
+        raise ReachedModel
+
+    model.generate = generate_spy
+    with pytest.raises(ReachedModel):
+        generate(model, tokenizer, formatter, [context], [None], progress=False)
+    assert seen == ["meta", "meta"]  # input ids and attention mask
+
+    seen = []
+    model.register_forward_pre_hook(record_inputs(seen), with_kwargs=True)
+    features = [formatter.training_features({"context": context, "response": "That is hard.", "category": "Comforting"})]
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+    with pytest.raises(ReachedModel):
+        training.per_example_nll(model, features, collator, 4)
+    assert seen and set(seen) == {"meta"}
+
+    settings = train_classifier.settings_for(load_config("train_classifier", ["classifier=tiny"]))
+    classifier_model, classifier_tokenizer = models.load_sequence_classifier(
+        load_config("train_classifier", ["classifier=tiny"]).classifier, 4, META, train_texts=TEXTS)
+    seen = []
+    classifier_model.register_forward_pre_hook(record_inputs(seen), with_kwargs=True)
+    with pytest.raises(ReachedModel):
+        classifier_api.Classifier(classifier_model, classifier_tokenizer, settings).predict([[{"speaker": "seeker",
+                                                                                           "text": "hello"}]])
+    assert seen and set(seen) == {"meta"}
+
+
+# --- manifests ------------------------------------------------------------------------------
+
+def test_manifests_record_where_each_stage_ran_its_models(make_cfg, prepared):
+    pipeline.run("train_generator", make_cfg("train_generator", *GEN, "strategy_tag=true", "runtime.device=cpu"))
+    for mode in ("next_category", "response"):
+        pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, f"mode={mode}"))
+    trained = json.loads((train_generator.plan(make_cfg("train_generator", *GEN, "strategy_tag=true"))
+                          .path / "manifest.json").read_text())["device"]
+    assert trained["requested"] == "cpu" and trained["autocast"] is None and trained["cuda"] is None
+    assert trained["models"] == {"generator": {"device": "cpu", "dtype": "float32"}}
+    assert "flags" in trained["cpu"] and trained["cpu"]["logical_cores"] >= 1
+
+    # bf16 on the CPU: not the default placement, yet it runs; every model eval loads must follow it.
+    result = pipeline.run("eval", make_cfg("eval", *GEN, *CLF, "strategy_tag=true", "sampler=classifier",
+                                       "test_subset=6", "decoding.max_new_tokens=4", "bootstrap.resamples=10",
+                                       "runtime.bf16=true", "runtime.progress=false"))
+    recorded = json.loads((result.run.path / "manifest.json").read_text())["device"]
+    assert recorded["bf16"] is True
+    assert recorded["models"] == {name: {"device": "cpu", "dtype": "bfloat16"}
+                                  for name in ("generator", "classifier", "recogniser")}
+
+
+# --- the GPU check, in its CPU quick mode ----------------------------------------------------
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_flags_a_model_off_the_rules_device(tmp_path):
+    gpu_check = load_gpu_check()
+    cpu_fp32 = devices.Placement(torch.device("cpu"), torch.float32)
+
+    def manifest(stage, run, models_):
+        (tmp_path / stage / run).mkdir(parents=True)
+        (tmp_path / stage / run / "manifest.json").write_text(json.dumps({"device": {"models": models_}}))
+
+    manifest("train_generator", "g", {"generator": {"device": "cpu", "dtype": "float32"}})
+    manifest("train_classifier", "c", {"classifier": {"device": "cpu", "dtype": "float32"}})
+    manifest("eval", "e1", {"generator": {"device": "cpu", "dtype": "float32"}})
+    assert gpu_check.model_placements(tmp_path, cpu_fp32)["ok"]
+    manifest("eval", "e2", {"generator": {"device": "cpu", "dtype": "float32"},
+                            "recogniser": {"device": "cuda:0", "dtype": "float32"}})
+    checked = gpu_check.model_placements(tmp_path, cpu_fp32)
+    assert not checked["ok"] and [m["model"] for m in checked["misplaced"]] == ["recogniser"]
+    assert not gpu_check.model_placements(tmp_path, devices.Placement(torch.device("cpu"), torch.bfloat16))["ok"]
+    manifest("eval", "e3", {})  # a run that did not record its models
+    assert gpu_check.model_placements(tmp_path, cpu_fp32)["unrecorded"] == ["eval/e3: no device record"]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_the_cpu_in_quick_mode(real_raw_dir, tmp_path):
+    raw = write_raw_slice(real_raw_dir, tmp_path / "raw")
+    out = tmp_path / "check.json"
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--raw-dir", str(raw), "--models-dir", str(tmp_path / "no-models"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["card"]["name"].startswith("CPU") and result["quick"]
+    chain = result["chain"]
+    assert chain["ok"] and chain["expected_device"] == "cpu" and not chain["misplaced"]
+    assert chain["runs_checked"] == 4 + 2 + 11  # Table 2's two tagged rows are Table 4's "none" evals
+    assert len(chain["stages"]) == 1 + 4 + 2 + 13 + 1
+    measured = result["throughput"]
+    for part in ("generator_training", "classifier_training"):
+        assert measured[part]["tokens_per_s"] > 0 and 0 <= measured[part]["padding_share"] < 1
+        assert measured[part]["model_device"] == {"device": "cpu", "dtype": "float32"}
+    assert measured["generation"]["batch_size"] == 64 and measured["generation"]["examples_per_s"] > 0
+    projection = result["projection"]
+    assert projection["evals"] == 11 and projection["total_s"] == pytest.approx(
+        projection["generators_s"] + projection["classifiers_s"] + projection["evals_s"], abs=0.2)
+    assert result["offline"] == {"ran": False, "why": result["offline"]["why"]} and "models fetch" in result["offline"]["why"]
