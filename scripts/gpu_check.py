@@ -32,14 +32,14 @@ from transformers import (BertConfig, BertForSequenceClassification, DataCollato
                           GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, set_seed)
 from transformers import logging as hf_logging
 
-from mhsupport import cli, devices, models, training, upstream
+from mhsupport import cli, devices, models, pipeline, training
 from mhsupport.classifier import Classifier, ClassifierSettings
 from mhsupport.config import load_config
 from mhsupport.examples_io import read_examples
-from mhsupport.formatting import IGNORE_INDEX
+from mhsupport.formatting import IGNORE_INDEX, build_formatter
 from mhsupport.generation import generate
 from mhsupport.metrics import GenerationScores, bootstrap_intervals
-from mhsupport.stages import report, train_generator
+from mhsupport.stages import report
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, by a substring of the card's name
 # (first match wins, so the more specific names come first).
@@ -192,11 +192,11 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
     # Unified train is ESConv train plus the Reddit pairs: one pass counts both.
     split = {name: read_examples(data_run, dataset, name) for dataset, name in
              (("unified", "train"), ("esconv", "valid"), ("esconv", "test"))}
-    texts = train_generator.tokenizer_texts(split["train"])
+    texts = models.tokenizer_texts(split["train"])
     tokenizer, counted_with = counting_tokenizer(models_dir, texts, sizes["count_vocab"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    formatter = train_generator.build_formatter(paper, tokenizer)
+    formatter = build_formatter(paper, tokenizer)
     features = {name: [formatter.training_features(e) for e in split[name]] for name in ("train", "test")}
     tokens_per_epoch = {"unified": sum(len(f["input_ids"]) for f in features["train"]),
                         "esconv": sum(len(f["input_ids"]) for f, e in zip(features["train"], split["train"])
@@ -354,7 +354,7 @@ def main() -> int:
               "torch": torch.__version__, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         result["chain"] = tiny_chain(args, device, sizes, work / "chain" / "artifacts")
-        data_run = upstream.prepare_data_run(load_config("prepare_data", [
+        data_run = pipeline.Pipeline().plan("prepare_data", load_config("prepare_data", [
             f"paths.raw_dir={args.raw_dir}", f"paths.artifacts_dir={work / 'chain' / 'artifacts'}"])).path
         result["throughput"], result["projection"] = throughput(device, sizes, data_run, models_dir, work / "bench")
         peak = result["card"]["bf16_peak_tflops"]

@@ -21,14 +21,15 @@ import torch
 from omegaconf import OmegaConf
 from transformers import DataCollatorForSeq2Seq
 
-from conftest import REPO, stage_config, write_raw_slice
+from conftest import REPO, write_raw_slice
 from mhsupport import pipeline
 from mhsupport import artifacts, classifier as classifier_api, devices, models, training
-from mhsupport.config import load_config
+from mhsupport.config import classifier_config, eval_config, generator_config, load_config
 from mhsupport.errors import MhsError
 from mhsupport.formatting import IGNORE_INDEX
 from mhsupport.generation import generate
-from mhsupport.stages import evaluate, report, train_classifier, train_generator
+from mhsupport.formatting import build_formatter
+from mhsupport.stages import train_classifier
 
 META = devices.Placement(torch.device("meta"), torch.bfloat16)
 GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=8"]
@@ -120,9 +121,9 @@ def test_runtime_keys_stay_out_of_run_ids_and_reach_the_stages_reproduce_runs():
     cuda = load_config("report", ["generator=tiny", "classifier=tiny", "runtime.device=cuda:1"])
     assert artifacts.result_config(cpu) == artifacts.result_config(cuda)
     values = {"dataset": "unified", "strategy_tag": True}
-    trained = evaluate.generator_config(report.eval_config(cpu, values))
+    trained = generator_config(eval_config(cpu, values))
     assert (trained.runtime.device, trained.runtime.bf16) == ("cpu", False)
-    assert evaluate.classifier_config(report.eval_config(cuda, values), "response").runtime.device == "cuda:1"
+    assert classifier_config(eval_config(cuda, values), "response").runtime.device == "cuda:1"
 
 
 def test_decoding_batch_size_is_sized_per_profile():
@@ -177,7 +178,7 @@ def record_inputs(seen: list):
 def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
     tiny_generator = load_config("train_generator", ["generator=tiny"])
     model, tokenizer = models.load_causal_lm(tiny_generator.generator, META, train_texts=TEXTS)
-    formatter = train_generator.build_formatter(tiny_generator, tokenizer)
+    formatter = build_formatter(tiny_generator, tokenizer)
     context = [{"speaker": "seeker", "text": "I lost my job"}]
 
     seen = []
@@ -216,7 +217,7 @@ def test_manifests_record_where_each_stage_ran_its_models(make_cfg, prepared):
     pipeline.run("train_generator", make_cfg("train_generator", *GEN, "strategy_tag=true", "runtime.device=cpu"))
     for mode in ("next_category", "response"):
         pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, f"mode={mode}"))
-    trained = json.loads((train_generator.plan(make_cfg("train_generator", *GEN, "strategy_tag=true"))
+    trained = json.loads((pipeline.Pipeline().plan("train_generator", make_cfg("train_generator", *GEN, "strategy_tag=true"))
                           .path / "manifest.json").read_text())["device"]
     assert trained["requested"] == "cpu" and trained["autocast"] is None and trained["cuda"] is None
     assert trained["models"] == {"generator": {"device": "cpu", "dtype": "float32"}}

@@ -13,7 +13,6 @@ from mhsupport.cli import main
 from mhsupport.generations_io import read_generations
 from mhsupport.llm import final_answer
 from mhsupport import pipeline
-from mhsupport.generations_io import read_generations
 
 CLF = ["classifier=tiny", "classifier.train_subset=200"]
 LLM = ["generator=tiny", *CLF, "generator_source=llm", "llm.backend=openai", "llm.model_name=fake-model",

@@ -4,7 +4,6 @@ one line on stderr naming what is wrong, a non-zero exit, nothing partial left b
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
