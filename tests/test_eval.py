@@ -136,6 +136,6 @@ def test_compare_two_runs(make_cfg, trained, tmp_path, capsys):
 
 
 def test_unknown_metric_protocol_is_refused_before_anything_runs(make_cfg, prepared):
-    with pytest.raises(MhsError, match=r"metrics.protocols=\['bleurt'\]: expected a non-empty list of "
+    with pytest.raises(MhsError, match=r"metrics.protocols=\['bleurt'\]: expected a non-empty list of distinct names from "
                                        r"\['default', 'esconv'\], e.g. metrics.protocols=\[default\]"):
         pipeline.Pipeline().plan("eval", make_cfg("eval", *EVAL, "metrics.protocols=[bleurt]"))

@@ -105,7 +105,7 @@ def test_a_full_disk_is_one_line_and_keeps_nothing_partial(make_cfg, small_files
     copy_prepared_data(make_cfg, small_filesystem)
     fill(small_filesystem)
     before = files_under(small_filesystem)
-    code = main(["train", "dialogpt", *TINY_EVAL[:2], *TINY_EVAL[-2:], f"paths.artifacts_dir={small_filesystem}",
+    code = main(["train", "dialogpt", *TINY_EVAL[:2], *TINY_EVAL[-2:], "runtime.report_to=none", f"paths.artifacts_dir={small_filesystem}",
                  f"paths.raw_dir={make_cfg('eval').paths.raw_dir}"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and err[-1].startswith("mhs train dialogpt: error: no space left on the device"), err[-3:]

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mhsupport.cli import main
 from mhsupport import pipeline
+from mhsupport.config import prepare_data_config
 
 BIN = Path(sys.executable).parent
 TINY = ["generator=tiny", "generator.train_subset=96", "generator.valid_subset=24", "generator.batch_size=8"]
@@ -24,8 +25,10 @@ def comparable(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k != "session"}
 
 
-def test_tagged_tiny_run_writes_a_loadable_model_with_tag_tokens(make_cfg, prepared):
-    result = pipeline.run("train_generator", make_cfg("train_generator", *TINY, "strategy_tag=true", "dataset=unified"))
+def test_tagged_tiny_run_writes_a_loadable_model_with_tag_tokens(make_cfg, tmp_path):
+    cfg = make_cfg("train_generator", *TINY, "strategy_tag=true", "dataset=unified", artifacts=tmp_path / "artifacts")
+    pipeline.Pipeline().ensure("prepare_data", prepare_data_config(cfg))
+    result = pipeline.run("train_generator", cfg)
     out = result.run.path
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     tokenizer = AutoTokenizer.from_pretrained(out / "model")

@@ -156,6 +156,11 @@ class Run:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _recover(self) -> None:
+        if self.complete:  # what a kill after the final rename can leave: checkpoints, a replaced run
+            shutil.rmtree(self.path / CHECKPOINTS, ignore_errors=True)
+            for old in self.path.parent.glob(f".{self.run_id}.old-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            return
         if self.path.exists():
             return
         if (self.partial_path / MANIFEST).is_file():
@@ -222,6 +227,7 @@ class Run:
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if self.path.exists():  # force: the old run is moved aside, and put back by _recover if a kill comes now
             old = self.path.parent / f".{self.run_id}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)  # a half-deleted one of an earlier process with this pid
             self.path.rename(old)
             tmp.rename(self.path)
             shutil.rmtree(old)

@@ -6,7 +6,8 @@ behind. Only folders whose process no longer exists are touched (a pid we may no
 a live process of another user); one that holds a complete run (its manifest.json) while the run
 itself is missing is renamed back into place instead of removed. Training keeps its checkpoints
 in `.<run_id>.partial` so that the same command resumes: those are listed, and removed only when
-asked (--partial), since nothing tells whether a training is using one right now. A pid names a
+asked (--partial), since nothing tells whether a training is using one right now; a finished one
+(with its manifest: killed just before its rename) is put in place like a complete tmp folder. A pid names a
 process on this machine only: an artifacts dir shared with other machines or containers is not
 for `mhs clean` while they run.
 """
@@ -85,12 +86,17 @@ def clean(artifacts_dir: Path, dry_run: bool = False, partial: bool = False) -> 
                 found.append((path, match["kind"], int(match["pid"])))
             elif PARTIAL.match(path.name):
                 found.append((path, "partial", None))
-    # A complete new build (tmp) is the better copy to restore than the run it was replacing (old).
-    found.sort(key=lambda entry: (entry[0].parent, run_id_of(entry[0]), entry[1] != "tmp"))
+    # A complete new build (tmp, or a finished training's partial) is the better copy to restore than
+    # the run it was replacing (old), as the stage itself does when it next runs.
+    found.sort(key=lambda entry: (entry[0].parent, run_id_of(entry[0]), entry[1] == "old"))
     leftovers, restored = [], set()
     for path, kind, pid in found:
         target = path.parent / run_id_of(path)
-        if kind == "partial":
+        finished = (path / "manifest.json").is_file()
+        if kind == "partial" and finished:
+            action = "restore" if not target.exists() and target not in restored else "remove"
+            restored.add(target)
+        elif kind == "partial":
             action = "remove" if partial else "resumable"
         elif process_alive(pid):
             action = "keep"
@@ -110,7 +116,9 @@ def _apply(path: Path, action: str) -> None:
         if action == "remove":
             shutil.rmtree(path)
         elif action == "restore":
-            path.rename(path.parent / run_id_of(path))
+            target = path.parent / run_id_of(path)
+            path.rename(target)
+            shutil.rmtree(target / "checkpoints", ignore_errors=True)  # a training's resumable state
     except FileNotFoundError:  # another `mhs clean` got there first
         pass
     except OSError as err:

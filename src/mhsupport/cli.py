@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.runner(cfg, args)
     except MhsError as err:
+        close_progress_bars()
         print(f"mhs {name}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         message = storage_error(err)
         if message is None:
             raise
+        close_progress_bars()
         print(f"mhs {name}: error: {message}", file=sys.stderr)
         return 1
     return 0

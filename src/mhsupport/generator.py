@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mhsupport import models
+from mhsupport import devices, models
 from mhsupport.errors import MhsError
 from mhsupport.formatting import SETTINGS_FILE, FormatterSettings
 from mhsupport.generation import generate
@@ -74,13 +74,13 @@ def check_context(context, index: int = 0) -> None:
 
 
 def load(path: str | Path, device: str | None = None) -> Generator:
-    """A generator from a training run's folder, its `model/` folder, or an exported copy of it."""
+    """A generator from a training run's folder, its `model/` folder, or an exported copy of it, placed
+    by the device rule (`device`: auto, cpu, cuda or cuda:N; bf16 where the GPU supports it)."""
     path = Path(path)
     if (path / "model" / SETTINGS_FILE).is_file():
         path = path / "model"
     if not (path / SETTINGS_FILE).is_file():
         raise MhsError(f"{path}: no {SETTINGS_FILE} found; expected a `mhs train dialogpt` run folder, its model/ "
                        "folder or a `mhs export` of it (runs from before generator.json: retrain with --force)")
-    model, tokenizer = models.load_saved_causal_lm(path)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, tokenizer = models.load_saved_causal_lm(path, devices.inference({"device": device or "auto"}))
     return Generator(model, tokenizer, FormatterSettings.load(path))

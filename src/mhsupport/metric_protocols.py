@@ -181,6 +181,17 @@ def metric_value(name: str, summed: np.ndarray, examples: int) -> float:
 
 # --- signatures -----------------------------------------------------------------------------
 
+def metric_names(protocols) -> list[str]:
+    """The text-overlap metrics each protocol scores (ppl, length and the tag metrics come beside them)."""
+    names = []
+    if "default" in protocols:
+        names += [*BLEU_METRICS, "rouge_l", "distinct_1", "distinct_2"]
+    if "esconv" in protocols:
+        names += [f"{ESCONV_PREFIX}{name}" for name in
+                  [*(f"bleu_{k}" for k in range(1, ESCONV_BLEU_ORDER + 1)), "rouge_l", "distinct_1", "distinct_2"]]
+    return names
+
+
 def signatures(protocols) -> dict[str, dict]:
     """Per metric: protocol, library and version, tokenizer, case, smoothing, n-gram order. Call it
     after statistics were extracted: sacrebleu's signature needs the number of references."""

@@ -7,6 +7,8 @@ value, what was expected and how to set it.
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -48,13 +50,24 @@ def _int(low: int, optional: bool = False):
     return check
 
 
-def _number(low: float, inclusive: bool = True, high: float | None = None):
+def _number(low: float, inclusive: bool = True, high: float | None = None, high_inclusive: bool = True):
     def check(value):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
-            (value >= low if inclusive else value > low) and (high is None or value <= high)
-        bounds = f"{'>=' if inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
-        return ok, f"a number {bounds}"
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and \
+            (value >= low if inclusive else value > low) and \
+            (high is None or (value <= high if high_inclusive else value < high))
+        bounds = f"{'>=' if inclusive else '>'} {low}" + \
+            (f" and {'<=' if high_inclusive else '<'} {high}" if high is not None else "")
+        return ok, f"a finite number {bounds}"
     return check
+
+
+def _bf16(value):
+    return value == "auto" or isinstance(value, bool), "auto, true or false"
+
+
+def _device(value):
+    return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", value) is not None, \
+        "auto, cpu, cuda or cuda:N"
 
 
 def _bool(value):
@@ -75,7 +88,7 @@ def _samplers(value):
 
 _MODEL_RULES = {
     "epochs": _int(1), "batch_size": _int(1), "grad_accum": _int(1), "eval_batch_size": _int(1),
-    "save_steps": _int(1), "learning_rate": _number(0, inclusive=False), "warmup_ratio": _number(0),
+    "save_steps": _int(1), "learning_rate": _number(0, inclusive=False), "warmup_ratio": _number(0, high=1.0, high_inclusive=False),
     "weight_decay": _number(0), "train_subset": _int(1, optional=True),
 }
 RULES = {
@@ -83,6 +96,9 @@ RULES = {
     "dataset": _choice(DATASETS), "tag_set": _choice(TAG_SETS), "mode": _choice(MODES),
     "strategy_tag": _bool, "tags_in_history": _bool, "history_categories": _bool, "class_weighting": _bool,
     "context_turns": _int(1), "tag_adherence": _bool,
+    "classifier_run.dataset": _choice(DATASETS), "classifier_run.context_turns": _int(1),
+    "classifier_run.history_categories": _bool, "classifier_run.class_weighting": _bool,
+    "runtime.device": _device, "runtime.bf16": _bf16,
     "sampler": _choice(SAMPLERS + (CHAT_DEFAULT_SAMPLER,)), "classifier_sampling": _choice(CLASSIFIER_SAMPLING),
     "generator_source": _choice(GENERATOR_SOURCES), "test_subset": _int(1, optional=True),
     "max_new_tokens": _int(1), "max_context_turns": _int(1),
@@ -99,7 +115,7 @@ RULES = {
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
-    "generator.lora.dropout": _number(0, high=1.0),
+    "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),
     "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
     "generator.valid_subset": _int(1, optional=True), "generator.train_eval_subset": _int(1, optional=True),
     **{f"classifier.{k}": rule for k, rule in _MODEL_RULES.items()},
@@ -119,6 +135,9 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise MhsError(f"config key {key}={value!r}: expected {expected} (set it on the command line, "
                            f"e.g. {key}={_example(expected)})")
+    generator = cfg.get("generator")
+    if generator is not None and generator.get("trainable") == "top_layers" and generator.get("top_layers", 1) < 1:
+        raise MhsError("generator.trainable=top_layers needs generator.top_layers >= 1 (or generator.trainable=all)")
     if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
         raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "
                        "labels (use --dataset esconv)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -120,20 +121,41 @@ class Pipeline:
         """Build this stage's run unless it is up to date; its upstream runs must exist."""
         return self._build(stage, cfg, self.plan(stage, cfg))
 
+    def check(self, stage: str, cfg: DictConfig, checked: set | None = None) -> None:
+        """Check the config of this stage and of every stage under it, before anything is built: a
+        bad report setting is reported at once, not after the chain under it has run."""
+        checked = set() if checked is None else checked
+        key = node_key(stage, cfg)
+        if key in checked:
+            return
+        checked.add(key)
+        options.validate(cfg)
+        if hasattr(STAGES[stage], "check"):
+            STAGES[stage].check(cfg)
+        for upstream_stage, upstream_cfg in STAGES[stage].requires(cfg).values():
+            self.check(upstream_stage, upstream_cfg, checked)
+
     def ensure(self, stage: str, cfg: DictConfig) -> StageResult:
-        """Build this stage's run and, first, every upstream run that is missing."""
+        """Build this stage's run and, first, every upstream run that is missing (a prepare-data run
+        made earlier serves even when the raw files are gone)."""
         key = node_key(stage, cfg)
         if key not in self._results:
             for upstream_stage, upstream_cfg in STAGES[stage].requires(cfg).values():
                 self.ensure(upstream_stage, upstream_cfg)
-            self._results[key] = self.run(stage, cfg)
+            missing: dict[str, Requirement] = {}
+            run = self._plan(stage, cfg, missing, upstream=True)
+            self._results[key] = self._build(stage, cfg, run)
         return self._results[key]
 
     def _build(self, stage: str, cfg: DictConfig, run: Run) -> StageResult:
         module = STAGES[stage]
         started = time.time()
-        with run.lock(is_main_process()):
-            if run.complete and not cfg.force:
+        main = is_main_process()
+        with run.lock(main):
+            # Under torchrun only the main process takes the lock and puts back an interrupted run; the
+            # others also count a finished run not yet renamed as done, so all of them skip together.
+            done = run.complete or (not main and (run.partial_path / artifacts.MANIFEST).is_file())
+            if done and not cfg.force:
                 log.info("%s is up to date: %s", stage, run.path)
                 self._verify(run)
                 result = StageResult(run, run.read_metrics(), skipped=True)
@@ -220,7 +242,11 @@ def _override_value(value) -> str:
     text = str(value)
     plain = text and all(c.isalnum() or c in "_-./:" for c in text) and not text[0].isdigit() \
         and text.lower() not in ("true", "false", "null", "nan", "inf")
-    return text if plain else "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    if plain:
+        return text
+    # Inside quotes Hydra un-escapes only backslashes that stand before a quote (or the closing one).
+    escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, text).replace("'", "\\'")
+    return f"'{escaped}'"
 
 
 def missing_runs_message(target: str, missing) -> str:
@@ -247,6 +273,7 @@ def reproduce(cfg: DictConfig) -> ReproduceResult:
     each stage's wall time (written to artifacts/reproduce/)."""
     from mhsupport import models
     graph = Pipeline()
+    graph.check("report", cfg)
     graph.ensure("prepare_data", prepare_data_config(cfg))
     if cfg.generator.source == "gguf" or cfg.classifier.source == "local":
         started = time.time()

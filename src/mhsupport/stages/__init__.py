@@ -1,1 +1,2 @@
-"""Pipeline stages: each is a plain `run(cfg) -> result` that the CLI and the tests call."""
+"""Pipeline stages: each declares `requires(cfg)` and `build(cfg, run, inputs)`; `pipeline.py` plans
+and runs them."""

@@ -33,9 +33,9 @@ NO_TAG = "(no tag)"
 def check(cfg: DictConfig) -> None:
     """The rules between options (each option's own values are checked in `options`)."""
     unknown = [p for p in cfg.metrics.protocols if p not in PROTOCOLS]
-    if unknown or not cfg.metrics.protocols:
+    if unknown or not cfg.metrics.protocols or len(set(cfg.metrics.protocols)) != len(cfg.metrics.protocols):
         raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of "
-                       f"{list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
+                       f"distinct names from {list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
     if cfg.generator_source == "llm":
         if cfg.strategy_tag or cfg.sampler != "none":
             raise MhsError("--generator llm takes --prompt, not --strategy-tag or --sampler")

@@ -17,6 +17,7 @@ from mhsupport import artifacts
 from mhsupport.config import eval_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.generations_io import read_generations, scores_from_generations
+from mhsupport.metric_protocols import metric_names
 from mhsupport.metrics import paired_bootstrap, paired_randomisation
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,19 @@ def systems(cfg: DictConfig) -> dict[str, dict]:
         for sampler in cfg.table4_samplers:
             out[f"table4/{dataset}/{sampler}"] = {"dataset": dataset, "strategy_tag": True, "sampler": sampler}
     return out
+
+
+# Metrics scored beside the protocols' text-overlap metrics (see metrics.GenerationScores).
+OTHER_METRICS = ("ppl", "length", "strategy_accuracy", "tag_adherence")
+
+
+def check(cfg: DictConfig) -> None:
+    """The paired tests may only name metrics the evals score: checked before any eval is built."""
+    known = [*metric_names(cfg.metrics.protocols), *OTHER_METRICS]
+    unknown = [m for m in cfg.significance_metrics if m not in known]
+    if unknown or not cfg.significance_metrics:
+        raise MhsError(f"significance_metrics={list(cfg.significance_metrics)}: expected a non-empty list of metrics "
+                       f"the protocols {list(cfg.metrics.protocols)} score, from {known}")
 
 
 def requires(cfg: DictConfig) -> dict:
