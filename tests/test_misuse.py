@@ -30,7 +30,7 @@ def files_under(folder: Path) -> list[str]:
     (["train", "dialogpt"], "generator.epochs=0", "generator.epochs=0: expected an integer >= 1"),
     (["train", "dialogpt"], "generator.batch_size=-4", "generator.batch_size=-4: expected an integer >= 1"),
     (["train", "dialogpt"], "generator.train_subset=0", "generator.train_subset=0: expected null or an integer >= 1"),
-    (["train", "dialogpt"], "generator.learning_rate=0", "generator.learning_rate=0: expected a number > 0"),
+    (["train", "dialogpt"], "generator.learning_rate=0", "generator.learning_rate=0: expected a finite number > 0"),
     (["train", "classifier"], "classifier.epochs=1.5", "classifier.epochs=1.5: expected an integer >= 1"),
     (["eval"], "decoding.batch_size=0", "decoding.batch_size=0: expected an integer >= 1"),
     (["eval"], "test_subset=0", "test_subset=0: expected null or an integer >= 1"),

@@ -188,3 +188,19 @@ def test_an_up_to_date_eval_needs_no_raw_files(own_artifacts, make_cfg, tmp_path
     assert pipeline.run("eval", cfg).skipped
     with pytest.raises(MhsError, match=r"moved-away \(from .*\): no such folder"):
         pipeline.run("prepare_data", prepare_data_config(cfg))
+
+
+def test_reproduce_checks_every_setting_before_building_anything(make_cfg, tmp_path):
+    cfg = make_cfg("report", "generator=tiny", "classifier=tiny", "significance_metrics=[bleu,bertscore]",
+                   artifacts=tmp_path / "artifacts")
+    with pytest.raises(MhsError, match=r"significance_metrics=\['bleu', 'bertscore'\]: expected a non-empty list"):
+        pipeline.reproduce(cfg)
+    assert not (tmp_path / "artifacts").exists()
+
+
+@pytest.mark.parametrize("value", ["/tmp/a b\\c", "ends with \\", "it's 'quoted'", "1e-3", "true", "x=y,z", "[a]"])
+def test_a_hinted_string_reads_back_as_itself(value, make_cfg):
+    cfg = make_cfg("train_generator", "generator=tiny")
+    cfg.generator.system_prompt = value
+    stage, rebuilt = cli_config(pipeline.command("train_generator", cfg))
+    assert stage == "train_generator" and rebuilt.generator.system_prompt == value
