@@ -120,6 +120,17 @@ def test_sampled_decoding_reports_the_mean_over_seeds(make_cfg, trained):
     assert m["metrics"]["bleu"]["value"] == pytest.approx(np.mean([s["bleu"]["value"] for s in m["per_seed"].values()]))
 
 
+def test_runs_of_other_training_seeds_are_scored_on_the_same_test_examples(make_cfg, trained, capsys):
+    pipeline.run("train_generator", make_cfg("train_generator", *GEN, "seed=7"))
+    seed_42 = pipeline.run("eval", make_cfg("eval", *EVAL)).run.path
+    seed_7 = pipeline.run("eval", make_cfg("eval", *EVAL, "seed=7")).run.path
+    assert seed_7 != seed_42
+    examples = [[(l["conversation_id"], l["turn_index"]) for l in read_generations(run)] for run in (seed_42, seed_7)]
+    assert examples[0] == examples[1] and len(examples[0]) == 24
+    assert main(["compare", str(seed_42), str(seed_7), "--resamples", "50"]) == 0
+    assert "24 paired examples" in capsys.readouterr().out
+
+
 def test_compare_two_runs(make_cfg, trained, tmp_path, capsys):
     prepared, _ = trained
     a = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=random")).run.path

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from mhsupport.metrics import (GenerationScores, bootstrap_intervals, classification_scores, paired_bootstrap,
-                               paired_randomisation, preference_bias)
+from mhsupport.metrics import (GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores,
+                               paired_bootstrap, paired_randomisation, preference_bias)
 
 HYPS = ["I am sorry to hear that.", "Have you talked to your boss about it?", "That sounds hard",
         "Maybe try a walk outside.", "ok"]
@@ -70,6 +70,23 @@ def test_bootstrap_interval_brackets_the_value_and_is_seeded():
         else:
             assert metric["ci_low"] <= metric["value"] <= metric["ci_high"], name
     assert a["bleu"]["ci_low"] < a["bleu"]["ci_high"]
+
+
+def test_the_mean_over_decoding_seeds_has_an_interval_of_pooled_resamples():
+    one, other = GenerationScores(HYPS * 10, REFS * 10), GenerationScores(REFS[::-1] * 10, REFS * 10)
+    alone = bootstrap_intervals(one, 200, seed=3)
+    twice = bootstrap_mean_over_seeds([one, one], 200, seed=3)
+    for name in ("bleu", "rouge_l", "esconv_bleu_2"):  # two identical seeds: the one seed's interval, sd 0
+        assert twice[name]["value"] == pytest.approx(alone[name]["value"]) and twice[name]["sd"] == 0
+        assert (twice[name]["ci_low"], twice[name]["ci_high"]) == pytest.approx((alone[name]["ci_low"],
+                                                                                 alone[name]["ci_high"]))
+    mixed = bootstrap_mean_over_seeds([one, other], 200, seed=3)
+    separate = [bootstrap_intervals(s, 200, seed=3)["bleu"] for s in (one, other)]
+    assert mixed["bleu"]["value"] == pytest.approx(np.mean([s["value"] for s in separate]))
+    assert mixed["bleu"]["sd"] == pytest.approx(np.std([s["value"] for s in separate], ddof=1))
+    # not the average of the two intervals' bounds: the resamples draw the same examples for both seeds
+    assert mixed["bleu"]["ci_low"] <= mixed["bleu"]["value"] <= mixed["bleu"]["ci_high"]
+    assert mixed["bleu"]["ci_low"] != pytest.approx(np.mean([s["ci_low"] for s in separate]), abs=1e-9)
 
 
 def test_paired_bootstrap_separates_a_better_system_and_not_an_identical_one():

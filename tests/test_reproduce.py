@@ -52,3 +52,22 @@ def test_report_without_evals_lists_what_to_run(make_cfg, tmp_path):
     cfg = make_cfg("report", "generator=tiny", "classifier=tiny", artifacts=tmp_path / "empty")
     with pytest.raises(MhsError, match="mhs prepare-data"):
         pipeline.run("report", cfg)
+
+
+@pytest.mark.slow
+def test_reproduce_with_two_training_seeds_gives_mean_and_sd_and_pools_the_tests(make_cfg):
+    from mhsupport.generations_io import read_generations
+
+    result = pipeline.reproduce(make_cfg("report", "generator=tiny", "classifier=tiny", *SLICE, "seeds=[42,7]"))
+    out = result.report.run.path
+    assert sum(t["stage"].startswith("train dialogpt") for t in result.timings) == 4 * 2
+    table2 = list(csv.DictReader(open(out / "table2.csv")))
+    assert all(r["bleu_ci"] == f"± {float(r['bleu_ci'][2:6]):.2f} (sd, 2 seeds)" for r in table2)
+    seeds_of_one_system = sorted(name for name in result.report.run.inputs if name.startswith("table2/ESConv@"))
+    assert seeds_of_one_system == ["table2/ESConv@42", "table2/ESConv@7"]
+    runs = [result.report.run.inputs[name]["run"] for name in seeds_of_one_system]
+    keys = [[(l["conversation_id"], l["turn_index"]) for l in read_generations(run)] for run in runs]
+    assert keys[0] == keys[1] and len(keys[0]) == 16  # the same test examples for every seed
+    assert runs[0] != runs[1]
+    assert list(csv.DictReader(open(out / "significance.csv")))
+    assert "Training seeds 42, 7:" in (out / "report.md").read_text()

@@ -90,7 +90,7 @@ def flag_overrides(args) -> list[str]:
         overrides.append(f"generator_source={args.generator_source}")
     if getattr(args, "prompt", None):
         overrides.append(f"llm.prompt={args.prompt}")
-    for flag in ("dataset", "tag_set", "mode", "context_turns", "sampler"):
+    for flag in ("dataset", "tag_set", "mode", "context_turns", "sampler", "seeds"):
         if getattr(args, flag, None) is not None:
             overrides.append(f"{flag}={getattr(args, flag)}")
     for flag in ("strategy_tag", "history_categories", "class_weighting"):
@@ -205,7 +205,17 @@ def _run_reproduce(cfg, args):
 
 def _profile_flags(parser):
     parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
+    parser.add_argument("--seeds", type=_seed_list, help="training seeds, e.g. 1,2,3: every system is trained and "
+                        "evaluated once per seed; tables give mean and sd, paired tests pool the seeds")
     parser.set_defaults(profile_groups=("generator", "classifier"))
+
+
+def _seed_list(text: str) -> str:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,3") from None
+    return "[" + ",".join(map(str, seeds)) + "]"
 
 
 def _chat_flags(parser):

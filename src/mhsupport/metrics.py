@@ -171,6 +171,31 @@ def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> 
     return out
 
 
+def bootstrap_mean_over_seeds(scores: list[GenerationScores], resamples: int, seed: int) -> dict[str, dict]:
+    """Each metric's mean over decoding seeds, its sd across them, and a 95% percentile interval from
+    resamples that draw the same examples for every seed and average the seeds' scores on them."""
+    points = [s.scores() for s in scores]
+    names = list(points[0])
+    rng = np.random.default_rng(seed)
+    with_interval = [name for name in names if not no_interval(name) and all(p[name] is not None for p in points)]
+    samples = []
+    for _ in range(resamples):
+        rows = rng.integers(0, scores[0].n, scores[0].n)
+        drawn = [s.scores(rows, with_interval) for s in scores]
+        samples.append({name: float(np.mean([d[name] for d in drawn])) for name in with_interval})
+    out = {}
+    for name in names:
+        values = [p[name] for p in points]
+        if any(v is None for v in values):
+            out[name] = {"value": None, "ci_low": None, "ci_high": None, "sd": None}
+            continue
+        interval = ([float(np.percentile([s[name] for s in samples], q)) for q in (2.5, 97.5)]
+                    if name in with_interval else [None, None])
+        out[name] = {"value": float(np.mean(values)), "ci_low": interval[0], "ci_high": interval[1],
+                     "sd": float(np.std(values, ddof=1))}
+    return out
+
+
 def _paired_points(a: GenerationScores, b: GenerationScores, names) -> tuple[dict, dict, list[str]]:
     """Both systems' scores and the metrics they share (of `names`, if given)."""
     if a.n != b.n:

@@ -92,7 +92,9 @@ _MODEL_RULES = {
     "weight_decay": _number(0), "train_subset": _int(1, optional=True),
 }
 RULES = {
-    "seed": _int(0), "force": _bool,
+    "seed": _int(0), "subset_seed": _int(0), "test_subset_seed": _int(0), "force": _bool,
+    "seeds": lambda value: (value is None or _distinct_ints(value)[0],
+                            "null or a non-empty list of distinct integers, e.g. [1,2,3]"),
     "dataset": _choice(DATASETS), "tag_set": _choice(TAG_SETS), "mode": _choice(MODES),
     "strategy_tag": _bool, "tags_in_history": _bool, "history_categories": _bool, "class_weighting": _bool,
     "context_turns": _int(1), "tag_adherence": _bool,

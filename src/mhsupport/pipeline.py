@@ -279,8 +279,10 @@ def reproduce(cfg: DictConfig) -> ReproduceResult:
         started = time.time()
         models.fetch_wheels(load_config("models", [f"paths.models_dir={cfg.paths.models_dir}"]))
         graph.timings.append({"stage": "models fetch", "seconds": round(time.time() - started, 1), "skipped": False})
-    for dataset, tagged in GENERATOR_VARIANTS:  # the generators first, in the paper's order
-        graph.ensure("train_generator", generator_config(eval_config(cfg, {"dataset": dataset, "strategy_tag": tagged})))
+    for seed in report.training_seeds(cfg):  # the generators first, in the paper's order
+        for dataset, tagged in GENERATOR_VARIANTS:
+            values = {"dataset": dataset, "strategy_tag": tagged, "seed": seed}
+            graph.ensure("train_generator", generator_config(eval_config(cfg, values)))
     result = graph.ensure("report", cfg)
 
     total = sum(t["seconds"] for t in graph.timings)

@@ -8,7 +8,6 @@ import logging
 import tempfile
 from pathlib import Path
 
-import numpy as np
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
 
@@ -20,7 +19,7 @@ from mhsupport.formatting import IGNORE_INDEX, build_formatter, generator_tags
 from mhsupport.generation import generate
 from mhsupport.generations_io import GENERATIONS
 from mhsupport.metric_protocols import PROTOCOLS
-from mhsupport.metrics import GenerationScores, bootstrap_intervals, classification_scores
+from mhsupport.metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -66,12 +65,13 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     label_key = Taxonomy.label_key(cfg.tag_set)
     labels = generator_tags(gcfg)
     data_run = inputs["prepare_data"].path
-    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.seed)
+    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset,
+                                        cfg.test_subset_seed)
 
     set_seed(cfg.seed)
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     if cfg.generator_source == "llm":
-        examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.seed)
+        examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.test_subset_seed)
         respond, tags, labels, loaded = llm_responder(cfg, inputs, examples, label_key)
     else:
         respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
@@ -80,7 +80,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
     d = cfg.decoding
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
-    lines, per_seed, strategy_prediction = [], {}, {}
+    lines, per_seed, seed_scores, strategy_prediction = [], {}, [], {}
     protocols = list(cfg.metrics.protocols)
     for seed in seeds:
         outputs, nll, counts = respond(seed)
@@ -91,6 +91,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         scores = GenerationScores(responses, [e["response"] for e in examples], nll, counts,
                                   used_tags if labels else None, gold, recognised, protocols=protocols)
         per_seed[str(seed)] = bootstrap_intervals(scores, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        seed_scores.append(scores)
         if labels and any(tag is not None for tag in used_tags):
             # the tags used as predictions of the gold label: accuracy, Q (macro-F1), preference bias B;
             # a response without a tag counts as a wrong prediction outside the label set
@@ -111,7 +112,9 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag), "sampler": cfg.sampler,
         "examples": len(examples), "decoding": "sampled" if len(seeds) > 1 or d.do_sample else "greedy",
         "seeds": seeds,
-        "metrics": mean_over_seeds(per_seed), "per_seed": per_seed,
+        "metrics": (per_seed[str(seeds[0])] if len(seeds) == 1 else
+                    bootstrap_mean_over_seeds(seed_scores, cfg.bootstrap.resamples, cfg.bootstrap.seed)),
+        "per_seed": per_seed,
         "protocols": protocols, "signatures": scores.signatures(),
         "strategy_prediction": strategy_prediction,
         "note": cfg.generator.get("warning") or "",
@@ -140,7 +143,7 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
         model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model", placement)
     else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
         train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
-                                       cfg.seed)
+                                       cfg.subset_seed)
         model, tokenizer = models.load_causal_lm(cfg.generator, placement, train_texts=models.tokenizer_texts(train))
     formatter = build_formatter(gcfg, tokenizer)
     prior = None
@@ -221,14 +224,6 @@ def reference_nll(model, formatter, examples, tags, label_key, collator, batch_s
                  "labels": [IGNORE_INDEX] * len(prompt) + target}
         features.append(f)
     return training.per_example_nll(model, features, collator, batch_size)
-
-
-def mean_over_seeds(per_seed: dict) -> dict:
-    """Each metric's value and interval bounds averaged over decoding seeds (one seed: itself)."""
-    names = next(iter(per_seed.values())).keys()
-    return {name: {key: None if any(s[name][key] is None for s in per_seed.values())
-                   else float(np.mean([s[name][key] for s in per_seed.values()]))
-                   for key in ("value", "ci_low", "ci_high")} for name in names}
 
 
 def system_name(cfg: DictConfig) -> str:

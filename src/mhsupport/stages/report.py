@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 from omegaconf import DictConfig
 from statsmodels.stats.multitest import multipletests
 
@@ -74,9 +75,15 @@ def check(cfg: DictConfig) -> None:
                        f"the protocols {list(cfg.metrics.protocols)} score, from {known}")
 
 
+def training_seeds(cfg: DictConfig) -> list[int]:
+    return list(cfg.seeds) if cfg.get("seeds") else [cfg.seed]
+
+
 def requires(cfg: DictConfig) -> dict:
     needs = {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
-    needs.update({key: ("eval", eval_config(cfg, values)) for key, values in systems(cfg).items()})
+    for seed in training_seeds(cfg):
+        needs.update({f"{key}@{seed}": ("eval", eval_config(cfg, {**values, "seed": seed}))
+                      for key, values in systems(cfg).items()})
     return needs
 
 
@@ -85,8 +92,9 @@ def label(cfg: DictConfig) -> str:
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
-    evals = {key: run for key, run in inputs.items() if key != "prepare_data"}
-    metrics = {key: run.read_metrics() for key, run in evals.items()}
+    seeds = training_seeds(cfg)
+    evals = {key: [inputs[f"{key}@{seed}"] for seed in seeds] for key in systems(cfg)}
+    metrics = {key: over_seeds([run.read_metrics() for run in runs]) for key, runs in evals.items()}
     profile = cfg.generator.profile
     stats = json.loads((inputs["prepare_data"].path / "stats.json").read_text())
 
@@ -111,6 +119,29 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     log.info("report wrote %s", run_.path)
 
 
+def over_seeds(per_seed: list[dict]) -> dict:
+    """One eval's metrics, or several training seeds' as one: each metric's mean and its sd across
+    the seeds (no interval: the seeds' own intervals are in their eval runs), the tags' Q and B
+    averaged likewise."""
+    if len(per_seed) == 1:
+        return per_seed[0]
+    first = per_seed[0]
+    combined = {**first, "training_seeds": len(per_seed), "metrics": {}}
+    for name in first["metrics"]:
+        values = [m["metrics"][name]["value"] for m in per_seed]
+        combined["metrics"][name] = {"value": None, "ci_low": None, "ci_high": None, "sd": None} \
+            if any(v is None for v in values) else \
+            {"value": float(np.mean(values)), "ci_low": None, "ci_high": None, "sd": float(np.std(values, ddof=1))}
+    predictions = [next(iter(m.get("strategy_prediction", {}).values()), None) for m in per_seed]
+    if all(p is not None for p in predictions):
+        combined["strategy_prediction"] = {"mean over training seeds": {
+            "macro_f1": float(np.mean([p["macro_f1"] for p in predictions])),
+            "preference_bias": float(np.mean([p["preference_bias"] for p in predictions])),
+            "preference": {label: float(np.mean([p["preference"][label] for p in predictions]))
+                           for label in predictions[0]["preference"]}}}
+    return combined
+
+
 def row(name: str, m: dict, paper_bleu: float | None) -> dict:
     out = {"system": name, "paper_bleu": paper_bleu, "examples": m["examples"]}
     for column in COLUMNS:
@@ -119,6 +150,8 @@ def row(name: str, m: dict, paper_bleu: float | None) -> dict:
             out[column] = round(value["value"], 3)
             if value["ci_low"] is not None:
                 out[f"{column}_ci"] = f"[{value['ci_low']:.2f}, {value['ci_high']:.2f}]"
+            if value.get("sd") is not None and "training_seeds" in m:
+                out[f"{column}_ci"] = f"± {value['sd']:.2f} (sd, {m['training_seeds']} seeds)"
     prediction = next(iter(m.get("strategy_prediction", {}).values()), None)
     if prediction is not None:  # the tags as predictions of the gold category (first decoding seed)
         out["strategy_q"] = round(100 * prediction["macro_f1"], 2)
@@ -140,16 +173,16 @@ ORDERINGS = [  # (claim, system A, system B): B should beat A
 ]
 
 
-def significance(cfg: DictConfig, evals: dict[str, artifacts.Run]) -> list[dict]:
+def significance(cfg: DictConfig, evals: dict[str, list[artifacts.Run]]) -> list[dict]:
     """Paired bootstrap and paired approximate-randomisation tests of the paper's orderings on the
-    configured metrics, with Holm-adjusted p-values over all the tests of each kind."""
+    configured metrics, over the examples of every training seed pooled, with Holm-adjusted p-values
+    over all the tests of each kind."""
     tests, metrics = [], list(cfg.significance_metrics)
     protocols = list(cfg.metrics.protocols)
     for claim, a, b in ORDERINGS:
         if a not in evals or b not in evals:
             continue
-        scores_a, scores_b = (scores_from_generations(read_generations(evals[key].path), protocols)
-                              for key in (a, b))
+        scores_a, scores_b = (scores_from_generations(pooled_generations(evals[key]), protocols) for key in (a, b))
         unknown = [m for m in metrics if m not in scores_a.metric_names or m not in scores_b.metric_names]
         if unknown:
             raise MhsError(f"significance_metrics={metrics}: {unknown} not scored by these eval runs (protocols "
@@ -171,6 +204,20 @@ def significance(cfg: DictConfig, evals: dict[str, artifacts.Run]) -> list[dict]
         for key in ("p_bootstrap", "p_bootstrap_holm", "p_randomisation", "p_randomisation_holm"):
             t[key] = round(t[key], 4)
     return tests
+
+
+def pooled_generations(runs: list[artifacts.Run]) -> list[dict]:
+    """The generations of one system's evals over every training seed, one after another: each seed
+    scores the same test examples (test_subset_seed), so two systems pair row by row."""
+    pooled = []
+    for run in runs:
+        lines = read_generations(run.path)
+        if pooled and [(l["conversation_id"], l["turn_index"]) for l in lines] != \
+                [(l["conversation_id"], l["turn_index"]) for l in pooled[:len(lines)]]:
+            raise MhsError(f"{run.path}: scored other test examples than {runs[0].path}; the seeds of one report "
+                           "must share test_subset_seed")
+        pooled += lines
+    return pooled
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -253,8 +300,12 @@ def report_markdown(cfg, metrics, table1, table2, table4, tests) -> str:
                   "(DialoGPT), all of ESConv and its own random split: a scale reference, not a comparison. The "
                   "esconv protocol is the metric code of the group's later releases (codes_zcj); that the 2021 "
                   "numbers were computed the same way is assumed, not checked.\n" if "esconv" in protocols else "")
+    seeds = training_seeds(cfg)
+    seeded = (f"\nTraining seeds {', '.join(map(str, seeds))}: every system was trained and evaluated once per seed, "
+              "on the same test examples. Each value is the mean over the seeds, with its sd across them in the "
+              "interval column; the paired tests pool the seeds' examples.\n" if len(seeds) > 1 else "")
     return f"""# Reproduction report ({profile} profile)
-{warning}
+{warning}{seeded}
 Generators: `{cfg.generator.get('name_or_path') or cfg.generator.get('gguf_file') or 'GPT-2 from scratch'}`
 ({profile} profile); classifier: `{cfg.classifier.get('name_or_path') or 'BERT from scratch'}`.
 Scored on {n:,} ESConv test examples (seeded subset: {cfg.test_subset is not None}), greedy decoding,
@@ -298,11 +349,16 @@ Figures: `table2_bleu.png`, `table4_bleu.png` (and `.pdf`). CSV: `table1.csv`, `
 
 
 def bleu_figure(systems: dict[str, dict], stem: Path, title: str) -> None:
-    """BLEU bars with whiskers from each eval's stored interval (unrounded), as PNG and PDF."""
+    """BLEU bars with whiskers from each eval's stored interval (unrounded), or +- sd across training
+    seeds when there are several, as PNG and PDF."""
     names = list(systems)
     bleu = [systems[name]["metrics"]["bleu"] for name in names]
     values = [b["value"] for b in bleu]
-    errors = [[b["value"] - b["ci_low"] for b in bleu], [b["ci_high"] - b["value"] for b in bleu]]
+    if all(b.get("sd") is not None and b["ci_low"] is None for b in bleu):
+        errors = [[b["sd"] for b in bleu], [b["sd"] for b in bleu]]
+        title += " (whiskers: sd across training seeds)"
+    else:
+        errors = [[b["value"] - b["ci_low"] for b in bleu], [b["ci_high"] - b["value"] for b in bleu]]
     figure, axes = plt.subplots(figsize=(max(6, 1.3 * len(names)), 4.2))
     axes.bar(range(len(names)), values, yerr=errors, capsize=4, color="#4C72B0")
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right")

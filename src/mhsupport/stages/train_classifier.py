@@ -53,7 +53,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     p = cfg.classifier
     settings = settings_for(cfg)
     label_id = {label: i for i, label in enumerate(settings.labels)}
-    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.seed)
+    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
     evaluation = {split: read_examples(data_run, "esconv", split) for split in EVAL_SPLITS}
 
     set_seed(cfg.seed)

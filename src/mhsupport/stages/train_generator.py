@@ -36,8 +36,8 @@ def label(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     g = cfg.generator
-    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.seed)
-    valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.seed)
+    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
+    valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
 
     set_seed(cfg.seed)
     model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
@@ -75,7 +75,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
         final_valid = validate(model)
         final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset,
-                                                                                 cfg.seed), collator, g.eval_batch_size)
+                                                                                 cfg.subset_seed), collator, g.eval_batch_size)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
         padded = padded_tokens(trainer)
         run_.metrics = {
