@@ -57,7 +57,7 @@ def requires(cfg: DictConfig) -> dict:
 
 
 def label(cfg: DictConfig) -> str:
-    return f"eval {system_name(cfg)}"
+    return f"eval {system_name(cfg)} (seed {cfg.seed})"
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:

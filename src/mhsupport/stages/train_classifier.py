@@ -38,7 +38,7 @@ def requires(cfg: DictConfig) -> dict:
 
 
 def label(cfg: DictConfig) -> str:
-    return f"train classifier ({cfg.mode})"
+    return f"train classifier ({cfg.mode}, seed {cfg.seed})"
 
 
 def settings_for(cfg: DictConfig) -> ClassifierSettings:

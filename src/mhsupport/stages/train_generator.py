@@ -30,7 +30,7 @@ def requires(cfg: DictConfig) -> dict:
 
 
 def label(cfg: DictConfig) -> str:
-    return f"train dialogpt {cfg.dataset}{'+tag' if cfg.strategy_tag else ''}"
+    return f"train dialogpt {cfg.dataset}{'+tag' if cfg.strategy_tag else ''} (seed {cfg.seed})"
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
