@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-# Two pytest workers (pytest-xdist): the suite's tests are mostly single-threaded waits on small models.
+# Two pytest workers (pytest-xdist), one per core of the machines this runs on.
 test: setup
 	$(PY) -m pytest -q -n 2
 
