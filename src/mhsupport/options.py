@@ -80,6 +80,15 @@ def _distinct_ints(value):
     return ok, "a non-empty list of distinct integers, e.g. [0,1,2]"
 
 
+def _report_to(value):
+    """Resolved by `curves.report_to`, which raises its own one-line error for an unknown or
+    missing logger; imported here only when a config has the key (it pulls in transformers)."""
+    from mhsupport.curves import report_to
+
+    report_to(value)
+    return True, ""
+
+
 def _samplers(value):
     ok = isinstance(value, (list, ListConfig)) and len(value) > 0 and all(v in SAMPLERS for v in value) \
         and len(set(value)) == len(value)
@@ -100,7 +109,7 @@ RULES = {
     "context_turns": _int(1), "tag_adherence": _bool,
     "classifier_run.dataset": _choice(DATASETS), "classifier_run.context_turns": _int(1),
     "classifier_run.history_categories": _bool, "classifier_run.class_weighting": _bool,
-    "runtime.device": _device, "runtime.bf16": _bf16,
+    "runtime.device": _device, "runtime.bf16": _bf16, "runtime.report_to": _report_to,
     "sampler": _choice(SAMPLERS + (CHAT_DEFAULT_SAMPLER,)), "classifier_sampling": _choice(CLASSIFIER_SAMPLING),
     "generator_source": _choice(GENERATOR_SOURCES), "test_subset": _int(1, optional=True),
     "max_new_tokens": _int(1), "max_context_turns": _int(1),

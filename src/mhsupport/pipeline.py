@@ -61,6 +61,14 @@ class Pipeline:
     def upstream(self, requirements: dict[str, Requirement]) -> dict[str, Run]:
         """The complete, checked runs a consumer of the graph (e.g. `mhs chat`) needs."""
         missing: dict[str, Requirement] = {}
+        runs = self._upstream_runs(requirements, missing)
+        if missing:
+            raise MhsError(missing_runs_message("this command", missing.values()))
+        return runs
+
+    def _upstream_runs(self, requirements: dict[str, Requirement], missing: dict[str, Requirement]) -> dict[str, Run]:
+        """The complete, checked runs of these requirements; each one that is not there goes into
+        `missing` (after the missing runs it needs itself)."""
         runs = {}
         for name, (stage, cfg) in requirements.items():
             run = self._plan(stage, cfg, missing, upstream=True)
@@ -69,8 +77,6 @@ class Pipeline:
             else:
                 self._verify(run)
                 runs[name] = run
-        if missing:
-            raise MhsError(missing_runs_message("this command", missing.values()))
         return runs
 
     def _plan(self, stage: str, cfg: DictConfig, missing: dict[str, Requirement], upstream: bool = False) -> Run | None:
@@ -78,19 +84,10 @@ class Pipeline:
         if key in self._runs:
             return self._runs[key]
         module = STAGES[stage]
-        options.validate(cfg)
-        if hasattr(module, "check"):
-            module.check(cfg)
-        inputs, complete = {}, True
-        for name, (upstream_stage, upstream_cfg) in module.requires(cfg).items():
-            upstream_run = self._plan(upstream_stage, upstream_cfg, missing, upstream=True)
-            if upstream_run is None or not upstream_run.complete:
-                missing.setdefault(node_key(upstream_stage, upstream_cfg), (upstream_stage, upstream_cfg))
-                complete = False
-            else:
-                self._verify(upstream_run)
-                inputs[name] = upstream_run
-        if not complete:
+        check_config(stage, cfg)
+        requirements = module.requires(cfg)
+        inputs = self._upstream_runs(requirements, missing)
+        if len(inputs) < len(requirements):
             return None  # not cached: planned again once its upstream runs exist
         if hasattr(module, "file_inputs"):
             try:
@@ -129,9 +126,7 @@ class Pipeline:
         if key in checked:
             return
         checked.add(key)
-        options.validate(cfg)
-        if hasattr(STAGES[stage], "check"):
-            STAGES[stage].check(cfg)
+        check_config(stage, cfg)
         for upstream_stage, upstream_cfg in STAGES[stage].requires(cfg).values():
             self.check(upstream_stage, upstream_cfg, checked)
 
@@ -142,8 +137,7 @@ class Pipeline:
         if key not in self._results:
             for upstream_stage, upstream_cfg in STAGES[stage].requires(cfg).values():
                 self.ensure(upstream_stage, upstream_cfg)
-            missing: dict[str, Requirement] = {}
-            run = self._plan(stage, cfg, missing, upstream=True)
+            run = self._plan(stage, cfg, {}, upstream=True)  # its upstream runs were just built
             self._results[key] = self._build(stage, cfg, run)
         return self._results[key]
 
@@ -166,6 +160,13 @@ class Pipeline:
         self.timings.append({"stage": module.label(cfg), "seconds": round(time.time() - started, 1),
                              "skipped": result.skipped})
         return result
+
+
+def check_config(stage: str, cfg: DictConfig) -> None:
+    """A stage config's values (`options`), then the rules between them that the stage declares."""
+    options.validate(cfg)
+    if hasattr(STAGES[stage], "check"):
+        STAGES[stage].check(cfg)
 
 
 def run(stage: str, cfg: DictConfig) -> StageResult:

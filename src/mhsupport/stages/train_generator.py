@@ -21,10 +21,6 @@ COMMAND = "mhs train dialogpt"
 PROFILE_GROUPS = ("generator",)
 
 
-def check(cfg: DictConfig) -> None:
-    curves.report_to(cfg.runtime.report_to)  # an unknown or missing logger fails before anything is written
-
-
 def requires(cfg: DictConfig) -> dict:
     return {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
 
