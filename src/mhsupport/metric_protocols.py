@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import logging
 from collections import Counter
 from functools import lru_cache
 
@@ -140,12 +141,17 @@ def esconv_bleu_from_stats(summed: np.ndarray, k: int) -> float:
     return 100 * brevity * float(np.exp(sum(np.log(p) for p in precisions[:k]) / k))
 
 
-_ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+@lru_cache(maxsize=1)
+def _rouge_scorer() -> rouge_scorer.RougeScorer:
+    """Made when first used, not on import: every `mhs` command imports this module, and the scorer
+    logs a line ("Using default tokenizer.") through absl when it is made."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def default_rouge_l(hypothesis: str, reference: str) -> float:
     """rouge-score's ROUGE-L F-measure (beta 1) with its tokenizer: lowercased, runs of [a-z0-9]."""
-    return _ROUGE.score(reference, hypothesis)["rougeL"].fmeasure
+    return _rouge_scorer().score(reference, hypothesis)["rougeL"].fmeasure
 
 
 def per_example_statistics(protocol: str, hypotheses: list[str], references: list[str]) -> tuple[dict, dict]:
