@@ -78,6 +78,14 @@ def _eval_flags(parser):
     parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
+def _likelihood_flags(parser):
+    _model_flags(parser, "esconv")
+    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
+                        help="score the tagged generator")
+    parser.add_argument("--base", action="store_true", help="score the model without fine-tuning")
+    parser.set_defaults(profile_groups=("generator",))
+
+
 def flag_overrides(args) -> list[str]:
     overrides = []
     if getattr(args, "raw_dir", None):
@@ -149,6 +157,19 @@ def _run_eval(cfg, args):
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['decoding']}"
           + (f" - {m['note']}" if m["note"] else ""))
     _print_generation_metrics(m)
+
+
+def _run_likelihood(cfg, args):
+    from mhsupport import pipeline
+
+    result = pipeline.run("likelihood", cfg)
+    m = result.metrics
+    print(f"likelihood run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['tokens']} reference tokens")
+    for name, value in m["metrics"].items():
+        print(f"  {name:>20}: {value['value']:8.3f}  [{value['low']:.3f}, {value['high']:.3f}]")
+    if m.get("labels"):
+        print(f"  chance {m['chance']:.3f}; lowest-NLL tag most often: {m['most_chosen_tag']}")
 
 
 def _run_compare(args) -> None:
@@ -315,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
              "Generate ESConv test responses with a trained generator under a tag sampler and score them "
              "(BLEU, B-1..4, ROUGE-L, Distinct, perplexity, strategy accuracy, tag adherence) with "
              "95%% bootstrap intervals.", _eval_flags, _run_eval)
+
+    _command(commands, "likelihood", "likelihood",
+             "Does the generator use its tag? Score each ESConv test reference under every tag (or, untagged, "
+             "without one): tag discrimination, NLL and perplexity under the gold and the wrong tags, with 95%% "
+             "bootstrap intervals.", _likelihood_flags, _run_likelihood)
 
     _command(commands, "report", "report",
              "Write the paper's Tables 1, 2 and 4 (Markdown, CSV, figures) from this profile's eval runs, "

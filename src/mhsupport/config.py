@@ -94,6 +94,15 @@ def classifier_config(cfg: DictConfig, mode: str) -> DictConfig:
         "class_weighting": chosen.class_weighting})
 
 
+def likelihood_config(cfg: DictConfig) -> DictConfig:
+    """The `mhs likelihood` config of the generator an eval config scores (its sampler plays no part:
+    the reference is scored under every tag)."""
+    return derive("likelihood", cfg, {
+        "generator": cfg.generator, "dataset": cfg.dataset, "strategy_tag": cfg.strategy_tag, "tag_set": cfg.tag_set,
+        "tags_in_history": cfg.tags_in_history, "generator_source": cfg.generator_source,
+        "test_subset_seed": cfg.test_subset_seed, "bootstrap": cfg.bootstrap})
+
+
 REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples", "significance_metrics", "seeds")
 
 

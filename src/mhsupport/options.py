@@ -125,6 +125,7 @@ RULES = {
     **{f"generator.{k}": rule for k, rule in _MODEL_RULES.items()},
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
+    "generator.tag_lr_scale": _number(0, inclusive=False),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
     "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),
     "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
@@ -149,6 +150,9 @@ def validate(cfg: DictConfig) -> None:
     generator = cfg.get("generator")
     if generator is not None and generator.get("trainable") == "top_layers" and generator.get("top_layers", 1) < 1:
         raise MhsError("generator.trainable=top_layers needs generator.top_layers >= 1 (or generator.trainable=all)")
+    if generator is not None and generator.get("trainable") == "lora" and generator.get("tag_lr_scale", 1) != 1:
+        raise MhsError("generator.tag_lr_scale applies to the embedding rows of trainable=all|top_layers; "
+                       "with trainable=lora the tag rows are peft's trainable tokens: set generator.tag_lr_scale=1")
     if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
         raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "
                        "labels (use --dataset esconv)")

@@ -25,11 +25,12 @@ from mhsupport import artifacts, options
 from mhsupport.artifacts import Run, StageResult
 from mhsupport.config import eval_config, generator_config, load_config, prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.stages import evaluate, prepare_data, report, train_classifier, train_generator
+from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
 from mhsupport.training import is_main_process
 
 log = logging.getLogger(__name__)
-STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, evaluate, report)}
+STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, evaluate,
+                                                  report)}
 Requirement = tuple[str, DictConfig]
 
 
@@ -211,6 +212,7 @@ CLI_FLAGS = {
     "train_generator": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag"},
     "train_classifier": {**_MODEL_FLAGS, "mode": "--mode", "context_turns": "--context-turns",
                          "history_categories": "--history-categories", "class_weighting": "--class-weighting"},
+    "likelihood": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "generator_source": "--generator"},
     "eval": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "sampler": "--sampler",
              "generator_source": "--generator", "llm.prompt": "--prompt"},
 }

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from mhsupport import curves, devices
@@ -203,3 +203,39 @@ def connect_loggers(trainer, run_dir: Path) -> None:
 
 def epoch_history(log_history: list[dict], prefix: str = "valid") -> list[dict]:
     return [entry for entry in log_history if any(k.startswith(prefix + "_") for k in entry)]
+
+
+class LabelledPositionsTrainer(Trainer):
+    """A causal-LM Trainer whose LM head runs only where a label is scored. In a supporter reply
+    after a long context most positions carry no label, and the head (vocabulary x width: a fifth
+    of SmolLM2-135M's compute) is the costliest part to run on them. Same loss as the model's own:
+    summed token cross-entropy over the shifted labels, divided by the labelled tokens."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs["labels"]
+        hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        targets = labels[:, 1:]
+        scored = targets != IGNORE_INDEX
+        logits = model.get_output_embeddings()(hidden[:, :-1][scored])
+        loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
+        loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum()).to(loss.device)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class RowStepScaleCallback(TrainerCallback):
+    """Multiplies each optimizer step of some rows of the input embedding matrix by `factor`: the
+    tag rows, which must move far from their initial values for a short fine-tuning to learn to
+    condition on them, train at factor x the learning rate of everything else. (The rows share one
+    tensor with the vocabulary, so an optimizer parameter group cannot give them their own rate.)"""
+
+    def __init__(self, rows: list[int], factor: float):
+        self.rows, self.factor, self.before = torch.tensor(rows), factor, None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.before = model.get_input_embeddings().weight.detach()[self.rows.to(model.device)].clone()
+
+    @torch.no_grad()
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        weight = model.get_input_embeddings().weight
+        rows = self.rows.to(weight.device)
+        weight[rows] = self.before + self.factor * (weight[rows] - self.before)

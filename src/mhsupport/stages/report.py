@@ -12,14 +12,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import DictConfig
+from scipy import stats
+from sklearn.metrics import ConfusionMatrixDisplay
 from statsmodels.stats.multitest import multipletests
 
-from mhsupport import artifacts
-from mhsupport.config import eval_config, prepare_data_config
+from mhsupport import artifacts, likelihood
+from mhsupport.config import eval_config, likelihood_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.generations_io import read_generations, scores_from_generations
 from mhsupport.metric_protocols import metric_names
 from mhsupport.metrics import paired_bootstrap, paired_randomisation
+from mhsupport.stages.likelihood import read_likelihoods
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -84,6 +87,8 @@ def requires(cfg: DictConfig) -> dict:
     for seed in training_seeds(cfg):
         needs.update({f"{key}@{seed}": ("eval", eval_config(cfg, {**values, "seed": seed}))
                       for key, values in systems(cfg).items()})
+        needs.update({f"likelihood/{name}@{seed}": ("likelihood", likelihood_config(eval_config(cfg, {**values, "seed": seed})))
+                      for name, values in TABLE2_SYSTEMS.items()})
     return needs
 
 
@@ -101,21 +106,29 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     table1 = [{"category": c, "paper": stats["table1"]["paper"][c], "ours_membership": stats["table1"]["membership"][c],
                "ours_primary": stats["table1"]["primary"][c]} for c in stats["table1"]["paper"]]
     table2 = [row(name, metrics[f"table2/{name}"], PAPER_TABLE2[name]) for name in TABLE2_SYSTEMS]
+    likelihoods = {name: pooled_likelihoods([inputs[f"likelihood/{name}@{seed}"] for seed in seeds])
+                   for name in TABLE2_SYSTEMS}
+    for r in table2:  # perplexity from the likelihood runs: more examples, one per generator
+        r["ppl"], r["ppl_ci"] = perplexity(likelihoods[r["system"]], cfg)
+    tag_use = tag_use_rows(likelihoods, cfg)
     table4_cells = {f"{DATASET_NAMES[d]}+tag / {s}": (d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers}
     table4 = [row(name, metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s))) for name, (d, s) in table4_cells.items()]
     tests = significance(cfg, evals)
-    run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests}
+    run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests, "tag_use": tag_use}
 
     with run_.build(seed=cfg.seed) as out:
         write_csv(out / "table1.csv", table1)
         write_csv(out / "table2.csv", table2)
         write_csv(out / "table4.csv", table4)
         write_csv(out / "significance.csv", tests)
+        write_csv(out / "tag_use.csv", [{k: v for k, v in r.items() if k != "confusion"} for r in tag_use])
+        confusion_figure(tag_use, out / "tag_use_confusion", f"Lowest-NLL tag vs gold tag ({profile} profile)")
         bleu_figure({name: metrics[f"table2/{name}"] for name in TABLE2_SYSTEMS},
                     out / "table2_bleu", f"Table 2 ({profile} profile): BLEU with 95% intervals")
         bleu_figure({name: metrics[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()},
                     out / "table4_bleu", f"Table 4 ({profile} profile): BLEU with 95% intervals")
-        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests))
+        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use,
+                                                  likelihoods["Pretrained"]))
     log.info("report wrote %s", run_.path)
 
 
@@ -220,6 +233,86 @@ def pooled_generations(runs: list[artifacts.Run]) -> list[dict]:
     return pooled
 
 
+def pooled_likelihoods(runs: list[artifacts.Run]) -> dict:
+    """One system's likelihood runs over every training seed as one set of examples (each seed scores
+    the same test examples, so two systems pair row by row): nll[i, tag], tokens[i], gold[i]."""
+    lines = [line for run in runs for line in read_likelihoods(run.path)]
+    first = runs[0].read_metrics()
+    return {"nll": np.array([line["nll"] for line in lines]), "tokens": np.array([line["tokens"] for line in lines]),
+            "gold": [line["gold_label"] for line in lines], "labels": first["labels"],
+            "keys": [(line["conversation_id"], line["turn_index"]) for line in lines], "examples": first["examples"]}
+
+
+def perplexity(scored: dict, cfg) -> tuple[float, str]:
+    """The reference perplexity of a system (tagged: given the gold tag), with its interval."""
+    if scored["labels"]:
+        gold = [scored["labels"].index(g) for g in scored["gold"]]
+        nll = scored["nll"][np.arange(len(gold)), gold]
+    else:
+        nll = scored["nll"][:, 0]
+    value = likelihood.tag_use_scores(nll[:, None], scored["tokens"], None, None, cfg.bootstrap.resamples,
+                                      cfg.bootstrap.seed)["metrics"]["ppl"]
+    return round(value["value"], 3), f"[{value['low']:.2f}, {value['high']:.2f}]"
+
+
+def tag_use_rows(likelihoods: dict, cfg) -> list[dict]:
+    """"Does the generator use its tag?": for each tagged generator, tag discrimination against chance
+    (one-sided binomial test), the most-chosen tag, NLL under the gold and the wrong tags, and its
+    gold-tag perplexity against the untagged generator of the same data (paired permutation test)."""
+    rows = []
+    for tagged, untagged in (("ESConv+tag", "ESConv"), ("Unified+tag", "Unified")):
+        t, u = likelihoods[tagged], likelihoods[untagged]
+        if t["keys"] != u["keys"]:
+            raise MhsError(f"likelihood runs of {tagged} and {untagged} scored different test examples; they must "
+                           "share test_subset_seed and test_subset")
+        scores = likelihood.tag_use_scores(t["nll"], t["tokens"], t["gold"], t["labels"], cfg.bootstrap.resamples,
+                                           cfg.bootstrap.seed)
+        m = scores["metrics"]
+        gold = [t["labels"].index(g) for g in t["gold"]]
+        gold_nll = t["nll"][np.arange(len(gold)), gold]
+        versus = likelihood.paired_nll_test(gold_nll, u["nll"][:, 0], t["tokens"], cfg.significance_resamples,
+                                            cfg.bootstrap.seed)
+        untagged_ppl = perplexity(u, cfg)
+        hits = int(round(m["tag_discrimination"]["value"] * len(gold)))
+        above_chance = stats.binomtest(hits, len(gold), scores["chance"], alternative="greater").pvalue
+
+        def interval(value):
+            return f"[{value['low']:.3f}, {value['high']:.3f}]"
+
+        rows.append({
+            "system": tagged, "examples": len(gold), "chance": round(scores["chance"], 3),
+            "tag_discrimination": round(m["tag_discrimination"]["value"], 3),
+            "tag_discrimination_ci": interval(m["tag_discrimination"]), "p_above_chance": float(f"{above_chance:.3g}"),
+            "most_chosen_tag": scores["most_chosen_tag"], "most_chosen_share": round(m["most_chosen_share"]["value"], 3),
+            "nll_gold_tag": round(m["nll_gold_tag"]["value"], 4), "nll_wrong_tags": round(m["nll_wrong_tags"]["value"], 4),
+            "ppl_gold_tag": round(m["ppl_gold_tag"]["value"], 3),
+            "ppl_gold_tag_ci": f"[{m['ppl_gold_tag']['low']:.2f}, {m['ppl_gold_tag']['high']:.2f}]",
+            "ppl_untagged": untagged_ppl[0], "ppl_untagged_ci": untagged_ppl[1],
+            "nll_gold_minus_untagged": round(versus["value"], 4), "nll_gold_minus_untagged_ci": interval(versus),
+            "p_gold_vs_untagged": round(versus["p"], 4),
+            "tag_helps": bool(versus["value"] < 0 and versus["p"] < 0.05),
+            "tag_used": bool(m["tag_discrimination"]["value"] > scores["chance"] and above_chance < 0.05),
+            "confusion": scores["confusion"]})
+    return rows
+
+
+def confusion_figure(rows: list[dict], stem: Path, title: str) -> None:
+    """The gold x lowest-NLL-tag confusion matrix of each tagged generator, side by side."""
+    figure, axes = plt.subplots(1, len(rows), figsize=(4.6 * len(rows), 4.2), squeeze=False)
+    for axis, r in zip(axes[0], rows):
+        labels = r["confusion"]["labels"]
+        ConfusionMatrixDisplay(np.array(r["confusion"]["rows_gold_cols_predicted"]),
+                               display_labels=[label[:5] for label in labels]).plot(ax=axis, colorbar=False)
+        axis.set_title(f"{r['system']}: {100 * r['tag_discrimination']:.1f}% (chance {100 * r['chance']:.0f}%)")
+        axis.set_xlabel("tag giving the reference the lowest NLL")
+        axis.set_ylabel("gold tag")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(stem.with_suffix(".png"), dpi=120)
+    figure.savefig(stem.with_suffix(".pdf"))
+    plt.close(figure)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:
@@ -289,7 +382,45 @@ def protocol_tables(title: str, rows: list[dict], signatures: dict, protocols, l
     return "\n\n".join(parts)
 
 
-def report_markdown(cfg, metrics, table1, table2, table4, tests) -> str:
+def tag_use_markdown(rows: list[dict], pretrained: dict) -> str:
+    n = rows[0]["examples"] if rows else 0
+    table = markdown_table(rows, [
+        ("system", "System"), ("tag_discrimination", "Tag discrimination"), ("tag_discrimination_ci", "95% CI"),
+        ("chance", "Chance"), ("p_above_chance", "p (> chance)"), ("most_chosen_tag", "Most-chosen tag"),
+        ("most_chosen_share", "its share"), ("nll_gold_tag", "NLL gold tag"), ("nll_wrong_tags", "NLL wrong tags"),
+        ("ppl_gold_tag", "PPL gold tag"), ("ppl_gold_tag_ci", "95% CI"), ("ppl_untagged", "PPL untagged (same data)"),
+        ("ppl_untagged_ci", "95% CI"), ("nll_gold_minus_untagged", "Gold-tag - untagged NLL/token"),
+        ("nll_gold_minus_untagged_ci", "95% CI"), ("p_gold_vs_untagged", "p (paired)")])
+    claims = []
+    for r in rows:
+        claims.append(f"- **{r['system']}**: the tag is {'used' if r['tag_used'] else 'not shown to be used'} "
+                      f"(the gold tag makes the reference likeliest for {100 * r['tag_discrimination']:.1f}% of examples, "
+                      f"chance {100 * r['chance']:.0f}%, binomial p = {r['p_above_chance']:.3g}); "
+                      f"\"tag > no tag\" in likelihood terms {'holds' if r['tag_helps'] else 'does not hold'}: "
+                      f"gold-tag PPL {r['ppl_gold_tag']:.2f} vs untagged {r['ppl_untagged']:.2f} "
+                      f"({r['nll_gold_minus_untagged']:+.4f} nats/token, paired permutation p = {r['p_gold_vs_untagged']:.4f}).")
+    return f"""## Does the generator use its tag?
+
+Each of {n:,} ESConv test references (the same seeded examples for every system) is scored under every tag:
+*tag discrimination* is the share of examples whose gold tag gives the reference the lowest NLL (chance: one
+over the number of tags); NLL is per reference token (end token included, tag excluded). The untagged
+generator trained on the same data with the same budget scores the same references without a tag; the
+pretrained model's reference perplexity is {pretrained_ppl(pretrained):.2f}.
+
+{table}
+
+{chr(10).join(claims)}
+
+Figure: `tag_use_confusion.png` (gold tag x lowest-NLL tag). CSV: `tag_use.csv`.
+"""
+
+
+def pretrained_ppl(scored: dict) -> float:
+    column = scored["nll"][:, 0]
+    return float(np.exp(column.sum() / scored["tokens"].sum()))
+
+
+def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, pretrained) -> str:
     profile = cfg.generator.profile
     first = next(iter(metrics.values()))
     n = first["examples"]
@@ -322,6 +453,10 @@ is on an unstated scale, probably 0-1, with its own split and tokenisation: comp
 
 {protocol_tables("Table 2", table2, signatures, protocols, LITERATURE)}
 
+PPL is the reference perplexity from `mhs likelihood` (tagged systems: given the gold tag), on the
+likelihood runs' examples.
+
+{tag_use_markdown(tag_use, pretrained)}
 ## Table 4: tag samplers (tagged generators)
 
 {protocol_tables("Table 4", table4, signatures, protocols)}
@@ -343,8 +478,8 @@ each by a paired bootstrap and by paired approximate randomisation ({cfg.signifi
 trials, two-sided); "Holm" is the p-value Holm-adjusted over all {len(tests)} tests of its kind (statsmodels
 `multipletests`). An ordering holds when B - A > 0 and both Holm-adjusted p < 0.05.
 
-Figures: `table2_bleu.png`, `table4_bleu.png` (and `.pdf`). CSV: `table1.csv`, `table2.csv`, `table4.csv`,
-`significance.csv`.
+Figures: `table2_bleu.png`, `table4_bleu.png`, `tag_use_confusion.png` (and `.pdf`). CSV: `table1.csv`,
+`table2.csv`, `table4.csv`, `significance.csv`, `tag_use.csv`.
 """
 
 

@@ -7,7 +7,7 @@ import logging
 
 from datasets import Dataset
 from omegaconf import DictConfig
-from transformers import DataCollatorForSeq2Seq, Trainer, set_seed
+from transformers import DataCollatorForSeq2Seq, set_seed
 
 from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.config import prepare_data_config
@@ -57,10 +57,16 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     def validate(m):
         return training.teacher_forced_loss(m, valid_features, collator, g.eval_batch_size)
 
+    callbacks = [training.ValidationCallback(validate)]
+    if labels and g.tag_lr_scale != 1:
+        tag_rows = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels]
+        callbacks.append(training.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
+
     def make_trainer(checkpoints):
         args = training.training_arguments(checkpoints, g, cfg.runtime, cfg.seed, g.save_steps)
-        return Trainer(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
-                       processing_class=tokenizer, callbacks=[training.ValidationCallback(validate)])
+        return training.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
+                                                 train_dataset=Dataset.from_list(train_features),
+                                                 processing_class=tokenizer, callbacks=callbacks)
 
     def merge_lora(trainer):  # scored and saved as a plain model, loadable with from_pretrained
         nonlocal model

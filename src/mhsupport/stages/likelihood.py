@@ -1,0 +1,82 @@
+"""`mhs likelihood`: does a generator use its tag? For each seeded ESConv test example, the
+reference response's NLL under every tag (tagged generators) or without one (untagged generators
+and the base model), once per generator, with the context's KV cache shared by the tags."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from omegaconf import DictConfig
+
+from mhsupport import artifacts, devices, likelihood, models, training
+from mhsupport.config import generator_config, prepare_data_config
+from mhsupport.errors import MhsError
+from mhsupport.examples_io import read_examples
+from mhsupport.formatting import build_formatter, generator_tags
+from mhsupport.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+STAGE = "likelihood"
+COMMAND = "mhs likelihood"
+PROFILE_GROUPS = ("generator",)
+LIKELIHOODS = "likelihoods.jsonl"
+
+
+def check(cfg: DictConfig) -> None:
+    if cfg.generator_source not in ("finetuned", "base"):
+        raise MhsError(f"generator_source={cfg.generator_source!r}: mhs likelihood scores a fine-tuned generator or "
+                       "the base model (--base); an llm has no tags to score")
+    if cfg.generator_source == "base" and cfg.strategy_tag:
+        raise MhsError("generator_source=base is the model without fine-tuning: it has no tags (drop --strategy-tag)")
+
+
+def requires(cfg: DictConfig) -> dict:
+    needs = {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
+    if cfg.generator_source == "finetuned":
+        needs["generator"] = ("train_generator", generator_config(cfg))
+    return needs
+
+
+def system_name(cfg: DictConfig) -> str:
+    if cfg.generator_source == "base":
+        return "pretrained"
+    return f"{cfg.dataset}{'+tag' if cfg.strategy_tag else ''}"
+
+
+def label(cfg: DictConfig) -> str:
+    return f"likelihood {system_name(cfg)} (seed {cfg.seed})"
+
+
+def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
+    data_run = inputs["prepare_data"].path
+    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
+    placement = devices.inference(cfg.runtime)
+    if cfg.generator_source == "finetuned":
+        model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model", placement)
+    else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
+        train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
+                                       cfg.subset_seed)
+        model, tokenizer = models.load_causal_lm(cfg.generator, placement, train_texts=models.tokenizer_texts(train))
+    formatter = build_formatter(generator_config(cfg), tokenizer)
+    labels = generator_tags(cfg)
+    key = Taxonomy.label_key(cfg.tag_set)
+    batch_size = cfg.runtime.batch_size_by_profile[cfg.generator.profile]
+    nll, tokens = likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
+    gold = [e[key] for e in examples]
+    scores = likelihood.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    run_.metrics = {"system": system_name(cfg), "profile": cfg.generator.profile, "dataset": cfg.dataset,
+                    "strategy_tag": bool(cfg.strategy_tag), "generator_source": cfg.generator_source,
+                    "examples": len(examples), "tokens": int(tokens.sum()), "labels": labels, **scores}
+    run_.device = devices.describe(cfg.runtime, {"generator": model})
+    lines = [{"conversation_id": e["conversation_id"], "turn_index": e["turn_index"], "gold_label": g,
+              "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
+             for e, g, row, n in zip(examples, gold, nll, tokens)]
+    with run_.build(seed=cfg.seed) as out:
+        (out / LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log.info("likelihood wrote %s", run_.path)
+
+
+def read_likelihoods(run_dir) -> list[dict]:
+    with open(run_dir / LIKELIHOODS) as f:
+        return [json.loads(line) for line in f]
