@@ -124,3 +124,21 @@ def test_paired_test_finds_a_consistent_difference_and_not_a_null_one():
     assert better["value"] == pytest.approx(-0.1, abs=0.01) and better["p"] < 0.01 and better["high"] < 0
     same = likelihood.paired_nll_test(base + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
     assert same["p"] > 0.05
+
+
+def test_stage_scores_every_tag_once_per_generator_and_refuses_a_tagged_base_model(make_cfg):
+    from mhsupport import pipeline
+    from mhsupport.errors import MhsError
+
+    cfg = make_cfg("likelihood", "generator=tiny", "strategy_tag=true")
+    result = pipeline.Pipeline().ensure("likelihood", cfg)
+    m = result.metrics
+    lines = likelihood.read_likelihoods(result.run.path)
+    assert m["labels"] == LABELS and len(lines) == m["examples"] > 0
+    assert all(len(line["nll"]) == 4 and line["tokens"] > 0 and line["gold_label"] in LABELS for line in lines)
+    assert 0 <= m["metrics"]["tag_discrimination"]["low"] <= m["metrics"]["tag_discrimination"]["value"] \
+        <= m["metrics"]["tag_discrimination"]["high"] <= 1
+    untagged = pipeline.Pipeline().ensure("likelihood", make_cfg("likelihood", "generator=tiny")).metrics
+    assert untagged["labels"] is None and untagged["metrics"]["ppl"]["value"] > 1
+    with pytest.raises(MhsError, match="no tags"):
+        pipeline.run("likelihood", make_cfg("likelihood", "generator=tiny", "generator_source=base", "strategy_tag=true"))

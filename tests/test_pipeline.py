@@ -136,7 +136,7 @@ def test_report_plans_prepare_data_once_and_lists_every_missing_run(make_cfg, tm
     assert commands[0].startswith("mhs prepare-data")
     kinds = [" ".join(c.split()[:3]) if c.startswith("mhs train") else " ".join(c.split()[:2]) for c in commands]
     assert {k: kinds.count(k) for k in set(kinds)} == {"mhs prepare-data": 1, "mhs train dialogpt": 4,
-                                                       "mhs train classifier": 2, "mhs eval": 11}
+                                                       "mhs train classifier": 2, "mhs likelihood": 5, "mhs eval": 11}
 
 
 def cli_config(command: str):

@@ -20,8 +20,9 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     cfg = make_cfg("report", "generator=tiny", "classifier=tiny", *SLICE)
     first = pipeline.reproduce(cfg)
     out = first.report.run.path
-    for name in ("report.md", "table1.csv", "table2.csv", "table4.csv", "significance.csv", "table2_bleu.png",
-                 "table4_bleu.png", "table2_bleu.pdf", "table4_bleu.pdf", "manifest.json"):
+    for name in ("report.md", "table1.csv", "table2.csv", "table4.csv", "significance.csv", "tag_use.csv",
+                 "table2_bleu.png", "table4_bleu.png", "table2_bleu.pdf", "table4_bleu.pdf", "tag_use_confusion.png",
+                 "manifest.json"):
         assert (out / name).is_file(), name
     table2 = list(csv.DictReader(open(out / "table2.csv")))
     assert [r["system"] for r in table2] == ["Pretrained", "ESConv", "Unified", "ESConv+tag", "Unified+tag"]
@@ -31,8 +32,13 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     assert float(table4[-1]["strategy_accuracy"]) == 100.0
     assert float(table4[-1]["strategy_q"]) == 100.0 and float(table4[-1]["strategy_bias"]) == pytest.approx(0, abs=1e-3)
     assert float(table4[-1]["esconv_bleu_2"]) >= 0 and "esconv_rouge_l_ci" in table4[-1]
+    assert all(float(r["ppl"]) > 1 for r in table2)  # from the likelihood runs
+    tag_use = list(csv.DictReader(open(out / "tag_use.csv")))
+    assert [r["system"] for r in tag_use] == ["ESConv+tag", "Unified+tag"]
+    assert all(0 <= float(r["tag_discrimination"]) <= 1 and float(r["chance"]) == 0.25 for r in tag_use)
     text = (out / "report.md").read_text()
     assert "every number below means nothing" in text and "| Comforting |" in text
+    assert "## Does the generator use its tag?" in text and "| Tag discrimination |" in text
     assert "| B-2 [esconv] |" in text and "| Liu et al. 2021: DialoGPT-Joint (other model, data, split) |" in text
     assert "signature `nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:" in text
     tests = list(csv.DictReader(open(out / "significance.csv")))
@@ -40,8 +46,8 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     assert all(float(t["p_bootstrap_holm"]) >= float(t["p_bootstrap"]) and 0 < float(t["p_randomisation"]) <= 1
                for t in tests)
     stages = [t["stage"] for t in first.timings]
-    # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once.
-    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 11 + 1
+    # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once; 5 likelihood runs.
+    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 5 + 11 + 1
     assert json.loads(first.timings_file.read_text())["total_seconds"] > 0
 
     again = pipeline.reproduce(cfg)

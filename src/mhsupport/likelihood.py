@@ -8,7 +8,9 @@ and least noisy: in how likely the human reference becomes under the gold tag ve
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +19,13 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from mhsupport.metrics import classification_scores
+
+LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
+
+
+def read_likelihoods(run_dir: Path) -> list[dict]:
+    with open(Path(run_dir) / LIKELIHOODS) as f:
+        return [json.loads(line) for line in f]
 
 
 def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:

@@ -20,7 +20,6 @@ log = logging.getLogger(__name__)
 STAGE = "likelihood"
 COMMAND = "mhs likelihood"
 PROFILE_GROUPS = ("generator",)
-LIKELIHOODS = "likelihoods.jsonl"
 
 
 def check(cfg: DictConfig) -> None:
@@ -73,10 +72,5 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
               "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
              for e, g, row, n in zip(examples, gold, nll, tokens)]
     with run_.build(seed=cfg.seed) as out:
-        (out / LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        (out / likelihood.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
     log.info("likelihood wrote %s", run_.path)
-
-
-def read_likelihoods(run_dir) -> list[dict]:
-    with open(run_dir / LIKELIHOODS) as f:
-        return [json.loads(line) for line in f]

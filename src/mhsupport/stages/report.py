@@ -22,7 +22,6 @@ from mhsupport.errors import MhsError
 from mhsupport.generations_io import read_generations, scores_from_generations
 from mhsupport.metric_protocols import metric_names
 from mhsupport.metrics import paired_bootstrap, paired_randomisation
-from mhsupport.stages.likelihood import read_likelihoods
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -236,7 +235,7 @@ def pooled_generations(runs: list[artifacts.Run]) -> list[dict]:
 def pooled_likelihoods(runs: list[artifacts.Run]) -> dict:
     """One system's likelihood runs over every training seed as one set of examples (each seed scores
     the same test examples, so two systems pair row by row): nll[i, tag], tokens[i], gold[i]."""
-    lines = [line for run in runs for line in read_likelihoods(run.path)]
+    lines = [line for run in runs for line in likelihood.read_likelihoods(run.path)]
     first = runs[0].read_metrics()
     return {"nll": np.array([line["nll"] for line in lines]), "tokens": np.array([line["tokens"] for line in lines]),
             "gold": [line["gold_label"] for line in lines], "labels": first["labels"],
