@@ -117,8 +117,11 @@ def test_empty_replies_are_counted_kept_as_empty_and_never_judged(make_cfg, trai
                                            "sampler=oracle"))
     lines = read_generations(result.run.path)
     empty = [l for l in lines if l["empty"]]
-    assert len(lines) == 24 and len(empty) == 8 and all(l["response"] == "" for l in empty)
-    assert result.metrics["empty_replies"] == {"count": 8, "share": pytest.approx(1 / 3), "per_seed": {"0": 8}}
+    assert len(lines) == 24 and empty == [l for l in lines if l["response"] == ""]
+    assert len(empty) >= 8  # every third, and any the tiny model leaves empty itself
+    count = len(empty)
+    assert result.metrics["empty_replies"] == {"count": count, "share": pytest.approx(count / 24),
+                                               "per_seed": {"0": count}}
     assert all(l["recognised"] is None for l in empty) and "" not in judged
     adhering = sum(l["recognised"] == l["tag"] for l in lines)
     assert result.metrics["metrics"]["tag_adherence"]["value"] == pytest.approx(100 * adhering / 24)
