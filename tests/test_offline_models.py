@@ -41,7 +41,7 @@ def test_dequantised_copy_gives_the_gguf_logits(models_dir):
     gguf_path = Path(gcfg.model_dir) / gcfg.gguf_file
     copy = models.dequantised_dir(gguf_path)
     assert (copy / "model.safetensors").is_file() and not copy.with_name(copy.name + ".partial").exists()
-    model, tokenizer = models.load_causal_lm(gcfg, devices.inference({"device": "cpu"}))
+    model, tokenizer = models.load_causal_lm(gcfg, devices.Placement(torch.device("cpu"), torch.float32))
     assert model.name_or_path == str(copy)
     gguf_model, gguf_tokenizer = models._load_gguf(gguf_path.parent, gguf_path.name)
     chat = [{"role": "user", "content": "I failed my exam and I feel like a failure."},
