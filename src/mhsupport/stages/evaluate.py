@@ -146,7 +146,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 def judge(recogniser, responses: list[str], empty: list[bool]) -> list[str | None]:
     """The recogniser's category of each reply; None for an empty reply, which has no category
     (so it never counts as adhering to its tag)."""
-    predicted = iter(recogniser.predict([r for r, e in zip(responses, empty) if not e]))
+    replies = [r for r, e in zip(responses, empty) if not e]
+    predicted = iter(recogniser.predict(replies) if replies else [])
     return [None if e else next(predicted) for e in empty]
 
 
