@@ -4,8 +4,9 @@ This machine has no GPU, so two stand-ins are used, each for what it can show ho
 - torch's `meta` device is real and is not the default placement, so a loader that ignores the
   rule leaves its model on the CPU and fails; nothing can run forward on it, so the input paths are
   checked by recording what reaches the model and stopping there;
-- `runtime.bf16=true` on the CPU is a placement that differs from the default and still runs, so a
-  whole eval can show that every model it loads follows the rule and that the manifest says so.
+- `runtime.bf16` set against the rule's choice for this CPU (bf16 where it has bf16 instructions,
+  fp32 elsewhere) is a placement that differs from the default and still runs, so a whole eval can
+  show that every model it loads follows the rule and that the manifest says so.
 CUDA itself is faked only where no tensor is made (the rule's choice of index).
 """
 
@@ -51,9 +52,20 @@ def fake_cuda(monkeypatch):
     return make
 
 
+@pytest.fixture
+def cpu_flags(tmp_path, monkeypatch):
+    """A /proc/cpuinfo with these flags."""
+    def make(*flags: str):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t\t: fpu sse {' '.join(flags)}\n")
+        monkeypatch.setattr(devices, "CPUINFO", cpuinfo)
+    return make
+
+
 # --- the rule -----------------------------------------------------------------------------
 
-def test_auto_is_the_cpu_without_cuda_and_cuda_0_with_it(fake_cuda, monkeypatch):
+def test_auto_is_the_cpu_without_cuda_and_cuda_0_with_it(fake_cuda, cpu_flags, monkeypatch):
+    cpu_flags("avx2", "avx512f")  # no bf16 instructions
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert devices.resolve(runtime()) == torch.device("cpu")
@@ -69,6 +81,21 @@ def test_auto_is_the_cpu_without_cuda_and_cuda_0_with_it(fake_cuda, monkeypatch)
     assert devices.inference(runtime(bf16=False)).dtype == torch.float32
     fake_cuda(1, bf16=False)  # a GPU without bf16 (before Ampere): fp32
     assert devices.inference(runtime()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("flag", ["avx512_bf16", "amx_bf16"])
+def test_auto_is_bf16_on_a_cpu_with_bf16_instructions(cpu_flags, monkeypatch, flag):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cpu_flags("avx2", "avx512f", flag)
+    cpu = torch.device("cpu")
+    assert devices.cpu_supports_bf16() and devices.uses_bf16(cpu, runtime())
+    assert devices.inference(runtime()) == devices.Placement(cpu, torch.bfloat16)
+    assert devices.training(runtime()).dtype == torch.float32  # weights stay fp32; the Trainer autocasts
+    assert devices.inference(runtime(bf16=False)).dtype == torch.float32
+    assert devices.describe(runtime(), {})["cpu"]["flags"] == ["avx2", "avx512f", flag]
+    cpu_flags("avx2", "avx512f", "amx_tile", "amx_int8")  # matrix tiles without bf16: fp32
+    assert not devices.uses_bf16(cpu, runtime()) and devices.inference(runtime()).dtype == torch.float32
+    assert devices.inference(runtime(bf16=True)).dtype == torch.bfloat16
 
 
 def test_torchrun_local_rank_picks_each_process_gpu(fake_cuda, monkeypatch):
@@ -98,7 +125,8 @@ def test_bad_device_settings_are_one_line_errors(values, message, monkeypatch):
         devices.inference(runtime(**values))
 
 
-def test_runtime_device_cpu_keeps_the_trainer_off_a_gpu(fake_cuda, tmp_path, monkeypatch):
+def test_runtime_device_cpu_keeps_the_trainer_off_a_gpu(fake_cuda, cpu_flags, tmp_path, monkeypatch):
+    cpu_flags("avx2")
     fake_cuda(1)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     cfg = load_config("train_generator", ["generator=tiny", "runtime.device=cpu"])
@@ -128,7 +156,7 @@ def test_runtime_keys_stay_out_of_run_ids_and_reach_the_stages_reproduce_runs():
 
 def test_decoding_batch_size_is_sized_per_profile():
     sizes = {p: load_config("eval", [f"generator={p}"]).decoding.batch_size for p in ("tiny", "cpu", "offline", "paper")}
-    assert sizes == {"tiny": 16, "cpu": 16, "offline": 64, "paper": 64}
+    assert sizes == {"tiny": 16, "cpu": 64, "offline": 64, "paper": 64}
     assert load_config("eval", ["generator=paper", "decoding.batch_size=8"]).decoding.batch_size == 8
 
 
@@ -182,18 +210,12 @@ def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
     context = [{"speaker": "seeker", "text": "I lost my job"}]
 
     seen = []
-
-    def generate_spy(**kwargs):  # generate() itself cannot run on meta tensors
-        seen.extend(value.device.type for value in kwargs.values() if torch.is_tensor(value))
-        raise ReachedModel
-
-    model.generate = generate_spy
+    model.register_forward_pre_hook(record_inputs(seen), with_kwargs=True)
     with pytest.raises(ReachedModel):
         generate(model, tokenizer, formatter, [context], [None], progress=False)
-    assert seen == ["meta", "meta"]  # input ids and attention mask
+    assert len(seen) == 3 and set(seen) == {"meta"}  # input ids, attention mask, positions
 
-    seen = []
-    model.register_forward_pre_hook(record_inputs(seen), with_kwargs=True)
+    seen.clear()
     features = [formatter.training_features({"context": context, "response": "That is hard.", "category": "Comforting"})]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     with pytest.raises(ReachedModel):
@@ -219,17 +241,19 @@ def test_manifests_record_where_each_stage_ran_its_models(make_cfg, prepared):
         pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, f"mode={mode}"))
     trained = json.loads((pipeline.Pipeline().plan("train_generator", make_cfg("train_generator", *GEN, "strategy_tag=true"))
                           .path / "manifest.json").read_text())["device"]
-    assert trained["requested"] == "cpu" and trained["autocast"] is None and trained["cuda"] is None
-    assert trained["models"] == {"generator": {"device": "cpu", "dtype": "float32"}}
+    bf16_cpu = devices.cpu_supports_bf16()  # this machine's: auto autocasts to bf16 where the CPU has it
+    assert trained["requested"] == "cpu" and trained["autocast"] == ("bf16" if bf16_cpu else None)
+    assert trained["cuda"] is None and trained["models"] == {"generator": {"device": "cpu", "dtype": "float32"}}
     assert "flags" in trained["cpu"] and trained["cpu"]["logical_cores"] >= 1
 
-    # bf16 on the CPU: not the default placement, yet it runs; every model eval loads must follow it.
+    # bf16 against the rule's choice for this CPU (so this runs on any CPU): every model eval loads must follow it.
+    dtype = "float32" if bf16_cpu else "bfloat16"
     result = pipeline.run("eval", make_cfg("eval", *GEN, *CLF, "strategy_tag=true", "sampler=classifier",
                                        "test_subset=6", "decoding.max_new_tokens=4", "bootstrap.resamples=10",
-                                       "runtime.bf16=true", "runtime.progress=false"))
+                                       f"runtime.bf16={not bf16_cpu}", "runtime.progress=false"))
     recorded = json.loads((result.run.path / "manifest.json").read_text())["device"]
-    assert recorded["bf16"] is True
-    assert recorded["models"] == {name: {"device": "cpu", "dtype": "bfloat16"}
+    assert recorded["bf16"] is (not bf16_cpu)
+    assert recorded["models"] == {name: {"device": "cpu", "dtype": dtype}
                                   for name in ("generator", "classifier", "recogniser")}
 
 

@@ -13,6 +13,7 @@ from mhsupport import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline
+from mhsupport.stages import evaluate
 from mhsupport.sampling import choose_tags
 from mhsupport.generations_io import read_generations, scores_from_generations
 
@@ -70,7 +71,9 @@ def test_tagged_eval_writes_generations_and_recomputable_metrics(make_cfg, train
     for name, value in recomputed.items():
         assert value == pytest.approx(result.metrics["metrics"][name]["value"])
     m = result.metrics["metrics"]
-    assert {"bleu", "bleu_1", "bleu_4", "rouge_l", "distinct_1", "distinct_2", "ppl", "length"} <= set(m)
+    assert {"bleu", "bleu_1", "bleu_4", "rouge_l", "distinct_1", "distinct_2", "length"} <= set(m)
+    assert "ppl" not in m and all(l["reference_nll"] is None for l in lines)  # the likelihood stage's, once per generator
+    assert result.metrics["empty_replies"]["count"] == sum(l["empty"] for l in lines)
     assert {"esconv_bleu_1", "esconv_bleu_4", "esconv_rouge_l", "esconv_distinct_2"} <= set(m)
     assert set(m) == set(result.metrics["signatures"]) and result.metrics["protocols"] == ["default", "esconv"]
     assert result.metrics["signatures"]["esconv_rouge_l"]["protocol"] == "esconv"
@@ -92,7 +95,38 @@ def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
     assert "strategy_accuracy" not in untagged["metrics"] and untagged["system"] == "esconv / none"
     base = pipeline.run("eval", make_cfg("eval", *EVAL, "generator_source=base")).metrics
     assert base["system"] == "pretrained (untrained model)"
-    assert base["metrics"]["ppl"]["value"] > untagged["metrics"]["ppl"]["value"]  # training lowers perplexity
+    assert "ppl" not in base["metrics"] and "ppl" not in untagged["metrics"]
+
+
+def test_empty_replies_are_counted_kept_as_empty_and_never_judged(make_cfg, trained, monkeypatch):
+    """A forced tag followed by another tag or EOS decodes to an empty reply: it stays in the
+    corpus (every system is scored on the same examples), is counted, and does not adhere to its tag."""
+    real_generate = evaluate.generate
+
+    def every_third_empty(*args, **kwargs):
+        outputs = real_generate(*args, **kwargs)
+        return [{**o, "response": "" if i % 3 == 0 else o["response"]} for i, o in enumerate(outputs)]
+
+    monkeypatch.setattr(evaluate, "generate", every_third_empty)
+    judged = []
+    real_predict = classifier_api.Classifier.predict
+    monkeypatch.setattr(classifier_api.Classifier, "predict",
+                        lambda self, texts, *a, **k: judged.extend(texts) or real_predict(self, texts, *a, **k))
+    # a max_new_tokens of its own, so this run's id is not an ordinary eval's
+    result = pipeline.run("eval", make_cfg("eval", *EVAL, "decoding.max_new_tokens=11", "strategy_tag=true",
+                                           "sampler=oracle"))
+    lines = read_generations(result.run.path)
+    empty = [l for l in lines if l["empty"]]
+    assert len(lines) == 24 and empty == [l for l in lines if l["response"] == ""]
+    assert len(empty) >= 8  # every third, and any the tiny model leaves empty itself
+    count = len(empty)
+    assert result.metrics["empty_replies"] == {"count": count, "share": pytest.approx(count / 24),
+                                               "per_seed": {"0": count}}
+    assert all(l["recognised"] is None for l in empty) and "" not in judged
+    adhering = sum(l["recognised"] == l["tag"] for l in lines)
+    assert result.metrics["metrics"]["tag_adherence"]["value"] == pytest.approx(100 * adhering / 24)
+    assert result.metrics["metrics"]["length"]["value"] == pytest.approx(
+        sum(len(l["response"].split()) for l in lines) / 24)
 
 
 def test_untagged_generator_accepts_only_none(trained, capsys):

@@ -1,9 +1,16 @@
-"""Batched response generation: left padding, KV cache (model.generate), greedy by default."""
+"""Batched response generation: left padding, a KV cache, greedy by default.
+
+The decoding loop is ours rather than `model.generate`'s for one reason: a row that has written
+EOS leaves the batch (its KV cache rows are dropped), so a batch costs as much as its live rows,
+not as much as its longest reply. Each step is the model's own forward pass with a transformers
+DynamicCache, and sampling uses transformers' temperature and top-p warpers; greedy outputs equal
+`model.generate`'s (tests/test_generation.py)."""
 
 from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @torch.no_grad()
@@ -21,6 +28,7 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
         prompts.append(ids)
     label_of = {token_id: label for label, token_id in formatter.tag_ids.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) if do_sample else None
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: list[dict | None] = [None] * len(prompts)
     generator_seed = torch.Generator().manual_seed(seed)
@@ -34,15 +42,46 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
             attention[row, width - len(prompts[i]):] = 1
         if do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-        output = model.generate(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device),
-                                max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                top_p=top_p if do_sample else None, temperature=temperature if do_sample else None,
-                                top_k=None, eos_token_id=tokenizer.eos_token_id, pad_token_id=pad, use_cache=True)
+        new_tokens = decode(model, input_ids.to(model.device), attention.to(model.device), max_new_tokens,
+                            tokenizer.eos_token_id, warpers)
         for row, i in enumerate(batch):
-            new = output[row, width:].tolist()
+            new = new_tokens[row]
             tag = forced_tags[i]
             if tag is None and formatter.tagged and new and new[0] in label_of:
                 tag = label_of[new[0]]
             text = tokenizer.decode(new, skip_special_tokens=True).strip()
             results[i] = {"tag": tag, "response": " ".join(text.split())}
     return results
+
+
+def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos_id: int,
+           warpers: LogitsProcessorList | None = None) -> list[list[int]]:
+    """The new tokens of each left-padded row (EOS included where it was written), greedy or, with
+    `warpers`, sampled from the warped distribution (torch's global generator)."""
+    new_tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
+    live = torch.arange(len(input_ids), device=input_ids.device)  # batch row of each live row
+    cache = DynamicCache(config=model.config)
+    # positions count real tokens only, so a left-padded prompt is positioned as if unpadded
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    tokens = input_ids
+    for step in range(max_new_tokens):
+        logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        if warpers is None:
+            chosen = logits.argmax(dim=-1)
+        else:
+            probabilities = torch.softmax(warpers(tokens, logits), dim=-1)
+            chosen = torch.multinomial(probabilities, num_samples=1).squeeze(1)
+        for row, token in zip(live.tolist(), chosen.tolist()):
+            new_tokens[row].append(token)
+        going = chosen != eos_id
+        if step == max_new_tokens - 1 or not going.any():
+            break
+        if not going.all():  # finished rows leave the batch, and their cache rows with them
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            live, attention, positions, chosen = live[keep], attention[keep], positions[keep], chosen[keep]
+        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        tokens = chosen[:, None]
+    return new_tokens

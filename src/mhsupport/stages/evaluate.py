@@ -72,7 +72,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     if cfg.generator_source == "llm":
         examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.test_subset_seed)
-        respond, tags, labels, loaded = llm_responder(cfg, inputs, examples, label_key)
+        respond, tags, labels, loaded = llm_responder(cfg, inputs, examples)
     else:
         respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
     if recogniser:
@@ -82,11 +82,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
     lines, per_seed, seed_scores, strategy_prediction = [], {}, [], {}
     protocols = list(cfg.metrics.protocols)
+    empty_per_seed = {}
     for seed in seeds:
         outputs, nll, counts = respond(seed)
         used_tags = [o["tag"] for o in outputs]
         responses = [o["response"] for o in outputs]
-        recognised = recogniser.predict(responses) if recogniser else None
+        empty = [not response for response in responses]
+        empty_per_seed[str(seed)] = sum(empty)
+        recognised = judge(recogniser, responses, empty) if recogniser else None
         gold = [e[label_key] for e in examples]
         scores = GenerationScores(responses, [e["response"] for e in examples], nll, counts,
                                   used_tags if labels else None, gold, recognised, protocols=protocols)
@@ -103,6 +106,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                           "reference": example["response"], "gold_label": example[label_key],
                           "gold_category": example["category"], "gold_strategy": example["strategy"],
                           "chosen_tag": tags[i], "tag": output["tag"], "response": output["response"],
+                          "empty": empty[i],
                           "raw_output": output.get("raw"),
                           "reference_nll": nll[i] if nll else None, "reference_tokens": counts[i] if counts else None,
                           "recognised": recognised[i] if recognised else None})
@@ -112,6 +116,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag), "sampler": cfg.sampler,
         "examples": len(examples), "decoding": "sampled" if len(seeds) > 1 or d.do_sample else "greedy",
         "seeds": seeds,
+        "empty_replies": empty_replies(empty_per_seed, len(examples)),
         "metrics": (per_seed[str(seeds[0])] if len(seeds) == 1 else
                     bootstrap_mean_over_seeds(seed_scores, cfg.bootstrap.resamples, cfg.bootstrap.seed)),
         "per_seed": per_seed,
@@ -119,6 +124,9 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         "strategy_prediction": strategy_prediction,
         "note": cfg.generator.get("warning") or "",
     }
+    if any(empty_per_seed.values()):
+        log.warning("%s: %d of %d replies are empty (scored as empty strings, never judged by the recogniser)",
+                    system_name(cfg), sum(empty_per_seed.values()), len(examples) * len(seeds))
     run_.device = devices.describe(cfg.runtime, loaded)
     text = "".join(json.dumps(line) + "\n" for line in lines)
     try:
@@ -133,6 +141,21 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         raise MhsError(f"could not write eval run {run_.path} ({err.strerror or err}); its {len(lines)} "
                        f"generations are kept in {kept}. Free space and rerun `{run_.command}`") from None
     log.info("eval wrote %s", run_.path)
+
+
+def judge(recogniser, responses: list[str], empty: list[bool]) -> list[str | None]:
+    """The recogniser's category of each reply; None for an empty reply, which has no category
+    (so it never counts as adhering to its tag)."""
+    replies = [r for r, e in zip(responses, empty) if not e]
+    predicted = iter(recogniser.predict(replies) if replies else [])
+    return [None if e else next(predicted) for e in empty]
+
+
+def empty_replies(per_seed: dict[str, int], examples: int) -> dict:
+    """Replies that decode to nothing (e.g. a forced tag followed by another tag or EOS): they stay in
+    the corpus as empty strings, so every system is scored on the same examples, and are counted here."""
+    count = sum(per_seed.values())
+    return {"count": count, "share": count / (examples * len(per_seed)), "per_seed": per_seed}
 
 
 def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
@@ -154,21 +177,20 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     loaded = {"generator": model, **({"classifier": next_classifier.model} if next_classifier else {})}
     tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
                                 classifier=next_classifier, classifier_sampling=cfg.classifier_sampling)
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     d = cfg.decoding
 
     def respond(seed):
         outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], tags,
                            batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
                            top_p=d.top_p, temperature=d.temperature, seed=seed, progress=cfg.runtime.progress)
-        nll, counts = reference_nll(model, formatter, examples, [o["tag"] for o in outputs], label_key, collator,
-                                    d.batch_size)
-        return outputs, nll, counts
+        # No reference NLL here: a generator's perplexity is computed once, not per sampler, by the
+        # likelihood stage, on more examples than are generated for.
+        return outputs, None, None
 
     return respond, tags, loaded
 
 
-def llm_responder(cfg, inputs, examples, label_key):
+def llm_responder(cfg, inputs, examples):
     """Responses of an instruction-tuned chat model prompted (optionally) with a category; the
     local models it loaded (name -> model)."""
     c = cfg.llm
@@ -203,7 +225,7 @@ def llm_responder(cfg, inputs, examples, label_key):
         for prompt in sorted(set(prompts)):
             rows = [i for i, p in enumerate(prompts) if p == prompt]
             part_nll, part_counts = reference_nll(backend.model, backend.formatter(prompt), [examples[i] for i in rows],
-                                                  [None] * len(rows), label_key, collator, d.batch_size)
+                                                  collator, d.batch_size)
             for i, value, count in zip(rows, part_nll, part_counts):
                 nll[i], counts[i] = value, count
         return outputs, nll, counts
@@ -211,18 +233,13 @@ def llm_responder(cfg, inputs, examples, label_key):
     return respond, categories, labels, loaded
 
 
-def reference_nll(model, formatter, examples, tags, label_key, collator, batch_size):
-    """NLL of each reference response (tag excluded) given the context and the tag the generator used."""
+def reference_nll(model, formatter, examples, collator, batch_size):
+    """NLL of each reference response given the context (the llm prompt's own formatter)."""
     features = []
-    for example, tag in zip(examples, tags):
-        if formatter.tagged and tag is not None:
-            f = formatter.training_features({**example, label_key: tag}, label_key)
-            f["labels"][f["labels"].index(formatter.tag_ids[tag])] = IGNORE_INDEX
-        else:
-            prompt, target = formatter.prompt_ids(example["context"]), formatter.response_ids(example["response"])
-            f = {"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
-                 "labels": [IGNORE_INDEX] * len(prompt) + target}
-        features.append(f)
+    for example in examples:
+        prompt, target = formatter.prompt_ids(example["context"]), formatter.response_ids(example["response"])
+        features.append({"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
+                         "labels": [IGNORE_INDEX] * len(prompt) + target})
     return training.per_example_nll(model, features, collator, batch_size)
 
 

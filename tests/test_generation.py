@@ -1,0 +1,57 @@
+"""The decoding loop of generation.py against transformers' own `generate`: rows leave the batch
+when they write EOS, and nothing else may change."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from mhsupport.generation import decode
+
+MAX_NEW = 12
+PAD = 0
+
+
+def tiny_model_and_batch():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=1, initializer_range=0.5,
+                                       eos_token_id=1)).eval()
+    prompts = [torch.randint(1, 40, (n,)).tolist() for n in (3, 7, 5, 9, 4, 6, 8, 2)]
+    width = max(map(len, prompts))
+    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return model, input_ids, attention
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def test_greedy_decoding_equals_model_generate_while_rows_leave_the_batch():
+    model, input_ids, attention = tiny_model_and_batch()
+    width = input_ids.shape[1]
+    free = model.generate(input_ids, attention_mask=attention, max_new_tokens=MAX_NEW, do_sample=False,
+                          pad_token_id=PAD, eos_token_id=None)[:, width:]
+    # as EOS, the token whose first appearance varies most across rows, so that rows finish at different steps
+    rows = free.tolist()
+    eos = max(range(1, 40), key=lambda t: len({row.index(t) if t in row else MAX_NEW for row in rows}))
+    expected = model.generate(input_ids, attention_mask=attention, max_new_tokens=MAX_NEW, do_sample=False,
+                              pad_token_id=PAD, eos_token_id=eos)[:, width:]
+    ours = decode(model, input_ids, attention, MAX_NEW, eos)
+    assert ours == [until_eos(row, eos) for row in expected.tolist()]
+    assert len({len(row) for row in ours}) > 2 and min(map(len, ours)) < MAX_NEW  # rows did leave early
+    # each row alone (no padding, no batch-mates) decodes to the same tokens
+    alone = [decode(model, input_ids[i:i + 1, attention[i] == 1], attention[i:i + 1, attention[i] == 1], MAX_NEW, eos)[0]
+             for i in range(len(input_ids))]
+    assert alone == ours
+
+
+def test_sampled_decoding_is_seeded_and_stops_at_eos():
+    model, input_ids, attention = tiny_model_and_batch()
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopPLogitsWarper(0.9)])
+    torch.manual_seed(5)
+    first = decode(model, input_ids, attention, MAX_NEW, eos_id=3, warpers=warpers)
+    torch.manual_seed(5)
+    assert decode(model, input_ids, attention, MAX_NEW, eos_id=3, warpers=warpers) == first
+    assert all(len(row) == MAX_NEW or row[-1] == 3 for row in first) and all(3 not in row[:-1] for row in first)
+    assert first != decode(model, input_ids, attention, MAX_NEW, eos_id=3, warpers=warpers)
