@@ -1,0 +1,52 @@
+"""The generator recipe's training pieces: the labelled-positions loss equals the model's own loss,
+and the tag rows' optimizer step is scaled by exactly generator.tag_lr_scale, nothing else moved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, TrainingArguments
+
+from mhsupport import training
+from mhsupport.formatting import IGNORE_INDEX
+from test_likelihood import CONTEXTS, LABELS, REPLIES, tiny_model_and_formatter, toy_examples
+
+
+def features_and_collator(formatter, n=16):
+    features = [formatter.training_features(e) for e in toy_examples(n, seed=3)]
+    return features, DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
+
+
+def test_labelled_positions_loss_equals_the_models_own_loss(tmp_path):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    features, collator = features_and_collator(formatter)
+    batch = collator(features)
+    trainer = training.LabelledPositionsTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True,
+                                                                                   report_to="none"))
+    model.eval()  # no dropout: both losses see the same activations
+    own = model(**batch).loss
+    assert trainer.compute_loss(model, batch).item() == pytest.approx(own.item(), rel=1e-5)
+
+
+def one_step(tmp_path, scale):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    features, collator = features_and_collator(formatter)
+    before = model.get_input_embeddings().weight.detach().clone()
+    rows = [formatter.tag_ids[label] for label in LABELS]
+    args = TrainingArguments(str(tmp_path / str(scale)), max_steps=1, per_device_train_batch_size=16, learning_rate=1e-3,
+                             use_cpu=True, report_to="none", save_strategy="no", seed=0, disable_tqdm=True)
+    training.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
+                                      train_dataset=Dataset.from_list(features),
+                                      callbacks=[training.RowStepScaleCallback(rows, scale)]).train()
+    return model.get_input_embeddings().weight.detach() - before, rows
+
+
+def test_tag_rows_step_is_scaled_and_nothing_else_changes(tmp_path):
+    plain, rows = one_step(tmp_path, 1.0)
+    scaled, _ = one_step(tmp_path, 10.0)
+    assert plain[rows].abs().sum() > 0
+    torch.testing.assert_close(scaled[rows], 10 * plain[rows], rtol=1e-4, atol=1e-7)
+    others = torch.ones(len(plain), dtype=torch.bool)
+    others[rows] = False
+    torch.testing.assert_close(scaled[others], plain[others])
