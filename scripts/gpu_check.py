@@ -61,7 +61,7 @@ QUICK = dict(train_steps=6, warm_steps=2, generate_examples=8, nll_examples=16, 
              chain=["generator.train_subset=48", "generator.valid_subset=12", "classifier.train_subset=150",
                     "test_subset=16", "bootstrap.resamples=40", "significance_resamples=40",
                     "decoding.max_new_tokens=10"])
-CHAIN_STAGES = ("train_generator", "train_classifier", "eval")  # the stages that load models
+CHAIN_STAGES = ("train_generator", "train_classifier", "likelihood", "eval")  # the stages that load models
 
 
 def card(device: torch.device) -> dict:
@@ -280,21 +280,25 @@ def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classif
                       + ((c.epochs + 1) * valid + test) / predict_rate for tokens in classifier_tokens.values())
     # Table 2's tagged rows are Table 4's "none" cells: the same runs, made once.
     systems = {tuple(sorted(values.items())): values for values in report.systems(eval_paper).values()}
-    evals = sum(test / m["generation"]["examples_per_s"] + test / nll_rate + m["scoring_seconds_per_eval"]
+    evals = sum(test / m["generation"]["examples_per_s"] + m["scoring_seconds_per_eval"]
                 + test * (bool(s["strategy_tag"]) + (s["sampler"] == "classifier")) / predict_rate
                 for s in systems.values())
-    total = generators + classifiers + evals
+    # the 5 likelihood runs: pretrained and the 2 untagged generators once per reference, the 2 tagged ones
+    # once per tag (an upper bound: their context is encoded once for all tags)
+    likelihoods = test * (3 + 2 * 4) / nll_rate
+    total = generators + classifiers + evals + likelihoods
     return {
         "formula": ("sum over the 4 generators of [epochs x tokens_per_epoch / train_tokens_per_s + "
                     "((epochs + 1) x esconv_valid + train_eval_subset) / nll_examples_per_s] + sum over the 2 "
                     "classifiers of [epochs x tokens / classifier_tokens_per_s + ((epochs + 1) x valid + test) / "
                     "predict_examples_per_s] + sum over the 11 distinct evals of [2779 / generation_examples_per_s + "
-                    "2779 / nll_examples_per_s + scoring_seconds + 2779 x (recogniser + classifier) / "
-                    "predict_examples_per_s]; not included: process start-up and model loading (see the tiny "
+                    "scoring_seconds + 2779 x (recogniser + classifier) / predict_examples_per_s] + the 5 likelihood "
+                    "runs, 2779 x (3 + 2 x 4 tags) / nll_examples_per_s; not included: process start-up and model loading (see the tiny "
                     "chain's stage times), prepare-data, the TF-IDF baselines, the report"),
         "generator_tokens_per_epoch": tokens_per_epoch, "classifier_tokens_per_epoch": classifier_tokens,
         "esconv_valid": valid, "esconv_test": test, "evals": len(systems),
         "generators_s": round(generators, 1), "classifiers_s": round(classifiers, 1), "evals_s": round(evals, 1),
+        "likelihood_s": round(likelihoods, 1),
         "total_s": round(total, 1), "total_min": round(total / 60, 2),
     }
 
