@@ -179,8 +179,8 @@ def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, eval
 
 
 def plot_reliability(calibration_scores: dict, path, title: str) -> None:
-    """The reliability diagram: top-label confidence against accuracy (bar widths: example counts
-    are in the legend's ECE), and each class's one-vs-rest curve."""
+    """The reliability diagram: top-label confidence against accuracy (with its expected calibration
+    error), and each class's one-vs-rest curve: the probabilities a classifier sampler draws from."""
     figure, axes = plt.subplots(figsize=(6.5, 6))
     axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
     top = calibration_scores["top_label"]
