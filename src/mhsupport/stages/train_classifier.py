@@ -45,6 +45,11 @@ def settings_for(cfg: DictConfig) -> ClassifierSettings:
                               max_length=cfg.classifier.max_length)
 
 
+STAGE_RULES = {"tfidf_baseline.C": options._number(0, inclusive=False), "model_selection": options._bool}
+STAGE_RULE_EXAMPLES = {"tfidf_baseline.C": "tfidf_baseline_by_task.next_category.category.C=1.0",
+                       "model_selection": "model_selection=false"}
+
+
 def check(cfg: DictConfig) -> None:
     """The keys only this stage has (options.RULES checks the shared ones)."""
     for key, rule in STAGE_RULES.items():
@@ -53,11 +58,6 @@ def check(cfg: DictConfig) -> None:
         if not ok:
             raise MhsError(f"config key {key}={value!r}: expected {expected} (set it on the command line, "
                            f"e.g. mhs train classifier {STAGE_RULE_EXAMPLES[key]})")
-
-
-STAGE_RULES = {"tfidf_baseline.C": options._number(0, inclusive=False), "model_selection": options._bool}
-STAGE_RULE_EXAMPLES = {"tfidf_baseline.C": "tfidf_baseline_by_task.next_category.category.C=1.0",
-                       "model_selection": "model_selection=false"}
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
@@ -110,12 +110,12 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                    "checkpoint": "last (the model after the final epoch)",
                    "session": {"train_seconds": round(result.metrics["train_runtime"], 2), "resumed_from": resume,
                                "processes": training.world_size()}}
+        run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if cfg.model_selection:
             gold = [e[settings.label_key] for e in evaluation["valid"]]
             metrics["valid"] = {"model": classification_scores(
                 gold, classifier.predict(evaluation["valid"], p.eval_batch_size), settings.labels)}
             run_.metrics = metrics
-            run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
             return
         baselines = baseline_predictions(cfg, settings, train_examples, evaluation)
         for split, examples in evaluation.items():
@@ -129,7 +129,6 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                 gold, systems, settings.labels, "model", cfg.bootstrap.resamples, cfg.bootstrap.seed)
             metrics[split]["model"]["calibration"] = calibration(gold, probabilities, settings.labels)
         run_.metrics = metrics
-        run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if training.is_main_process():
             classifier.save(out / "model")
             cards.classifier_card(cfg, metrics, data_run.name).save(out / "model" / "README.md")
