@@ -1,6 +1,7 @@
 """Choose the next-category classifier's settings on ESConv valid, never test (issue 12).
 
   python scripts/ablate_classifier.py model  --out DIR [--budget-s S] [--groups category,cpu | strategy]
+                                             [--start chosen_strategy.json --factors class_weighting,...]
   python scripts/ablate_classifier.py tfidf  --out DIR [--tag-set category|strategy] [--history-categories ...]
   python scripts/ablate_classifier.py project-cpu --rows DIR/model_rows.jsonl --anchor RUN --out FILE
   python scripts/ablate_classifier.py table --rows FILE --tfidf DIR/tfidf_rows.jsonl ...
@@ -103,9 +104,13 @@ def model_command(args) -> None:
     start.update({"tag_set": "category", "classifier": "offline"})
     if args.tiny:
         start.update({"classifier": "tiny", "classifier.train_subset": "200"})
+    chosen = {}  # --start: a search resumed from earlier choices (chosen_<group>.json)
+    if args.start:
+        chosen = json.loads(Path(args.start).read_text())
+    wanted = lambda factors: [f for f in factors if not args.factors or f[0] in args.factors.split(",")]  # noqa: E731
     with open(out_dir / f"model_rows_{'_'.join(groups)}.jsonl", "a") as out:
         if "category" in groups:
-            category = greedy("category", CATEGORY_FACTORS, start, out, deadline)
+            category = greedy("category", wanted(CATEGORY_FACTORS), {**start, **chosen}, out, deadline)
             (out_dir / "chosen_category.json").write_text(json.dumps(category, indent=2))
         if "cpu" in groups:
             category = json.loads((out_dir / "chosen_category.json").read_text())
@@ -121,8 +126,8 @@ def model_command(args) -> None:
                 out.flush()
                 print(f"[cpu] {row['row']}: valid acc {row['valid_accuracy']:.4f}", flush=True)
         if "strategy" in groups:
-            strategy = greedy("strategy", STRATEGY_FACTORS, {**start, "dataset": "esconv", "tag_set": "strategy"},
-                              out, deadline)
+            strategy = greedy("strategy", wanted(STRATEGY_FACTORS),
+                              {**start, "dataset": "esconv", "tag_set": "strategy", **chosen}, out, deadline)
             (out_dir / "chosen_strategy.json").write_text(json.dumps(strategy, indent=2))
 
 
@@ -251,6 +256,9 @@ def main(argv=None) -> int:
     model.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
     model.add_argument("--groups", default="category,cpu,strategy", help="run in this order; cpu needs category's choice")
     model.add_argument("--tiny", action="store_true", help="a plumbing check: the tiny profile on 200 examples")
+    model.add_argument("--start", help="settings to start from: a chosen_<group>.json of an earlier search")
+    model.add_argument("--factors", help="comma-separated factors to search (default: all), e.g. "
+                                         "classifier.learning_rate,class_weighting")
     tfidf = commands.add_parser("tfidf")
     tfidf.add_argument("--out", required=True)
     tfidf.add_argument("--tag-set", default="category", choices=("category", "strategy"))
