@@ -10,6 +10,7 @@ import pytest
 
 from mhsupport import classifier as api
 from mhsupport.cli import main
+from mhsupport.errors import MhsError
 from mhsupport.classifier import context_text, majority_label, previous_supporter_label, tfidf_logistic_regression
 from mhsupport.metrics import classification_scores
 from mhsupport import pipeline
@@ -57,9 +58,72 @@ def test_baselines_on_a_fixture_with_known_answers():
     assert classification_scores(gold, ["Action"] * len(test), LABELS)["accuracy"] == pytest.approx(2 / 5)
     assert previous_supporter_label(test, "category", "Action") == gold
     texts = lambda rows: [context_text(e["context"], 3, " | ") for e in rows]  # noqa: E731
-    assert tfidf_logistic_regression(texts(train), [e["category"] for e in train], texts(test), 2, 1000, 0) == gold
+    assert tfidf_logistic_regression(texts(train), [e["category"] for e in train], {"test": texts(test)},
+                                     2, 1000, 0) == {"test": gold}
     no_supporter = [{"context": [{"speaker": "seeker", "text": "hi"}]}]
     assert previous_supporter_label(no_supporter, "category", "Others") == ["Others"]
+
+
+def test_tfidf_baseline_reads_the_earlier_labels_when_the_model_does(make_cfg):
+    """Seeker texts carry no signal here; the earlier supporter turn's label is the next label. With
+    history_categories the baseline must see it (exact), without it it cannot (near chance)."""
+    rng = np.random.default_rng(0)
+
+    def examples(n):
+        rows = []
+        for i in range(n):
+            label = LABELS[i % 4]
+            words = " ".join(rng.choice(["today", "really", "very", "so", "and", "I", "feel", "it"], size=6))
+            rows.append({"source": "esconv", "response": "x", "category": label, "context": [
+                {"speaker": "supporter", "text": "I see.", "category": label},
+                {"speaker": "seeker", "text": words, "category": None}]})
+        return rows
+
+    train, valid = examples(200), examples(40)
+    gold = [e["category"] for e in valid]
+    accuracy = {}
+    for history in (True, False):
+        cfg = make_cfg("train_classifier", f"history_categories={str(history).lower()}")
+        predicted = train_classifier.baseline_predictions(cfg, train_classifier.settings_for(cfg), train,
+                                                          {"valid": valid})["valid"]["tfidf_lr"]
+        accuracy[history] = classification_scores(gold, predicted, LABELS)["accuracy"]
+    assert accuracy[True] == 1.0 and accuracy[False] < 0.5
+
+
+def test_bootstrap_systems_intervals_and_paired_test():
+    rng = np.random.default_rng(1)
+    gold = list(rng.choice(LABELS, size=400))
+    noisy = [g if rng.random() < 0.6 else str(rng.choice(LABELS)) for g in gold]
+    systems = {"model": list(gold), "same": list(gold), "noisy": noisy, "constant": ["Action"] * 400}
+    out = api.bootstrap_systems(gold, systems, LABELS, "model", resamples=200, seed=0)
+    for name, predicted in systems.items():  # the fast scoring path agrees with sklearn's
+        exact = classification_scores(gold, predicted, LABELS)
+        assert out["intervals"][name]["accuracy"]["value"] == pytest.approx(exact["accuracy"])
+        assert out["intervals"][name]["macro_f1"]["value"] == pytest.approx(exact["macro_f1"])
+        interval = out["intervals"][name]["accuracy"]
+        assert interval["ci_low"] <= interval["value"] <= interval["ci_high"]
+    paired = out["paired_vs_reference"]
+    assert paired["same"]["accuracy"]["delta"] == 0 and paired["same"]["accuracy"]["p_value"] == 1.0
+    assert paired["noisy"]["accuracy"]["delta"] > 0.2 and paired["noisy"]["accuracy"]["p_value"] < 0.01
+    assert paired["noisy"]["accuracy"]["ci_low"] > 0
+
+
+def test_calibration_of_a_calibrated_and_an_overconfident_softmax():
+    rng = np.random.default_rng(2)
+    n = 4000
+    gold_ids = rng.integers(0, 4, n)
+    # top probability 0.7 on a class that is right 70% of the time: calibrated top label
+    predicted = np.where(rng.random(n) < 0.7, gold_ids, (gold_ids + rng.integers(1, 4, n)) % 4)
+    probabilities = np.full((n, 4), 0.1)
+    probabilities[np.arange(n), predicted] = 0.7
+    gold = [LABELS[i] for i in gold_ids]
+    calibrated = api.calibration(gold, probabilities, LABELS)
+    assert calibrated["expected_calibration_error"] < 0.03
+    assert calibrated["top_label"]["count"] == [n]
+    sharpened = np.full((n, 4), 0.01)
+    sharpened[np.arange(n), predicted] = 0.97
+    overconfident = api.calibration(gold, sharpened, LABELS)
+    assert overconfident["expected_calibration_error"] == pytest.approx(0.97 - calibrated["accuracy"], abs=1e-9)
 
 
 def test_context_text_reads_the_last_turns_with_optional_categories():
@@ -80,6 +144,13 @@ def test_tiny_classifier_end_to_end_and_its_api(make_cfg, prepared):
     gold_share = m["test"]["majority"]["per_class"][majority]["support"] / m["test"]["majority"]["n"]
     assert m["test"]["majority"]["accuracy"] == pytest.approx(gold_share)
     assert (out / "confusion_test.png").stat().st_size > 5000
+    assert (out / "reliability_test.png").read_bytes().startswith(b"\x89PNG")
+    calibration = m["test"]["model"]["calibration"]
+    assert sum(calibration["top_label"]["count"]) == m["test"]["model"]["n"]
+    assert calibration["accuracy"] == pytest.approx(m["test"]["model"]["accuracy"])
+    significance = m["significance"]["test"]
+    assert significance["intervals"]["model"]["accuracy"]["value"] == pytest.approx(m["test"]["model"]["accuracy"])
+    assert set(significance["paired_vs_reference"]) == {"majority", "previous_category", "tfidf_lr"}
     assert len(m["epochs"]) == 1 and "valid_accuracy" in m["epochs"][0]
     history = json.loads((out / "log_history.json").read_text())
     assert [e["valid_macro_f1"] for e in history if "valid_macro_f1" in e] == [m["epochs"][0]["valid_macro_f1"]]
@@ -100,6 +171,16 @@ def test_tiny_classifier_end_to_end_and_its_api(make_cfg, prepared):
     assert loaded.predict(contexts) == [LABELS[i] for i in probabilities[:2].argmax(axis=1)]
     encoded = loaded.tokenizer("")["input_ids"]
     assert encoded == [loaded.tokenizer.cls_token_id, loaded.tokenizer.sep_token_id]  # BERT-style inputs
+
+
+def test_model_selection_reads_valid_only(make_cfg, prepared):
+    result = pipeline.run("train_classifier", make_cfg("train_classifier", *TINY, "model_selection=true"))
+    m = result.metrics
+    assert "test" not in m and set(m["valid"]) == {"model"} and "significance" not in m
+    assert not (result.run.path / "confusion_test.png").exists()
+    with pytest.raises(MhsError, match="tfidf_baseline.C"):
+        pipeline.run("train_classifier", make_cfg("train_classifier", *TINY,
+                                                  "tfidf_baseline_by_task.next_category.category.C=0"))
 
 
 def test_recogniser_accepts_empty_responses(make_cfg, prepared):

@@ -10,14 +10,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from datasets import Dataset
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, cards, curves, devices, models, training
-from mhsupport.classifier import (Classifier, ClassifierSettings, context_text, majority_label,
-                                  previous_supporter_label, tfidf_logistic_regression)
+from mhsupport import artifacts, cards, curves, devices, models, options, training
+from mhsupport.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
+                                  majority_label, previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.config import prepare_data_config
+from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.metrics import classification_scores
 from mhsupport.taxonomy import Taxonomy
@@ -44,13 +45,30 @@ def settings_for(cfg: DictConfig) -> ClassifierSettings:
                               max_length=cfg.classifier.max_length)
 
 
+STAGE_RULES = {"tfidf_baseline.C": options._number(0, inclusive=False), "model_selection": options._bool}
+STAGE_RULE_EXAMPLES = {"tfidf_baseline.C": "tfidf_baseline_by_task.next_category.category.C=1.0",
+                       "model_selection": "model_selection=false"}
+
+
+def check(cfg: DictConfig) -> None:
+    """The keys only this stage has (options.RULES checks the shared ones)."""
+    for key, rule in STAGE_RULES.items():
+        value = OmegaConf.select(cfg, key)
+        ok, expected = rule(value)
+        if not ok:
+            raise MhsError(f"config key {key}={value!r}: expected {expected} (set it on the command line, "
+                           f"e.g. mhs train classifier {STAGE_RULE_EXAMPLES[key]})")
+
+
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     p = cfg.classifier
     settings = settings_for(cfg)
     label_id = {label: i for i, label in enumerate(settings.labels)}
     train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
-    evaluation = {split: read_examples(data_run, "esconv", split) for split in EVAL_SPLITS}
+    # Model selection (scripts/ablate_classifier.py) reads ESConv valid alone: test stays untouched.
+    splits = ("valid",) if cfg.model_selection else EVAL_SPLITS
+    evaluation = {split: read_examples(data_run, "esconv", split) for split in splits}
 
     set_seed(cfg.seed)
     texts = [t["text"] for e in train_examples for t in e["context"][-cfg.context_turns:]] + \
@@ -92,21 +110,32 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                    "checkpoint": "last (the model after the final epoch)",
                    "session": {"train_seconds": round(result.metrics["train_runtime"], 2), "resumed_from": resume,
                                "processes": training.world_size()}}
+        run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
+        if cfg.model_selection:
+            gold = [e[settings.label_key] for e in evaluation["valid"]]
+            metrics["valid"] = {"model": classification_scores(
+                gold, classifier.predict(evaluation["valid"], p.eval_batch_size), settings.labels)}
+            run_.metrics = metrics
+            return
         baselines = baseline_predictions(cfg, settings, train_examples, evaluation)
         for split, examples in evaluation.items():
             gold = [e[settings.label_key] for e in examples]
-            metrics[split] = {"model": classification_scores(gold, classifier.predict(examples, p.eval_batch_size),
-                                                             settings.labels)}
-            for name, predicted in baselines[split].items():
-                metrics[split][name] = classification_scores(gold, predicted, settings.labels)
+            probabilities = classifier.predict_proba(examples, p.eval_batch_size)
+            systems = {"model": [settings.labels[i] for i in probabilities.argmax(axis=1)], **baselines[split]}
+            metrics[split] = {name: classification_scores(gold, predicted, settings.labels)
+                              for name, predicted in systems.items()}
+            # beside the split's systems (consumers iterate over metrics[split] as systems)
+            metrics.setdefault("significance", {})[split] = bootstrap_systems(
+                gold, systems, settings.labels, "model", cfg.bootstrap.resamples, cfg.bootstrap.seed)
+            metrics[split]["model"]["calibration"] = calibration(gold, probabilities, settings.labels)
         run_.metrics = metrics
-        run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if training.is_main_process():
             classifier.save(out / "model")
             cards.classifier_card(cfg, metrics, data_run.name).save(out / "model" / "README.md")
             note = f" - {p.warning}" if p.get("warning") else ""
-            plot_confusion(metrics["test"]["model"], out / "confusion_test.png",
-                           f"{cfg.mode} classifier ({p.profile}{note}), ESConv test")
+            title = f"{cfg.mode} classifier ({p.profile}{note}), ESConv test"
+            plot_confusion(metrics["test"]["model"], out / "confusion_test.png", title)
+            plot_reliability(metrics["test"]["model"]["calibration"], out / "reliability_test.png", title)
             curves.save(trainer.state.log_history, out, f"{cfg.mode} classifier ({p.profile}{note})")
 
     training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
@@ -116,16 +145,18 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
 def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, evaluation) -> dict:
     """Majority class, previous supporter label (next_category only) and TF-IDF + logistic
-    regression, trained on the same training examples."""
+    regression, trained on the same training examples. TF-IDF reads the earlier supporter turns'
+    labels whenever the model does (history_categories), so the model's margin is not the labels'."""
     key = settings.label_key
     train_labels = [e[key] for e in train_examples]
     majority = majority_label(train_labels)
     tfidf = cfg.tfidf_baseline
+    history_key = key if settings.history_categories else None
 
     def text(example):
         if settings.mode == "response":
             return example["response"]
-        return context_text(example["context"], tfidf.context_turns, " | ")
+        return context_text(example["context"], tfidf.context_turns, " | ", history_key)
 
     # With no earlier supporter turn, "previous category" falls back to the commonest label of such
     # opening turns in the training conversations (mostly greetings and questions), not the overall
@@ -133,15 +164,39 @@ def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, eval
     openings = [e[key] for e in train_examples if e["source"] == "esconv"
                 and not any(t["speaker"] == "supporter" for t in e["context"])]
     opening_label = majority_label(openings) if openings else majority
+    tfidf_predicted = tfidf_logistic_regression(
+        [text(e) for e in train_examples], train_labels,
+        {split: [text(e) for e in examples] for split, examples in evaluation.items()},
+        tfidf.ngram_max, tfidf.max_iter, cfg.seed, tfidf.C)
     out = {}
     for split, examples in evaluation.items():
         out[split] = {"majority": [majority] * len(examples)}
         if settings.mode == "next_category":
             out[split]["previous_category"] = previous_supporter_label(examples, key, opening_label)
-        out[split]["tfidf_lr"] = tfidf_logistic_regression([text(e) for e in train_examples], train_labels,
-                                                           [text(e) for e in examples], tfidf.ngram_max,
-                                                           tfidf.max_iter, cfg.seed)
+        out[split]["tfidf_lr"] = tfidf_predicted[split]
     return out
+
+
+def plot_reliability(calibration_scores: dict, path, title: str) -> None:
+    """The reliability diagram: top-label confidence against accuracy (with its expected calibration
+    error), and each class's one-vs-rest curve: the probabilities a classifier sampler draws from."""
+    figure, axes = plt.subplots(figsize=(6.5, 6))
+    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfectly calibrated")
+    top = calibration_scores["top_label"]
+    axes.plot(top["mean_confidence"], top["accuracy"], marker="o", linewidth=2, color="black",
+              label=f"top label (ECE {calibration_scores['expected_calibration_error']:.3f})")
+    for label, curve in calibration_scores["per_class"].items():
+        axes.plot(curve["mean_probability"], curve["fraction_gold"], marker=".", linewidth=1, alpha=0.7,
+                  label=f"{label} (one-vs-rest)")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("predicted probability (bin mean)")
+    axes.set_ylabel("observed frequency")
+    axes.set_title(f"Reliability: {title}", fontsize=9)
+    axes.legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def plot_confusion(scores: dict, path, title: str) -> None:
