@@ -153,7 +153,7 @@ def tfidf_command(args) -> None:
             started = time.time()
             predicted = tfidf_logistic_regression([text(e) for e in train], [e[key] for e in train],
                                                   {"valid": [text(e) for e in valid]}, ngram_max,
-                                                  cfg.tfidf_baseline.max_iter, cfg.seed, C)["valid"]
+                                                  cfg.tfidf_baseline_by_task[cfg.mode][cfg.tag_set].max_iter, cfg.seed, C)["valid"]
             scores = classification_scores(gold, predicted, settings.labels)
             row = {"tag_set": args.tag_set, "dataset": cfg.dataset, "history_categories": history,
                    "context_turns": turns, "ngram_max": ngram_max, "C": C, "valid_accuracy": scores["accuracy"],

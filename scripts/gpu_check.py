@@ -99,7 +99,7 @@ def tiny_chain(args, device: torch.device, sizes: dict, artifacts: Path) -> dict
 
 def model_placements(artifacts: Path, inference: devices.Placement) -> dict:
     """Every training and eval run's manifest must record where its models were: all on the rule's
-    device, in fp32 for training (the Trainer autocasts) and in the rule's inference dtype for eval."""
+    device, in fp32 for training (the Trainer autocasts) and in the rule's inference dtype for likelihood and eval."""
     placements, misplaced, unrecorded = [], [], []
     for stage in CHAIN_STAGES:
         manifests = sorted((artifacts / stage).glob("*/manifest.json"))
@@ -111,7 +111,7 @@ def model_placements(artifacts: Path, inference: devices.Placement) -> dict:
                 unrecorded.append(f"{stage}/{manifest_path.parent.name}: no device record")
             for name, where in record.get("models", {}).items():
                 placements.append({"stage": stage, "run": manifest_path.parent.name, "model": name, **where})
-                dtype = inference.dtype if stage == "eval" else torch.float32
+                dtype = inference.dtype if stage in ("eval", "likelihood") else torch.float32
                 if torch.device(where["device"]) != inference.device or where["dtype"] != str(dtype).removeprefix("torch."):
                     misplaced.append(placements[-1])
     return {"ok": not misplaced and not unrecorded, "expected_device": str(inference.device),

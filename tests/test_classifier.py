@@ -178,7 +178,7 @@ def test_model_selection_reads_valid_only(make_cfg, prepared):
     m = result.metrics
     assert "test" not in m and set(m["valid"]) == {"model"} and "significance" not in m
     assert not (result.run.path / "confusion_test.png").exists()
-    with pytest.raises(MhsError, match="tfidf_baseline.C"):
+    with pytest.raises(MhsError, match="tfidf_baseline_by_task.next_category.category.C"):
         pipeline.run("train_classifier", make_cfg("train_classifier", *TINY,
                                                   "tfidf_baseline_by_task.next_category.category.C=0"))
 

@@ -276,6 +276,7 @@ def test_gpu_check_flags_a_model_off_the_rules_device(tmp_path):
 
     manifest("train_generator", "g", {"generator": {"device": "cpu", "dtype": "float32"}})
     manifest("train_classifier", "c", {"classifier": {"device": "cpu", "dtype": "float32"}})
+    manifest("likelihood", "l", {"generator": {"device": "cpu", "dtype": "float32"}})
     manifest("eval", "e1", {"generator": {"device": "cpu", "dtype": "float32"}})
     assert gpu_check.model_placements(tmp_path, cpu_fp32)["ok"]
     manifest("eval", "e2", {"generator": {"device": "cpu", "dtype": "float32"},

@@ -98,7 +98,7 @@ def test_cpu_profile_trains_tags_on_smollm2_and_answers(make_cfg, models_dir, pr
                        "generator.batch_size=4", "generator.save_steps=1000")
     result = pipeline.run("train_generator", cfg)
     m = result.metrics
-    assert m["parameters"] > 130e6 and m["trainable_parameters"] < m["parameters"] / 2
+    assert m["parameters"] > 130e6 and m["trainable_parameters"] == m["parameters"]  # every layer trains
     assert m["valid_ppl"] < 200  # a pretrained model, not a random one
     model, tokenizer = load_saved_causal_lm(result.run.path / "model", devices.inference(None))
     formatter = build_formatter(cfg, tokenizer)

@@ -97,10 +97,13 @@ def classifier_config(cfg: DictConfig, mode: str) -> DictConfig:
 def likelihood_config(cfg: DictConfig) -> DictConfig:
     """The `mhs likelihood` config of the generator an eval config scores (its sampler plays no part:
     the reference is scored under every tag)."""
-    return derive("likelihood", cfg, {
+    derived = derive("likelihood", cfg, {
         "generator": cfg.generator, "dataset": cfg.dataset, "strategy_tag": cfg.strategy_tag, "tag_set": cfg.tag_set,
         "tags_in_history": cfg.tags_in_history, "generator_source": cfg.generator_source,
         "test_subset_seed": cfg.test_subset_seed, "bootstrap": cfg.bootstrap})
+    # test_subset was resolved for the default profile: take this generator profile's.
+    OmegaConf.update(derived, "test_subset", derived.test_subset_by_profile[cfg.generator.profile], merge=False)
+    return derived
 
 
 REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples", "significance_metrics", "seeds")

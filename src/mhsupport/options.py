@@ -121,7 +121,10 @@ RULES = {
     "decoding.temperature": _number(0, inclusive=False), "decoding.max_new_tokens": _int(1),
     "decoding.batch_size": _int(1),
     "bootstrap.resamples": _int(1), "bootstrap.seed": _int(0),
-    "tfidf_baseline.ngram_max": _int(1), "tfidf_baseline.context_turns": _int(1), "tfidf_baseline.max_iter": _int(1),
+    **{f"tfidf_baseline_by_task.{mode}.{tag_set}.{key}": rule for mode in MODES for tag_set in TAG_SETS
+       for key, rule in (("ngram_max", _int(1)), ("context_turns", _int(1)), ("max_iter", _int(1)),
+                         ("C", _number(0, inclusive=False)))},
+    "model_selection": _bool,
     **{f"generator.{k}": rule for k, rule in _MODEL_RULES.items()},
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),

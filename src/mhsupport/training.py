@@ -212,6 +212,8 @@ class LabelledPositionsTrainer(Trainer):
     summed token cross-entropy over the shifted labels, divided by the labelled tokens."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model is not self.model:  # wrapped (DDP, FSDP): only its own forward synchronises gradients
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
         hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
         targets = labels[:, 1:]

@@ -10,15 +10,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from datasets import Dataset
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, cards, curves, devices, models, options, training
+from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
                                   majority_label, previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.config import prepare_data_config
-from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.metrics import classification_scores
 from mhsupport.taxonomy import Taxonomy
@@ -45,19 +44,9 @@ def settings_for(cfg: DictConfig) -> ClassifierSettings:
                               max_length=cfg.classifier.max_length)
 
 
-STAGE_RULES = {"tfidf_baseline.C": options._number(0, inclusive=False), "model_selection": options._bool}
-STAGE_RULE_EXAMPLES = {"tfidf_baseline.C": "tfidf_baseline_by_task.next_category.category.C=1.0",
-                       "model_selection": "model_selection=false"}
-
-
-def check(cfg: DictConfig) -> None:
-    """The keys only this stage has (options.RULES checks the shared ones)."""
-    for key, rule in STAGE_RULES.items():
-        value = OmegaConf.select(cfg, key)
-        ok, expected = rule(value)
-        if not ok:
-            raise MhsError(f"config key {key}={value!r}: expected {expected} (set it on the command line, "
-                           f"e.g. mhs train classifier {STAGE_RULE_EXAMPLES[key]})")
+def tfidf_settings(cfg: DictConfig) -> DictConfig:
+    """The TF-IDF baseline's settings for this run's mode and tag set."""
+    return cfg.tfidf_baseline_by_task[cfg.mode][cfg.tag_set]
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
@@ -150,7 +139,7 @@ def baseline_predictions(cfg, settings: ClassifierSettings, train_examples, eval
     key = settings.label_key
     train_labels = [e[key] for e in train_examples]
     majority = majority_label(train_labels)
-    tfidf = cfg.tfidf_baseline
+    tfidf = tfidf_settings(cfg)
     history_key = key if settings.history_categories else None
 
     def text(example):
