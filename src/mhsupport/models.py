@@ -22,6 +22,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from mhsupport import devices
 from mhsupport.errors import MhsError
+from mhsupport.examples_io import read_examples
+from mhsupport.training import seeded_subset
 
 log = logging.getLogger(__name__)
 COMPLETE_MARK = ".complete"
@@ -198,6 +200,16 @@ def _load_gguf(folder: Path, gguf_file: str):
 def load_saved_causal_lm(path: Path, placement: devices.Placement):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return devices.place(model, placement), AutoTokenizer.from_pretrained(path)
+
+
+def load_scored_generator(cfg, generator_run: Path | None, data_run: Path, placement: devices.Placement):
+    """(model, tokenizer) of the generator an eval or likelihood run scores: a fine-tuned run's model,
+    or with no run the profile's model before fine-tuning (tiny: untrained, with the tokenizer its
+    training would build from the same training subset)."""
+    if generator_run is not None:
+        return load_saved_causal_lm(generator_run / "model", placement)
+    train = seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset, cfg.subset_seed)
+    return load_causal_lm(cfg.generator, placement, train_texts=tokenizer_texts(train))
 
 
 def load_sequence_classifier(model_cfg, num_labels: int, placement: devices.Placement, train_texts=None):

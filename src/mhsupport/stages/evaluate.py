@@ -161,13 +161,8 @@ def empty_replies(per_seed: dict[str, int], examples: int) -> dict:
 def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     """Responses of a fine-tuned (or base) generator under the configured tag sampler; the
     models it loaded (name -> model)."""
-    placement = devices.inference(cfg.runtime)
-    if cfg.generator_source == "finetuned":
-        model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model", placement)
-    else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
-        train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
-                                       cfg.subset_seed)
-        model, tokenizer = models.load_causal_lm(cfg.generator, placement, train_texts=models.tokenizer_texts(train))
+    generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
+    model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
     formatter = build_formatter(gcfg, tokenizer)
     prior = None
     if cfg.sampler == "random_prior":

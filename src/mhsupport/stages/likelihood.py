@@ -50,13 +50,8 @@ def label(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
-    placement = devices.inference(cfg.runtime)
-    if cfg.generator_source == "finetuned":
-        model, tokenizer = models.load_saved_causal_lm(inputs["generator"].path / "model", placement)
-    else:  # the model before fine-tuning (tiny: untrained, with the tokenizer training would build)
-        train = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset,
-                                       cfg.subset_seed)
-        model, tokenizer = models.load_causal_lm(cfg.generator, placement, train_texts=models.tokenizer_texts(train))
+    generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
+    model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
     formatter = build_formatter(generator_config(cfg), tokenizer)
     labels = generator_tags(cfg)
     key = Taxonomy.label_key(cfg.tag_set)

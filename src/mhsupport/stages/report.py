@@ -126,8 +126,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                     out / "table2_bleu", f"Table 2 ({profile} profile): BLEU with 95% intervals")
         bleu_figure({name: metrics[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()},
                     out / "table4_bleu", f"Table 4 ({profile} profile): BLEU with 95% intervals")
-        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use,
-                                                  likelihoods["Pretrained"]))
+        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use))
     log.info("report wrote %s", run_.path)
 
 
@@ -306,6 +305,11 @@ def confusion_figure(rows: list[dict], stem: Path, title: str) -> None:
         axis.set_xlabel("tag giving the reference the lowest NLL")
         axis.set_ylabel("gold tag")
     figure.suptitle(title)
+    save_figure(figure, stem)
+
+
+def save_figure(figure, stem: Path) -> None:
+    """A report figure as PNG and PDF."""
     figure.tight_layout()
     figure.savefig(stem.with_suffix(".png"), dpi=120)
     figure.savefig(stem.with_suffix(".pdf"))
@@ -381,7 +385,7 @@ def protocol_tables(title: str, rows: list[dict], signatures: dict, protocols, l
     return "\n\n".join(parts)
 
 
-def tag_use_markdown(rows: list[dict], pretrained: dict) -> str:
+def tag_use_markdown(rows: list[dict], pretrained_ppl: float) -> str:
     n = rows[0]["examples"] if rows else 0
     table = markdown_table(rows, [
         ("system", "System"), ("tag_discrimination", "Tag discrimination"), ("tag_discrimination_ci", "95% CI"),
@@ -404,7 +408,7 @@ Each of {n:,} ESConv test references (the same seeded examples for every system)
 *tag discrimination* is the share of examples whose gold tag gives the reference the lowest NLL (chance: one
 over the number of tags); NLL is per reference token (end token included, tag excluded). The untagged
 generator trained on the same data with the same budget scores the same references without a tag; the
-pretrained model's reference perplexity is {pretrained_ppl(pretrained):.2f}.
+pretrained model's reference perplexity is {pretrained_ppl:.2f}.
 
 {table}
 
@@ -414,12 +418,7 @@ Figure: `tag_use_confusion.png` (gold tag x lowest-NLL tag). CSV: `tag_use.csv`.
 """
 
 
-def pretrained_ppl(scored: dict) -> float:
-    column = scored["nll"][:, 0]
-    return float(np.exp(column.sum() / scored["tokens"].sum()))
-
-
-def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, pretrained) -> str:
+def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use) -> str:
     profile = cfg.generator.profile
     first = next(iter(metrics.values()))
     n = first["examples"]
@@ -455,7 +454,7 @@ is on an unstated scale, probably 0-1, with its own split and tokenisation: comp
 PPL is the reference perplexity from `mhs likelihood` (tagged systems: given the gold tag), on the
 likelihood runs' examples.
 
-{tag_use_markdown(tag_use, pretrained)}
+{tag_use_markdown(tag_use, next(r["ppl"] for r in table2 if r["system"] == "Pretrained"))}
 ## Table 4: tag samplers (tagged generators)
 
 {protocol_tables("Table 4", table4, signatures, protocols)}
@@ -498,7 +497,4 @@ def bleu_figure(systems: dict[str, dict], stem: Path, title: str) -> None:
     axes.set_xticks(range(len(names)), names, rotation=30, ha="right")
     axes.set_ylabel("sacrebleu BLEU (0-100), default protocol")
     axes.set_title(title)
-    figure.tight_layout()
-    figure.savefig(stem.with_suffix(".png"), dpi=120)
-    figure.savefig(stem.with_suffix(".pdf"))
-    plt.close(figure)
+    save_figure(figure, stem)
