@@ -211,8 +211,13 @@ def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
 
     seen = []
     model.register_forward_pre_hook(record_inputs(seen), with_kwargs=True)
-    with pytest.raises(ReachedModel):
+    with pytest.raises(ReachedModel):  # one prompt: all but its last token is encoded first, as a shared prefix
         generate(model, tokenizer, formatter, [context], [None], progress=False)
+    assert seen == ["meta"]  # input ids
+    seen.clear()
+    with pytest.raises(ReachedModel):  # prompts with nothing in common go straight to the batch
+        generate(model, tokenizer, formatter, [context, [{"speaker": "seeker", "text": "Hello"}]], [None, None],
+                 progress=False)
     assert len(seen) == 3 and set(seen) == {"meta"}  # input ids, attention mask, positions
 
     seen.clear()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mhsupport.generation import decode
+from mhsupport.generation import decode, encode_prefix, shared_prefix_length
 
 MAX_NEW = 12
 PAD = 0
@@ -55,3 +55,29 @@ def test_sampled_decoding_is_seeded_and_stops_at_eos():
     assert decode(model, input_ids, attention, MAX_NEW, eos_id=3, warpers=warpers) == first
     assert all(len(row) == MAX_NEW or row[-1] == 3 for row in first) and all(3 not in row[:-1] for row in first)
     assert first != decode(model, input_ids, attention, MAX_NEW, eos_id=3, warpers=warpers)
+
+
+def test_a_shared_prefix_encoded_once_leaves_every_reply_unchanged():
+    model, _, _ = tiny_model_and_batch()
+    prefix = torch.randint(1, 40, (6,)).tolist()
+    suffixes = [torch.randint(1, 40, (n,)).tolist() for n in (1, 4, 2, 7, 3)]
+    prompts = [prefix + s for s in suffixes]
+    assert shared_prefix_length(prompts) == 6
+
+    def left_padded(rows):
+        width = max(map(len, rows))
+        return (torch.tensor([[PAD] * (width - len(r)) + r for r in rows]),
+                torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]))
+
+    whole = decode(model, *left_padded(prompts), MAX_NEW, eos_id=3)
+    assert decode(model, *left_padded(suffixes), MAX_NEW, eos_id=3, prefix=encode_prefix(model, prefix)) == whole
+    # the prefix is shared by value, so rows leaving the batch do not disturb it
+    assert decode(model, *left_padded(suffixes[:2]), MAX_NEW, eos_id=3, prefix=encode_prefix(model, prefix)) == whole[:2]
+
+
+def test_shared_prefix_length_leaves_each_prompt_a_token_of_its_own():
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 4, 5]]) == 2
+    assert shared_prefix_length([[1, 2], [1, 2, 3]]) == 1  # [1, 2] must keep its last token
+    assert shared_prefix_length([[5, 1], [6, 1]]) == 0
+    assert shared_prefix_length([[1, 2, 3]]) == 2
+    assert shared_prefix_length([[7]]) == 0
