@@ -1,14 +1,17 @@
 """The generator recipe's training pieces: the labelled-positions loss equals the model's own loss,
-and the tag rows' optimizer step is scaled by exactly generator.tag_lr_scale, nothing else moved."""
+the tag-contrast loss's terms equal the likelihood stage's scores, and the tag rows' optimizer step
+is scaled by exactly generator.tag_lr_scale, nothing else moved."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
 from mhsupport import training
+from mhsupport.likelihood import reference_nll
 from mhsupport.formatting import IGNORE_INDEX
 from test_likelihood import CONTEXTS, LABELS, REPLIES, tiny_model_and_formatter, toy_examples
 
@@ -27,6 +30,29 @@ def test_labelled_positions_loss_equals_the_models_own_loss(tmp_path):
     model.eval()  # no dropout: both losses see the same activations
     own = model(**batch).loss
     assert trainer.compute_loss(model, batch).item() == pytest.approx(own.item(), rel=1e-5)
+
+
+def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    examples = toy_examples(12, seed=4)
+    features = [formatter.training_features(e) for e in examples]
+    batch = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(features)
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
+    model.eval()
+    own = training.LabelledPositionsTrainer(model=model, args=args).compute_loss(model, batch)
+    # every wrong tag drawn: the cross-entropy over tags then does not depend on the draw's order
+    trainer = training.TagContrastTrainer(model=model, args=args, tag_ids=[formatter.tag_ids[t] for t in LABELS],
+                                          weight=0.5, negatives=len(LABELS) - 1)
+    loss, parts = trainer.compute_loss(model, batch, return_outputs=True)
+    assert parts["lm_loss"].item() == pytest.approx(own.item(), rel=1e-5)
+    nll, _ = reference_nll(model, formatter, examples, LABELS, batch_size=5, progress=False)
+    gold = torch.tensor([LABELS.index(e["category"]) for e in examples])
+    expected = F.cross_entropy(-torch.tensor(nll), gold)
+    assert parts["contrast_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(own.item() + 0.5 * expected.item(), rel=1e-5)
+    loss.backward()  # the gradient reaches the tag rows through the shared context's cache and the continuations
+    tag_rows = model.get_input_embeddings().weight.grad[[formatter.tag_ids[t] for t in LABELS]]
+    assert (tag_rows.abs().sum(dim=1) > 0).all()
 
 
 def one_step(tmp_path, scale):

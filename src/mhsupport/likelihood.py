@@ -77,7 +77,7 @@ def reference_nll(model, formatter, examples: list[dict], labels: list[str] | No
         prompt_mask_rows = prompt_mask.repeat_interleave(k, dim=0)
         offset = prompt_mask_rows.sum(dim=1, keepdim=True)
         logits = model(input_ids=cont_ids, attention_mask=torch.cat([prompt_mask_rows, cont_mask], dim=1),
-                       position_ids=_positions(cont_mask, offset), past_key_values=cache, use_cache=True).logits
+                       position_ids=_positions(cont_mask, offset), cache=cache, use_cache=True).logits
         if labels:
             # the tag predicts the first response token: score logits[:, :-1] against cont_ids[:, 1:]
             predicted, wanted, mask = logits[:, :-1], cont_ids[:, 1:], cont_mask[:, 1:]

@@ -129,6 +129,7 @@ RULES = {
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
     "generator.tag_lr_scale": _number(0, inclusive=False),
+    "generator.tag_contrast_weight": _number(0), "generator.tag_contrast_negatives": _int(1),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
     "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),
     "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
@@ -156,6 +157,9 @@ def validate(cfg: DictConfig) -> None:
     if generator is not None and generator.get("trainable") == "lora" and generator.get("tag_lr_scale", 1) != 1:
         raise MhsError("generator.tag_lr_scale applies to the embedding rows of trainable=all|top_layers; "
                        "with trainable=lora the tag rows are peft's trainable tokens: set generator.tag_lr_scale=1")
+    if generator is not None and generator.get("trainable") == "lora" and generator.get("tag_contrast_weight", 0) > 0:
+        raise MhsError("generator.tag_contrast_weight trains trainable=all|top_layers models; with trainable=lora "
+                       "set generator.tag_contrast_weight=0")
     if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
         raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "
                        "labels (use --dataset esconv)")

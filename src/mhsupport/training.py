@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import DynamicCache, Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from mhsupport import curves, devices
@@ -222,6 +222,75 @@ class LabelledPositionsTrainer(Trainer):
         loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum()).to(loss.device)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class TagContrastTrainer(LabelledPositionsTrainer):
+    """Trains a tagged generator to need its tag. Beside the language-model loss (the same as
+    LabelledPositionsTrainer's), each reference reply is scored under its gold tag and under
+    `negatives` other tags drawn at random, and a cross-entropy over those tags, with each tag's
+    logit the reply's summed log-likelihood under it, asks the gold tag to explain the reply best:
+    the hybrid generative-discriminative loss of class-conditional LMs (GeDi, Krause et al., 2021),
+    `loss = lm + weight * contrast`. Without it a short fine-tuning learns to write a reply that
+    hardly depends on the tag. The context is encoded once per example and its KV cache is shared by
+    the tags, so a negative costs only the reply's tokens."""
+
+    def __init__(self, *args, tag_ids: list[int], weight: float, negatives: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not 1 <= negatives < len(tag_ids):
+            raise ValueError(f"negatives must be in 1..{len(tag_ids) - 1}, got {negatives}")
+        self.tag_ids, self.weight, self.negatives = torch.tensor(tag_ids), weight, negatives
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model is not self.model:  # two forward passes per step would break DDP/FSDP gradient sync
+            raise RuntimeError("generator.tag_contrast_weight > 0 trains in one process only; "
+                               "set generator.tag_contrast_weight=0 to train with torchrun")
+        rows = [(ids[mask == 1], labels[mask == 1]) for ids, labels, mask
+                in zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])]
+        starts = [int((labels != IGNORE_INDEX).int().argmax()) for _, labels in rows]  # each row's tag position
+        device = inputs["input_ids"].device
+        pad = 0
+        width = max(starts)
+        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for row, ((ids, _), start) in enumerate(zip(rows, starts)):  # left-padded: every prompt ends in the last column
+            prompt_ids[row, width - start:], prompt_mask[row, width - start:] = ids[:start], 1
+        decoder, head = model.get_decoder(), model.get_output_embeddings()
+        cache = DynamicCache(config=model.config)
+        encoded = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
+                          position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=True)
+        gold = torch.stack([ids[start] for (ids, _), start in zip(rows, starts)])
+        tag_nll = F.cross_entropy(head(encoded.last_hidden_state[:, -1]).float(), gold, reduction="sum")
+
+        # continuation rows, example-major: the gold tag first, then the drawn wrong ones, each + the reply
+        tag_ids = self.tag_ids.to(device)
+        choices = []
+        for tag in gold:
+            wrong = tag_ids[tag_ids != tag]
+            choices.append(torch.cat([tag[None], wrong[torch.randperm(len(wrong))[:self.negatives].to(device)]]))
+        per_example = 1 + self.negatives
+        replies = [ids[start + 1:] for (ids, _), start in zip(rows, starts)]
+        length = 1 + max(len(r) for r in replies)
+        cont_ids = torch.full((len(rows) * per_example, length), pad, dtype=torch.long, device=device)
+        cont_mask = torch.zeros_like(cont_ids)
+        for example, (reply, tags) in enumerate(zip(replies, choices)):
+            for k, tag in enumerate(tags):
+                row = example * per_example + k
+                cont_ids[row, 0], cont_ids[row, 1:1 + len(reply)], cont_mask[row, :1 + len(reply)] = tag, reply, 1
+        cache.batch_repeat_interleave(per_example)
+        prompt_mask_rows = prompt_mask.repeat_interleave(per_example, dim=0)
+        hidden = decoder(input_ids=cont_ids, attention_mask=torch.cat([prompt_mask_rows, cont_mask], dim=1),
+                         position_ids=prompt_mask_rows.sum(1, keepdim=True) + cont_mask.cumsum(1) - 1,
+                         cache=cache, use_cache=True).last_hidden_state
+        scored = cont_mask[:, 1:] == 1  # each position predicts the next reply token
+        token_nll = F.cross_entropy(head(hidden[:, :-1][scored]).float(), cont_ids[:, 1:][scored], reduction="none")
+        reply_nll = torch.zeros(scored.shape, dtype=token_nll.dtype, device=device).masked_scatter(scored, token_nll)
+        reply_nll = reply_nll.sum(dim=1).view(len(rows), per_example)
+
+        labelled = num_items_in_batch if num_items_in_batch is not None else sum(len(r) + 1 for r in replies)
+        lm = (tag_nll + reply_nll[:, 0].sum()) / torch.as_tensor(labelled, device=device)
+        contrast = F.cross_entropy(-reply_nll, torch.zeros(len(rows), dtype=torch.long, device=device))
+        loss = lm + self.weight * contrast
+        return (loss, {"lm_loss": lm, "contrast_loss": contrast}) if return_outputs else loss
 
 
 class RowStepScaleCallback(TrainerCallback):

@@ -11,6 +11,7 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 
 from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.config import prepare_data_config
+from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
 from mhsupport.taxonomy import Taxonomy
@@ -62,11 +63,19 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         tag_rows = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels]
         callbacks.append(training.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
 
+    contrast = {}
+    if labels and g.tag_contrast_weight > 0:
+        if training.world_size() > 1:
+            raise MhsError("generator.tag_contrast_weight > 0 trains in one process (it runs two forward passes per "
+                           "step, which DDP cannot synchronise): run without torchrun, or add generator.tag_contrast_weight=0")
+        contrast = {"tag_ids": [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels],
+                    "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
+
     def make_trainer(checkpoints):
         args = training.training_arguments(checkpoints, g, cfg.runtime, cfg.seed, g.save_steps)
-        return training.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
-                                                 train_dataset=Dataset.from_list(train_features),
-                                                 processing_class=tokenizer, callbacks=callbacks)
+        trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
+        return trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
+                             processing_class=tokenizer, callbacks=callbacks, **contrast)
 
     def merge_lora(trainer):  # scored and saved as a plain model, loadable with from_pretrained
         nonlocal model
