@@ -13,6 +13,7 @@ from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, Tr
 
 from mhsupport import likelihood, models, training
 from mhsupport.formatting import IGNORE_INDEX, EosJoinedFormatter, tag_token
+from mhsupport.generation import shared_prefix_length
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 # Each category's replies: the reply's words depend on the tag alone, the context on nothing.
@@ -63,9 +64,14 @@ def test_examples():
     return [{**e, "category": e["true_category"]} for e in toy_examples(80, seed=1)]
 
 
-def test_shared_context_equals_separate_forward_passes(tmp_path, test_examples):
-    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+@pytest.mark.parametrize("opening", [None, "hi there"])
+def test_shared_context_equals_separate_forward_passes(tmp_path, test_examples, opening):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()) + [opening or ""])
     model.eval()
+    if opening:  # every prompt starts with the same turn: encoded once, as a chat model's system prompt is
+        test_examples = [{**e, "context": [{"speaker": "supporter", "text": opening}] + e["context"]}
+                         for e in test_examples]
+        assert shared_prefix_length([formatter.prompt_ids(e["context"]) for e in test_examples[:12]]) > 2
     nll, tokens = likelihood.reference_nll(model, formatter, test_examples[:12], LABELS, batch_size=5, progress=False)
     collator = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     for k, label in enumerate(LABELS):

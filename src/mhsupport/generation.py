@@ -76,6 +76,19 @@ def encode_prefix(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torc
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
+def continue_prefix(model, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, attention: torch.Tensor,
+                    positions: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
+    """A KV cache holding `prefix` (or nothing) for each row of a left-padded batch, and the batch's
+    attention mask and positions widened and shifted to follow it. The padding then sits between
+    the shared prefix and each row's own tokens, masked out."""
+    if prefix is None:
+        return DynamicCache(config=model.config), attention, positions
+    rows, shared = len(attention), prefix[0][0].shape[-2]
+    cache = DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                         for keys, values in prefix], config=model.config)
+    return cache, torch.cat([attention.new_ones((rows, shared)), attention], dim=1), positions + shared
+
+
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos_id: int,
            warpers: LogitsProcessorList | None = None,
            prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
@@ -86,14 +99,7 @@ def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_toke
     live = torch.arange(len(input_ids), device=input_ids.device)  # batch row of each live row
     # positions count real tokens only, so a left-padded prompt is positioned as if unpadded
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    if prefix is None:
-        cache = DynamicCache(config=model.config)
-    else:  # the padding then sits between the shared prefix and each row's own tokens, masked out
-        rows, shared = len(input_ids), prefix[0][0].shape[-2]
-        cache = DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
-                                             for keys, values in prefix], config=model.config)
-        attention = torch.cat([attention.new_ones((rows, shared)), attention], dim=1)
-        positions = positions + shared
+    cache, attention, positions = continue_prefix(model, prefix, attention, positions)
     tokens = input_ids
     for step in range(max_new_tokens):
         logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, cache=cache,

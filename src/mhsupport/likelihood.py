@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from scipy import stats
 from tqdm.auto import tqdm
 
+from mhsupport.generation import continue_prefix, encode_prefix, shared_prefix_length
 from mhsupport.metrics import classification_scores
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
@@ -40,14 +41,17 @@ def reference_nll(model, formatter, examples: list[dict], labels: list[str] | No
     token) after the prompt and tag k (the tag itself is input, not scored); tokens[i] the number of
     scored tokens. An untagged model (labels None) gives one column.
 
-    The prompts of a batch are left-padded and encoded once; their KV cache is repeated for the K
-    tags and the K continuations (tag + response, right-padded) run as one batch of B x K rows."""
+    The tokens all prompts start with are encoded once; the rest of each batch's prompts, left-padded,
+    once per batch; their KV cache is repeated for the K tags and the K continuations (tag + response, right-padded) run as one batch of B x K rows."""
     model.eval()
     device = next(model.parameters()).device
     tag_ids = [formatter.tag_ids[label] for label in labels] if labels else [None]
     k = len(tag_ids)
     pad = formatter.tokenizer.pad_token_id
     prompts = [formatter.prompt_ids(e["context"]) for e in examples]
+    shared = shared_prefix_length(prompts)  # a chat model's system prompt: encoded once for all examples
+    prefix = encode_prefix(model, prompts[0][:shared]) if shared else None
+    prompts = [ids[shared:] for ids in prompts]
     targets = [formatter.response_ids(e["response"]) for e in examples]
     nll = np.zeros((len(examples), k))
     tokens = np.array([len(t) for t in targets])
@@ -61,9 +65,9 @@ def reference_nll(model, formatter, examples: list[dict], labels: list[str] | No
             prompt_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             prompt_mask[row, width - len(prompts[i]):] = 1
         prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        encoded = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=_positions(prompt_mask),
+        cache, prompt_mask, positions = continue_prefix(model, prefix, prompt_mask, _positions(prompt_mask))
+        encoded = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache,
                         use_cache=True, logits_to_keep=1)
-        cache = encoded.past_key_values
         cache.batch_repeat_interleave(k)
         # Continuation rows: example-major, tag-minor (row r = example r // k, tag r % k).
         continuations = [([tag] if tag is not None else []) + targets[i] for i in batch for tag in tag_ids]
