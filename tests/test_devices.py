@@ -144,10 +144,15 @@ def test_cpu_flags_come_from_proc_cpuinfo(tmp_path, monkeypatch):
     assert described["flags"] == ["avx2", "avx512f", "amx_tile", "amx_bf16"]
 
 
-def test_runtime_keys_stay_out_of_run_ids_and_reach_the_stages_reproduce_runs():
+def test_the_device_stays_out_of_run_ids_the_precision_goes_in_and_both_reach_the_stages_reproduce_runs():
     cpu = load_config("report", ["generator=tiny", "classifier=tiny", "runtime.device=cpu", "runtime.bf16=false"])
     cuda = load_config("report", ["generator=tiny", "classifier=tiny", "runtime.device=cuda:1"])
+    assert artifacts.result_config(cpu) != artifacts.result_config(cuda)  # bf16=false vs auto
+    cuda.runtime.bf16 = False
     assert artifacts.result_config(cpu) == artifacts.result_config(cuda)
+    for stage in ("train_generator", "train_classifier", "eval", "likelihood"):
+        fp32, auto = (load_config(stage, [f"runtime.bf16={value}"]) for value in ("false", "auto"))
+        assert artifacts.plan_run(stage, fp32, {}).run_id != artifacts.plan_run(stage, auto, {}).run_id
     values = {"dataset": "unified", "strategy_tag": True}
     trained = generator_config(eval_config(cpu, values))
     assert (trained.runtime.device, trained.runtime.bf16) == ("cpu", False)

@@ -45,9 +45,9 @@ def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path):
                                           weight=0.5, negatives=len(LABELS) - 1)
     loss, parts = trainer.compute_loss(model, batch, return_outputs=True)
     assert parts["lm_loss"].item() == pytest.approx(own.item(), rel=1e-5)
-    nll, _ = reference_nll(model, formatter, examples, LABELS, batch_size=5, progress=False)
+    nll, tokens = reference_nll(model, formatter, examples, LABELS, batch_size=5, progress=False)
     gold = torch.tensor([LABELS.index(e["category"]) for e in examples])
-    expected = F.cross_entropy(-torch.tensor(nll), gold)
+    expected = F.cross_entropy(-torch.tensor(nll / tokens[:, None]), gold)
     assert parts["contrast_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss.item() == pytest.approx(own.item() + 0.5 * expected.item(), rel=1e-5)
     loss.backward()  # the gradient reaches the tag rows through the shared context's cache and the continuations

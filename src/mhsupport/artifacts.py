@@ -50,8 +50,13 @@ def file_sha256(path: Path) -> str:
 
 
 def result_config(cfg: DictConfig) -> dict:
+    """What a run's id is made of: the config less where it runs, but with its numeric precision
+    setting (`runtime.bf16`), because bf16 and fp32 give different numbers."""
     container = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in container.items() if k not in NON_RESULT_KEYS}
+    result = {k: v for k, v in container.items() if k not in NON_RESULT_KEYS}
+    if "bf16" in (container.get("runtime") or {}):
+        result["runtime.bf16"] = container["runtime"]["bf16"]
+    return result
 
 
 @dataclass

@@ -228,7 +228,7 @@ class TagContrastTrainer(LabelledPositionsTrainer):
     """Trains a tagged generator to need its tag. Beside the language-model loss (the same as
     LabelledPositionsTrainer's), each reference reply is scored under its gold tag and under
     `negatives` other tags drawn at random, and a cross-entropy over those tags, with each tag's
-    logit the reply's summed log-likelihood under it, asks the gold tag to explain the reply best:
+    logit the reply's per-token log-likelihood under it, asks the gold tag to explain the reply best:
     the hybrid generative-discriminative loss of class-conditional LMs (GeDi, Krause et al., 2021),
     `loss = lm + weight * contrast`. Without it a short fine-tuning learns to write a reply that
     hardly depends on the tag. The context is encoded once per example and its KV cache is shared by
@@ -288,7 +288,9 @@ class TagContrastTrainer(LabelledPositionsTrainer):
 
         labelled = num_items_in_batch if num_items_in_batch is not None else sum(len(r) + 1 for r in replies)
         lm = (tag_nll + reply_nll[:, 0].sum()) / torch.as_tensor(labelled, device=device)
-        contrast = F.cross_entropy(-reply_nll, torch.zeros(len(rows), dtype=torch.long, device=device))
+        # per-token log-likelihoods as the tags' logits, so the two losses act on one scale
+        reply_tokens = torch.tensor([len(r) for r in replies], device=device)[:, None]
+        contrast = F.cross_entropy(-reply_nll / reply_tokens, torch.zeros(len(rows), dtype=torch.long, device=device))
         loss = lm + self.weight * contrast
         return (loss, {"lm_loss": lm, "contrast_loss": contrast}) if return_outputs else loss
 
