@@ -257,10 +257,15 @@ def test_manifests_record_where_each_stage_ran_its_models(make_cfg, prepared):
     assert "flags" in trained["cpu"] and trained["cpu"]["logical_cores"] >= 1
 
     # bf16 against the rule's choice for this CPU (so this runs on any CPU): every model eval loads must follow it.
+    # The setting is part of run ids, so the eval needs upstream runs made with it too.
     dtype = "float32" if bf16_cpu else "bfloat16"
+    flipped = f"runtime.bf16={not bf16_cpu}"
+    pipeline.run("train_generator", make_cfg("train_generator", *GEN, "strategy_tag=true", flipped))
+    for mode in ("next_category", "response"):
+        pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, f"mode={mode}", flipped))
     result = pipeline.run("eval", make_cfg("eval", *GEN, *CLF, "strategy_tag=true", "sampler=classifier",
                                        "test_subset=6", "decoding.max_new_tokens=4", "bootstrap.resamples=10",
-                                       f"runtime.bf16={not bf16_cpu}", "runtime.progress=false"))
+                                       flipped, "runtime.progress=false"))
     recorded = json.loads((result.run.path / "manifest.json").read_text())["device"]
     assert recorded["bf16"] is (not bf16_cpu)
     assert recorded["models"] == {name: {"device": "cpu", "dtype": dtype}

@@ -159,6 +159,7 @@ def run_identity(cfg) -> dict:
     ["classifier=cpu", "classifier_run.context_turns=2", "tag_set=strategy", "strategy_tag=true", "sampler=oracle"],
     ["generator=tiny", "dataset=unified", "strategy_tag=true", "sampler=classifier",
      "llm.system_prompt='Be kind, brief: one line.'", "decoding.seeds=[0,1]", "test_subset=null"],
+    ["strategy_tag=true", "runtime.bf16=false", "runtime.device=cpu"],  # precision is in run ids, the device not
 ])
 def test_every_hint_followed_literally_finds_the_same_run(make_cfg, tmp_path, extra):
     cfg = make_cfg("eval", *extra, artifacts=tmp_path / "nothing")

@@ -193,7 +193,8 @@ def command(stage: str, cfg: DictConfig) -> str:
     default = _leaves(OmegaConf.to_container(defaults, resolve=True))
     flags = CLI_FLAGS.get(stage, {})
     for key, value in current.items():
-        if key.split(".")[0] in ("force", "runtime") or default.get(key, _MISSING) == value:
+        where = key.split(".")[0] in ("force", "runtime") and key != "runtime.bf16"  # bf16 is in run ids
+        if where or default.get(key, _MISSING) == value:
             continue
         if key in flags:
             flag = flags[key]
