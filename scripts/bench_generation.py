@@ -81,7 +81,7 @@ def main() -> None:
                                                         / report["generation"][f"{name}/batched"]["seconds"], 2)
         started = time.perf_counter()
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        features = [formatter.training_features(e, "category") for e in examples]
+        features = [formatter.training_features(e) for e in examples]
         nll, tokens = per_example_nll(model, features, collator, args.batch_size)
         report["nll"][name] = {"seconds": round(time.perf_counter() - started, 2),
                                "nll_per_token": round(sum(nll) / sum(tokens), 4)}

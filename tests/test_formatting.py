@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mhsupport.formatting import IGNORE_INDEX, ChatTemplateFormatter, EosJoinedFormatter, tag_token
+from mhsupport.formatting import (IGNORE_INDEX, SETTINGS_FILE, ChatTemplateFormatter, EosJoinedFormatter,
+                                  FormatterSettings, tag_token)
 from mhsupport.models import add_tag_tokens, train_bpe_tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -91,3 +95,25 @@ def test_a_single_overlong_turn_keeps_its_end(tokenizer):
     ids = f.prompt_ids(long_turn)
     assert len(ids) <= 30
     assert tokenizer.decode(ids).endswith("what to do next<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_strategy_tagged_formatter_reads_history_tags_from_the_strategy_field(tokenizer, tmp_path):
+    strategies = ["Question", "Others"]
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": [tag_token(s) for s in strategies]},
+                           replace_extra_special_tokens=False)
+    settings = FormatterSettings("eos_joined", 1000, 100, strategies, tags_in_history=True, system_prompt=None,
+                                 tag_set="strategy")
+    settings.save(tmp_path)
+    formatter = FormatterSettings.load(tmp_path).build(tok)
+    context = [{**turn, "strategy": "Question" if turn["speaker"] == "supporter" else None} for turn in CONTEXT]
+    prompt = formatter.prompt_ids(context)
+    assert tok.convert_tokens_to_ids(tag_token("Question")) in prompt
+    assert tok.convert_tokens_to_ids("<|comforting|>") not in prompt  # the category field is not read
+    features = formatter.training_features({**EXAMPLE, "context": context, "strategy": "Others"})
+    assert features["labels"][len(prompt)] == tok.convert_tokens_to_ids(tag_token("Others"))
+    # settings saved before tag_set was recorded load as the category set
+    saved = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    del saved["tag_set"]
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps(saved))
+    assert FormatterSettings.load(tmp_path).tag_set == "category"

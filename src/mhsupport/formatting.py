@@ -26,8 +26,9 @@ class Formatter:
     """Shared parts; subclasses build the prompt."""
 
     def __init__(self, tokenizer, max_context_tokens: int, max_response_tokens: int, labels: list[str] | None,
-                 tags_in_history: bool = False, system_prompt: str | None = None):
+                 tags_in_history: bool = False, system_prompt: str | None = None, label_key: str = "category"):
         self.tokenizer = tokenizer
+        self.label_key = label_key  # the turn field holding a tag: "category" or "strategy"
         self.max_context_tokens = max_context_tokens
         self.max_response_tokens = max_response_tokens
         self.labels = labels  # None: untagged model
@@ -39,23 +40,23 @@ class Formatter:
     def tagged(self) -> bool:
         return self.labels is not None
 
-    def turn_text(self, turn: dict, label_key: str) -> str:
-        if self.tags_in_history and self.tagged and turn["speaker"] == "supporter" and turn.get(label_key):
-            return tag_token(turn[label_key]) + turn["text"]
+    def turn_text(self, turn: dict) -> str:
+        if self.tags_in_history and self.tagged and turn["speaker"] == "supporter" and turn.get(self.label_key):
+            return tag_token(turn[self.label_key]) + turn["text"]
         return turn["text"]
 
-    def prompt_ids(self, context: list[dict], label_key: str = "category") -> list[int]:
+    def prompt_ids(self, context: list[dict]) -> list[int]:
         raise NotImplementedError
 
     def response_ids(self, response: str) -> list[int]:
         ids = self.tokenizer(response, add_special_tokens=False)["input_ids"][: self.max_response_tokens]
         return ids + [self.tokenizer.eos_token_id]
 
-    def training_features(self, example: dict, label_key: str = "category") -> dict:
-        prompt = self.prompt_ids(example["context"], label_key)
+    def training_features(self, example: dict) -> dict:
+        prompt = self.prompt_ids(example["context"])
         target = self.response_ids(example["response"])
         if self.tagged:
-            target = [self.tag_ids[example[label_key]]] + target
+            target = [self.tag_ids[example[self.label_key]]] + target
         return {"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
                 "labels": [IGNORE_INDEX] * len(prompt) + target}
 
@@ -63,8 +64,8 @@ class Formatter:
 class EosJoinedFormatter(Formatter):
     """DialoGPT: the turns joined by the EOS token, then the (tag and) response."""
 
-    def prompt_ids(self, context, label_key="category"):
-        texts = [self.turn_text(t, label_key) for t in context]
+    def prompt_ids(self, context):
+        texts = [self.turn_text(t) for t in context]
         eos = self.tokenizer.eos_token_id
         ids = [i for encoded in self.tokenizer(texts, add_special_tokens=False)["input_ids"] for i in encoded + [eos]]
         return ids[-self.max_context_tokens:]
@@ -80,8 +81,8 @@ class ChatTemplateFormatter(Formatter):
         encoded = self.tokenizer.apply_chat_template(system + messages, add_generation_prompt=True, tokenize=True)
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
-    def prompt_ids(self, context, label_key="category"):
-        messages = [{"role": self.ROLES[t["speaker"]], "content": self.turn_text(t, label_key)} for t in context]
+    def prompt_ids(self, context):
+        messages = [{"role": self.ROLES[t["speaker"]], "content": self.turn_text(t)} for t in context]
         while True:
             ids = self._encode(messages)
             if len(ids) <= self.max_context_tokens or not messages:
@@ -111,12 +112,13 @@ class FormatterSettings:
     labels: list[str] | None  # the tag vocabulary; None for an untagged model
     tags_in_history: bool
     system_prompt: str | None
+    tag_set: str = "category"  # absent from settings saved before it was recorded: those were all category
 
     @classmethod
     def from_config(cls, cfg) -> FormatterSettings:
         g = cfg.generator
         return cls(g.family, g.max_context_tokens, g.max_response_tokens, generator_tags(cfg), bool(cfg.tags_in_history),
-                   g.system_prompt)
+                   g.system_prompt, cfg.tag_set)
 
     @classmethod
     def load(cls, model_dir: Path) -> FormatterSettings:
@@ -127,7 +129,7 @@ class FormatterSettings:
 
     def build(self, tokenizer) -> Formatter:
         return FORMATTERS[self.family](tokenizer, self.max_context_tokens, self.max_response_tokens, self.labels,
-                                       self.tags_in_history, self.system_prompt)
+                                       self.tags_in_history, self.system_prompt, Taxonomy.label_key(self.tag_set))
 
 
 def generator_tags(cfg) -> list[str] | None:

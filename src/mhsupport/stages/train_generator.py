@@ -14,7 +14,6 @@ from mhsupport.config import prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
-from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "train_generator"
@@ -50,9 +49,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         model = models.add_lora(model, g.lora, tag_ids)
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
-    key = Taxonomy.label_key(cfg.tag_set)
-    train_features = [formatter.training_features(e, key) for e in train_examples]
-    valid_features = [formatter.training_features(e, key) for e in valid_examples]
+    train_features = [formatter.training_features(e) for e in train_examples]
+    valid_features = [formatter.training_features(e) for e in valid_examples]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def validate(m):
