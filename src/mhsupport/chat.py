@@ -16,6 +16,7 @@ from mhsupport.formatting import build_formatter, generator_tags
 from mhsupport.generation import generate
 from mhsupport.pipeline import Pipeline
 from mhsupport.safety import CRISIS_REPLY, screen
+from mhsupport.taxonomy import Taxonomy
 
 
 def resolve_sampler(cfg: DictConfig) -> str:
@@ -45,6 +46,7 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
     model, tokenizer = models.load_saved_causal_lm(generator_run.path / "model", devices.inference(cfg.runtime))
     formatter = build_formatter(gcfg, tokenizer)
     labels = generator_tags(gcfg) or []
+    label_key = Taxonomy.label_key(cfg.tag_set)
     set_seed(cfg.seed)
 
     if not json_mode:
@@ -67,7 +69,7 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
             (output,) = generate(model, tokenizer, formatter, [context], [tag], batch_size=1,
                                  max_new_tokens=cfg.max_new_tokens, progress=False)
             reply, category = output["response"], output["tag"]
-        history.append({"speaker": "supporter", "text": reply, "category": category})
+        history.append({"speaker": "supporter", "text": reply, label_key: category})  # where the models read tags
         replies += 1
         if json_mode:
             out.write(json.dumps({"turn": replies, "message": message, "reply": reply, "category": category,
