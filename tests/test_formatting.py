@@ -112,8 +112,12 @@ def test_a_strategy_tagged_formatter_reads_history_tags_from_the_strategy_field(
     assert tok.convert_tokens_to_ids("<|comforting|>") not in prompt  # the category field is not read
     features = formatter.training_features({**EXAMPLE, "context": context, "strategy": "Others"})
     assert features["labels"][len(prompt)] == tok.convert_tokens_to_ids(tag_token("Others"))
-    # settings saved before tag_set was recorded load as the category set
-    saved = json.loads((tmp_path / SETTINGS_FILE).read_text())
-    del saved["tag_set"]
-    (tmp_path / SETTINGS_FILE).write_text(json.dumps(saved))
-    assert FormatterSettings.load(tmp_path).tag_set == "category"
+    # settings saved before tag_set was recorded: the 8 strategies or the 4 categories, told apart by count
+    for labels, tag_set in ((["Question", "Restatement or Paraphrasing", "Reflection of feelings", "Self-disclosure",
+                              "Affirmation and Reassurance", "Providing Suggestions", "Information", "Others"],
+                             "strategy"), (LABELS, "category"), (None, "category")):
+        saved = {**json.loads((tmp_path / SETTINGS_FILE).read_text()), "labels": labels}
+        del saved["tag_set"]
+        (tmp_path / "old").mkdir(exist_ok=True)
+        (tmp_path / "old" / SETTINGS_FILE).write_text(json.dumps(saved))
+        assert FormatterSettings.load(tmp_path / "old").tag_set == tag_set

@@ -81,3 +81,25 @@ def test_shared_prefix_length_leaves_each_prompt_a_token_of_its_own():
     assert shared_prefix_length([[5, 1], [6, 1]]) == 0
     assert shared_prefix_length([[1, 2, 3]]) == 2
     assert shared_prefix_length([[7]]) == 0
+    assert shared_prefix_length([]) == 0
+
+
+def test_generate_gives_the_same_replies_with_and_without_the_shared_prefix(monkeypatch):
+    from test_likelihood import CONTEXTS, LABELS, REPLIES, tiny_model_and_formatter
+
+    from mhsupport import generation
+
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()) + ["hi there"])
+    model.eval()
+    contexts = [[{"speaker": "supporter", "text": "hi there"}, {"speaker": "seeker", "text": text}] for text in CONTEXTS]
+    tags = [LABELS[i % len(LABELS)] for i in range(len(contexts))]
+    assert shared_prefix_length([formatter.prompt_ids(c) for c in contexts]) > 2
+    for do_sample in (False, True):
+        shared = generation.generate(model, formatter.tokenizer, formatter, contexts, tags, batch_size=4,
+                                     max_new_tokens=8, do_sample=do_sample, progress=False)
+        with monkeypatch.context() as patched:
+            patched.setattr(generation, "can_share_prefix", lambda model: False)
+            whole = generation.generate(model, formatter.tokenizer, formatter, contexts, tags, batch_size=4,
+                                        max_new_tokens=8, do_sample=do_sample, progress=False)
+        assert shared == whole
+    assert generation.generate(model, formatter.tokenizer, formatter, [], [], progress=False) == []

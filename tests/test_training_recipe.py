@@ -55,6 +55,39 @@ def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path):
     assert (tag_rows.abs().sum(dim=1) > 0).all()
 
 
+def test_contrast_term_is_divided_over_accumulated_micro_batches(tmp_path):
+    # with num_items_in_batch the Trainer does not divide a micro-batch's loss by the accumulation steps
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    features, collator = features_and_collator(formatter, n=8)
+    batch = collator(features)
+    trainer = training.TagContrastTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+                                          tag_ids=[formatter.tag_ids[t] for t in LABELS], weight=1.0, negatives=3)
+    model.eval()
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    _, single = trainer.compute_loss(model, batch, return_outputs=True, num_items_in_batch=labelled)
+    trainer.current_gradient_accumulation_steps = 4
+    _, accumulated = trainer.compute_loss(model, batch, return_outputs=True, num_items_in_batch=4 * labelled)
+    assert accumulated["lm_loss"].item() == pytest.approx(single["lm_loss"].item() / 4, rel=1e-5)
+    assert accumulated["contrast_loss"].item() == pytest.approx(single["contrast_loss"].item() / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("contrast", [False, True])
+def test_the_losses_run_under_the_trainers_bf16_autocast(tmp_path, contrast):
+    """Both losses call the decoder and the head directly, bypassing the autocast the Trainer puts
+    around the model's own forward: they must open it themselves."""
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    features, collator = features_and_collator(formatter, n=8)
+    seen = set()
+    model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
+    args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=8, use_cpu=True, bf16=True,
+                             report_to="none", save_strategy="no", disable_tqdm=True)
+    extra = {"tag_ids": [formatter.tag_ids[t] for t in LABELS], "weight": 1.0, "negatives": 1} if contrast else {}
+    trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
+    trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(features),
+                  **extra).train()
+    assert seen == {torch.bfloat16}
+
+
 def one_step(tmp_path, scale):
     model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
     features, collator = features_and_collator(formatter)

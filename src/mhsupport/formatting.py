@@ -112,7 +112,7 @@ class FormatterSettings:
     labels: list[str] | None  # the tag vocabulary; None for an untagged model
     tags_in_history: bool
     system_prompt: str | None
-    tag_set: str = "category"  # absent from settings saved before it was recorded: those were all category
+    tag_set: str = "category"
 
     @classmethod
     def from_config(cls, cfg) -> FormatterSettings:
@@ -122,7 +122,10 @@ class FormatterSettings:
 
     @classmethod
     def load(cls, model_dir: Path) -> FormatterSettings:
-        return cls(**json.loads((Path(model_dir) / SETTINGS_FILE).read_text()))
+        saved = json.loads((Path(model_dir) / SETTINGS_FILE).read_text())
+        if "tag_set" not in saved:  # saved before the tag set was recorded: the paper taxonomy's 4 categories or 8 strategies
+            saved["tag_set"] = "strategy" if len(saved.get("labels") or ()) > 4 else "category"
+        return cls(**saved)
 
     def save(self, model_dir: Path) -> None:
         (Path(model_dir) / SETTINGS_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

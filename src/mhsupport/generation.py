@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache, DynamicLayer, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 
 @torch.no_grad()
@@ -31,7 +31,7 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
     label_of = {token_id: label for label, token_id in formatter.tag_ids.items()}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) if do_sample else None
-    shared = shared_prefix_length(prompts)
+    shared = shared_prefix_length(prompts) if can_share_prefix(model) else 0
     prefix = encode_prefix(model, prompts[0][:shared]) if shared else None
     prompts = [ids[shared:] for ids in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
@@ -62,11 +62,19 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
 def shared_prefix_length(prompts: list[list[int]]) -> int:
     """How many leading tokens all prompts share, leaving each prompt at least one token of its own
     (its last token's logits start the reply)."""
+    if not prompts:
+        return 0
     first = prompts[0]
     for position in range(min(map(len, prompts)) - 1):
         if any(ids[position] != first[position] for ids in prompts):
             return position
     return max(min(map(len, prompts)) - 1, 0)
+
+
+def can_share_prefix(model) -> bool:
+    """Whether every layer keeps its whole past (plain attention): a sliding-window or linear-attention
+    layer's cache is not the prefix's keys and values, so it cannot be copied to every row."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
 
 
 def encode_prefix(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import stats
 from tqdm.auto import tqdm
 
-from mhsupport.generation import continue_prefix, encode_prefix, shared_prefix_length
+from mhsupport.generation import can_share_prefix, continue_prefix, encode_prefix, shared_prefix_length
 from mhsupport.metrics import classification_scores
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
@@ -49,7 +49,8 @@ def reference_nll(model, formatter, examples: list[dict], labels: list[str] | No
     k = len(tag_ids)
     pad = formatter.tokenizer.pad_token_id
     prompts = [formatter.prompt_ids(e["context"]) for e in examples]
-    shared = shared_prefix_length(prompts)  # a chat model's system prompt: encoded once for all examples
+    # a chat model's system prompt: encoded once for all examples
+    shared = shared_prefix_length(prompts) if can_share_prefix(model) else 0
     prefix = encode_prefix(model, prompts[0][:shared]) if shared else None
     prompts = [ids[shared:] for ids in prompts]
     targets = [formatter.response_ids(e["response"]) for e in examples]

@@ -215,10 +215,12 @@ class LabelledPositionsTrainer(Trainer):
         if model is not self.model:  # wrapped (DDP, FSDP): only its own forward synchronises gradients
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs["labels"]
-        hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-        targets = labels[:, 1:]
-        scored = targets != IGNORE_INDEX
-        logits = model.get_output_embeddings()(hidden[:, :-1][scored])
+        # the Trainer's bf16 autocast wraps only the model's own forward, which this loss bypasses
+        with self.accelerator.autocast():
+            hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+            targets = labels[:, 1:]
+            scored = targets != IGNORE_INDEX
+            logits = model.get_output_embeddings()(hidden[:, :-1][scored])
         loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum()).to(loss.device)
         return (loss, {"logits": logits}) if return_outputs else loss
@@ -244,6 +246,10 @@ class TagContrastTrainer(LabelledPositionsTrainer):
         if model is not self.model:  # two forward passes per step would break DDP/FSDP gradient sync
             raise RuntimeError("generator.tag_contrast_weight > 0 trains in one process only; "
                                "set generator.tag_contrast_weight=0 to train with torchrun")
+        with self.accelerator.autocast():  # as in LabelledPositionsTrainer: the model's forward is bypassed
+            return self._contrast_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _contrast_loss(self, model, inputs, return_outputs, num_items_in_batch):
         rows = [(ids[mask == 1], labels[mask == 1]) for ids, labels, mask
                 in zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])]
         starts = [int((labels != IGNORE_INDEX).int().argmax()) for _, labels in rows]  # each row's tag position
@@ -291,6 +297,10 @@ class TagContrastTrainer(LabelledPositionsTrainer):
         # per-token log-likelihoods as the tags' logits, so the two losses act on one scale
         reply_tokens = torch.tensor([len(r) for r in replies], device=device)[:, None]
         contrast = F.cross_entropy(-reply_nll / reply_tokens, torch.zeros(len(rows), dtype=torch.long, device=device))
+        if num_items_in_batch is not None:
+            # the Trainer then leaves the loss of each accumulated micro-batch undivided: the LM term is
+            # already over the whole accumulated batch's tokens, the contrast (a mean per micro-batch) is not
+            contrast = contrast / getattr(self, "current_gradient_accumulation_steps", 1)  # set once training runs
         loss = lm + self.weight * contrast
         return (loss, {"lm_loss": lm, "contrast_loss": contrast}) if return_outputs else loss
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
@@ -63,9 +64,11 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
     contrast = {}
     if labels and g.tag_contrast_weight > 0:
-        if training.world_size() > 1:
-            raise MhsError("generator.tag_contrast_weight > 0 trains in one process (it runs two forward passes per "
-                           "step, which DDP cannot synchronise): run without torchrun, or add generator.tag_contrast_weight=0")
+        several_gpus = devices.resolve(cfg.runtime).type == "cuda" and torch.cuda.device_count() > 1  # DataParallel
+        if training.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
+            raise MhsError("generator.tag_contrast_weight > 0 trains one unwrapped model (two forward passes per step, "
+                           "which DDP, FSDP and DataParallel cannot synchronise): run one process on one device "
+                           "(no torchrun or runtime.fsdp; CUDA_VISIBLE_DEVICES=0), or add generator.tag_contrast_weight=0")
         contrast = {"tag_ids": [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels],
                     "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
 
