@@ -18,13 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import DataCollatorForSeq2Seq
 
 from mhsupport import devices, models
 from mhsupport.cli import build_parser, flag_overrides
 from mhsupport.config import generator_config, load_config, prepare_data_config
 from mhsupport.examples_io import read_examples
-from mhsupport.formatting import IGNORE_INDEX, build_formatter
+from mhsupport.formatting import build_formatter
 from mhsupport.generation import generate
 from mhsupport.pipeline import Pipeline
 from mhsupport.training import per_example_nll, seeded_subset
@@ -80,9 +79,8 @@ def main() -> None:
         report["generation"][f"{name}/speedup"] = round(report["generation"][f"{name}/one_at_a_time"]["seconds"]
                                                         / report["generation"][f"{name}/batched"]["seconds"], 2)
         started = time.perf_counter()
-        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
         features = [formatter.training_features(e) for e in examples]
-        nll, tokens = per_example_nll(model, features, collator, args.batch_size)
+        nll, tokens = per_example_nll(model, features, args.batch_size, tokenizer.pad_token_id or 0)
         report["nll"][name] = {"seconds": round(time.perf_counter() - started, 2),
                                "nll_per_token": round(sum(nll) / sum(tokens), 4)}
     generation = report["generation"]

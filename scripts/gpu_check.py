@@ -222,7 +222,8 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
                                            batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
                                            progress=False), device)
     nll_features = features["test"][:sizes["nll_examples"]]
-    _, nll_s = timed(lambda: training.per_example_nll(generator, nll_features, collator, d.batch_size), device)
+    _, nll_s = timed(lambda: training.per_example_nll(generator, nll_features, d.batch_size,
+                                                      tokenizer.pad_token_id or 0), device)
     generation = {"batch_size": d.batch_size, "max_new_tokens": d.max_new_tokens,
                   "dtype": str(inference.dtype).removeprefix("torch."), "examples": len(contexts),
                   "examples_per_s": round(len(contexts) / generate_s, 2),

@@ -20,14 +20,12 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
-from transformers import DataCollatorForSeq2Seq
 
 from conftest import REPO, write_raw_slice
 from mhsupport import pipeline
 from mhsupport import artifacts, classifier as classifier_api, devices, models, training
 from mhsupport.config import classifier_config, eval_config, generator_config, load_config
 from mhsupport.errors import MhsError
-from mhsupport.formatting import IGNORE_INDEX
 from mhsupport.generation import generate
 from mhsupport.formatting import build_formatter
 from mhsupport.stages import train_classifier
@@ -227,9 +225,8 @@ def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
 
     seen.clear()
     features = [formatter.training_features({"context": context, "response": "That is hard.", "category": "Comforting"})]
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     with pytest.raises(ReachedModel):
-        training.per_example_nll(model, features, collator, 4)
+        training.per_example_nll(model, features, 4)
     assert seen and set(seen) == {"meta"}
 
     settings = train_classifier.settings_for(load_config("train_classifier", ["classifier=tiny"]))

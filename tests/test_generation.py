@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mhsupport.generation import decode, encode_prefix, shared_prefix_length
+from mhsupport.generation import decode
+from mhsupport.scoring import encode_prefix, shared_prefix_length
 
 MAX_NEW = 12
 PAD = 0

@@ -11,6 +11,7 @@ from mhsupport import generator
 from mhsupport.errors import MhsError
 from mhsupport.formatting import FormatterSettings, build_formatter
 from mhsupport.generation import generate
+from mhsupport.sampling import choose_tags
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 CONTEXTS = [[{"speaker": "seeker", "text": "I lost my job and I can't sleep."}],
@@ -28,7 +29,9 @@ def test_respond_matches_the_evaluation_decoding_path(tagged_run):
     assert g.tags == ["Comforting", "Exploration", "Action", "Others"]
     cfg = OmegaConf.load(tagged_run / "config.yaml")
     assert g.settings == FormatterSettings.from_config(cfg)
-    expected = generate(g.model, g.tokenizer, build_formatter(cfg, g.tokenizer), CONTEXTS, ["Action", None],
+    # without a tag the model's own is drawn from its distribution over the tags, as eval's "none" does
+    (own,) = choose_tags("none", [{}], g.tags, "", 0, own_probabilities=g.own_strategy_probabilities(CONTEXTS[1:]))
+    expected = generate(g.model, g.tokenizer, build_formatter(cfg, g.tokenizer), CONTEXTS, ["Action", own],
                         max_new_tokens=12, progress=False)
     assert g.respond_many(CONTEXTS, ["Action", None], max_new_tokens=12) == [o["response"] for o in expected]
     assert g.respond(CONTEXTS[0], tag="Action", max_new_tokens=12) == expected[0]["response"]

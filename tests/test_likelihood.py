@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, TrainingArguments
 
 from mhsupport import likelihood, models, training
-from mhsupport.formatting import IGNORE_INDEX, EosJoinedFormatter, tag_token
-from mhsupport.generation import shared_prefix_length
+from mhsupport.formatting import IGNORE_INDEX, TAG_FORMATS, EosJoinedFormatter, tag_token
+from mhsupport.scoring import shared_prefix_length
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 # Each category's replies: the reply's words depend on the tag alone, the context on nothing.
@@ -35,22 +36,28 @@ def toy_examples(n: int, seed: int, shuffle_tags: bool = False) -> list[dict]:
     return out
 
 
-def tiny_model_and_formatter(texts):
+WORDS = {label: {"opening": f"( {label.lower()} ) ", "instruction": f"now : {REPLIES[label].split()[0]} {label.lower()}"}
+         for label in LABELS}
+
+
+def tiny_model_and_formatter(texts, tag_format="token"):
+    texts = texts + [w for label in LABELS for w in WORDS[label].values()]
     tokenizer = models.train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
-    models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in LABELS})
-    return model, EosJoinedFormatter(tokenizer, 32, 16, LABELS)
+    if tag_format == "token":
+        models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in LABELS})
+    return model, EosJoinedFormatter(tokenizer, 32, 16, LABELS, tag_format=tag_format, words=WORDS)
 
 
-def trained(examples, tmp_path):
+def trained(examples, tmp_path, tag_format="token"):
     texts = CONTEXTS + list(REPLIES.values())
-    model, formatter = tiny_model_and_formatter(texts)
+    model, formatter = tiny_model_and_formatter(texts, tag_format)
     features = [formatter.training_features(e) for e in examples]
-    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=6, per_device_train_batch_size=16,
+    args = TrainingArguments(output_dir=str(tmp_path), num_train_epochs=10, per_device_train_batch_size=16,
                              learning_rate=3e-3, use_cpu=True, report_to="none", save_strategy="no", seed=0,
                              disable_tqdm=True)
     collator = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
@@ -64,38 +71,46 @@ def test_examples():
     return [{**e, "category": e["true_category"]} for e in toy_examples(80, seed=1)]
 
 
+def plain_nll(model, sequence) -> tuple[float, int]:
+    """A sequence's scored NLL from one forward pass over the whole sequence, alone: no cache, no padding."""
+    ids = torch.tensor([sequence.ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, :-1].float()
+    token_nll = F.cross_entropy(logits, ids[0, 1:], reduction="none")[sequence.scored_from - 1:]
+    return float(token_nll.sum()), len(token_nll)
+
+
+@pytest.mark.parametrize("tag_format", TAG_FORMATS)
 @pytest.mark.parametrize("opening", [None, "hi there"])
-def test_shared_context_equals_separate_forward_passes(tmp_path, test_examples, opening):
-    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()) + [opening or ""])
+def test_shared_context_equals_separate_forward_passes(tmp_path, test_examples, opening, tag_format):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()) + [opening or ""], tag_format)
     model.eval()
     if opening:  # every prompt starts with the same turn: encoded once, as a chat model's system prompt is
         test_examples = [{**e, "context": [{"speaker": "supporter", "text": opening}] + e["context"]}
                          for e in test_examples]
         assert shared_prefix_length([formatter.prompt_ids(e["context"]) for e in test_examples[:12]]) > 2
     nll, tokens = likelihood.reference_nll(model, formatter, test_examples[:12], LABELS, batch_size=5, progress=False)
-    collator = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
     for k, label in enumerate(LABELS):
-        features = []
-        for example in test_examples[:12]:
-            f = formatter.training_features({**example, "category": label})
-            f["labels"][f["labels"].index(formatter.tag_ids[label])] = IGNORE_INDEX  # the tag is input only
-            features.append(f)
-        separate, counts = training.per_example_nll(model, features, collator, batch_size=3)
-        np.testing.assert_allclose(nll[:, k], separate, atol=1e-4)
-        assert list(tokens) == counts
+        separate = [plain_nll(model, formatter.scored_reply(e["context"], label, e["response"]))
+                    for e in test_examples[:12]]
+        np.testing.assert_allclose(nll[:, k], [value for value, _ in separate], atol=1e-4)
+        assert list(tokens) == [count for _, count in separate]
+        # the reply alone is scored: its tokens and the end token, whatever the tag's form
+        assert list(tokens) == [len(formatter.response_ids(e["response"])) for e in test_examples[:12]]
     untagged = EosJoinedFormatter(formatter.tokenizer, 32, 16, None)
     nll_plain, _ = likelihood.reference_nll(model, untagged, test_examples[:12], None, batch_size=4, progress=False)
-    features = [{"input_ids": p + t, "attention_mask": [1] * (len(p) + len(t)), "labels": [IGNORE_INDEX] * len(p) + t}
-                for p, t in ((untagged.prompt_ids(e["context"]), untagged.response_ids(e["response"]))
-                             for e in test_examples[:12])]
-    np.testing.assert_allclose(nll_plain[:, 0], training.per_example_nll(model, features, collator, 3)[0], atol=1e-4)
+    features = [untagged.training_features(e) for e in test_examples[:12]]
+    expected = [plain_nll(model, training.labelled_sequence(f))[0] for f in features]
+    np.testing.assert_allclose(nll_plain[:, 0], expected, atol=1e-4)
+    np.testing.assert_allclose(training.per_example_nll(model, features, 3)[0], expected, atol=1e-4)
 
 
-def test_a_model_that_uses_its_tag_discriminates_and_shuffled_tags_do_not(tmp_path, test_examples):
+@pytest.mark.parametrize("tag_format", TAG_FORMATS)
+def test_a_model_that_uses_its_tag_discriminates_and_shuffled_tags_do_not(tmp_path, test_examples, tag_format):
     gold = [e["category"] for e in test_examples]
     scores = {}
     for name, shuffle in (("tagged", False), ("shuffled", True)):
-        model, formatter = trained(toy_examples(320, seed=0, shuffle_tags=shuffle), tmp_path / name)
+        model, formatter = trained(toy_examples(320, seed=0, shuffle_tags=shuffle), tmp_path / name, tag_format)
         nll, tokens = likelihood.reference_nll(model, formatter, test_examples, LABELS, batch_size=16, progress=False)
         scores[name] = likelihood.tag_use_scores(nll, tokens, gold, LABELS, resamples=200, seed=0)
     tagged, shuffled = scores["tagged"]["metrics"], scores["shuffled"]["metrics"]

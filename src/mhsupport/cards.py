@@ -10,7 +10,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import DATASETS, EXAMPLE_SCHEMA, examples_path
-from mhsupport.formatting import generator_tags, tag_token
+from mhsupport.formatting import FormatterSettings, generator_tags, tag_token
 from mhsupport.splits import SPLITS
 
 # Our split names -> Hugging Face's (`datasets.Split.VALIDATION` is "validation").
@@ -159,6 +159,23 @@ def _card(data: ModelCardData, body: str) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
+def _tag_text(settings: FormatterSettings) -> str:
+    """How a tagged generator is given its strategy, for its card."""
+    own = (" Give one to ask for a category; without one, the model's own is drawn from its probabilities of "
+           "the openings (`own_strategy`), and they are never part of the reply.")
+    if settings.tag_format == "token":
+        tags = ", ".join(f"`{tag_token(label)}` ({label})" for label in settings.labels)
+        return (f"Tags: {tags}. A tag is one special token placed right after the prompt, as the first token "
+                "of the supporter's turn; the response follows it." + own)
+    if settings.tag_format == "words":
+        openings = "; ".join(f"{label}: `{settings.words[label]['opening'].strip()}`" for label in settings.labels)
+        return ("The strategy is written in words at the start of the supporter's turn, then the response "
+                f"follows on the next line. Openings: {openings}." + own)
+    notes = "; ".join(f"{label}: \"{settings.words[label]['instruction']}\"" for label in settings.labels)
+    return ("The strategy is given in words as a note right before the supporter's turn (a system message "
+            f"after the conversation): {notes} Without a tag the note is left out.")
+
+
 def generator_card(cfg, metrics: dict, data_run_id: str) -> ModelCard:
     g = cfg.generator
     labels = generator_tags(cfg)
@@ -174,10 +191,7 @@ def generator_card(cfg, metrics: dict, data_run_id: str) -> ModelCard:
                                  metric_value=round(metrics["valid_ppl"], 4))])
     example_tag = f', tag="{labels[0]}"' if labels else ""
     if labels:
-        tags = ", ".join(f"`{tag_token(label)}` ({label})" for label in labels)
-        tag_text = (f"Tags: {tags}. A tag is one special token placed right after the prompt, as the first token "
-                    "of the supporter's turn; the response follows it. Give one to ask for a category; without "
-                    "one, the model writes its own first (read back as the reply's category).")
+        tag_text = _tag_text(FormatterSettings.from_config(cfg))
         if cfg.tags_in_history:
             tag_text += " Earlier supporter turns carried their gold tag in training (`tags_in_history`)."
     else:
@@ -220,9 +234,9 @@ Prompt: {prompt}. {tag_text} The folder loads with `AutoModelForCausalLM.from_pr
 
 ## Training
 
-- Base: {g.base_model or 'a GPT-2 trained from scratch with its own byte-level BPE tokenizer'}; formatter `{g.family}`.
+- Base: {g.base_model or 'a GPT-2 trained from scratch with its own byte-level BPE tokenizer'}; formatter `{g.family}`{f"; strategy given as `{g.tag_format}`" if labels else ""}.
 - Context <= {g.max_context_tokens} tokens (truncated from the left); response <= {g.max_response_tokens} tokens;
-  loss on the tag and response tokens only.
+  loss on the tag and response tokens only (an instruction is prompt).
 - Trained: {trainable}; {metrics['trainable_parameters']:,} of {metrics['parameters']:,} parameters.
 - {g.epochs} epoch(s), batch {g.batch_size} x {g.grad_accum}, learning rate {g.learning_rate}, seed {cfg.seed};
   saved: {metrics['checkpoint']}.

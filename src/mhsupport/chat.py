@@ -9,7 +9,7 @@ import sys
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import classifier as classifier_api, devices, models, options, sampling
+from mhsupport import classifier as classifier_api, devices, likelihood, models, options, sampling
 from mhsupport.config import classifier_config, generator_config
 from mhsupport.errors import MhsError
 from mhsupport.formatting import build_formatter, generator_tags
@@ -64,8 +64,11 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
             reply, category = CRISIS_REPLY, None
         else:
             context = history[-cfg.max_context_turns:]
+            own = (likelihood.opening_probabilities(model, formatter, [context])
+                   if sampler == "none" and formatter.model_writes_tag else None)
             (tag,) = sampling.choose_tags(sampler, [{"context": context}], labels, "category", cfg.seed + turn,
-                                          classifier=classifier, classifier_sampling=cfg.classifier_sampling)
+                                          classifier=classifier, classifier_sampling=cfg.classifier_sampling,
+                                          own_probabilities=own, own_strategy=cfg.own_strategy)
             (output,) = generate(model, tokenizer, formatter, [context], [tag], batch_size=1,
                                  max_new_tokens=cfg.max_new_tokens, progress=False)
             reply, category = output["response"], output["tag"]

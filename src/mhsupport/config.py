@@ -49,7 +49,7 @@ def _composed(stage: str, overrides: tuple[str, ...], environment: tuple) -> Dic
 # upstream stage's defaults with the shared keys and the choices below put in, so they plan the
 # same runs as the upstream stage's own command with the same options.
 
-SHARED_KEYS = ("paths", "taxonomy", "data", "download", "seed", "subset_seed")
+SHARED_KEYS = ("paths", "taxonomy", "strategy_words", "data", "download", "seed", "subset_seed")
 
 
 def derive(stage: str, cfg: DictConfig, values: dict | None = None) -> DictConfig:

@@ -12,23 +12,21 @@ from __future__ import annotations
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, DynamicLayer, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from mhsupport.scoring import can_share_prefix, continue_prefix, encode_prefix, shared_prefix_length
 
 
 @torch.no_grad()
 def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tags: list[str | None],
              batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
              temperature: float = 0.7, seed: int = 0, progress: bool = True) -> list[dict]:
-    """One {"tag", "response"} per context. A forced tag is placed after the prompt; without one,
-    a tagged model writes its own, read back from its first generated token."""
+    """One {"tag", "response"} per context. A forced tag is given in the model's tag format (its
+    instruction in the prompt, or its opening forced after the prompt: the reply is what follows).
+    Without one, a model whose tag opens the reply writes its own, read back from its opening."""
     model.eval()
-    prompts = []
-    for context, tag in zip(contexts, forced_tags):
-        ids = formatter.prompt_ids(context)
-        if tag is not None:
-            ids = ids + [formatter.tag_ids[tag]]
-        prompts.append(ids)
-    label_of = {token_id: label for label, token_id in formatter.tag_ids.items()}
+    prompts = [formatter.prompt_ids(context, tag) + formatter.opening_ids(tag)
+               for context, tag in zip(contexts, forced_tags)]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) if do_sample else None
     shared = shared_prefix_length(prompts) if can_share_prefix(model) else 0
@@ -50,51 +48,27 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
         new_tokens = decode(model, input_ids.to(model.device), attention.to(model.device), max_new_tokens,
                             tokenizer.eos_token_id, warpers, prefix)
         for row, i in enumerate(batch):
-            new = new_tokens[row]
-            tag = forced_tags[i]
-            if tag is None and formatter.tagged and new and new[0] in label_of:
-                tag = label_of[new[0]]
-            text = tokenizer.decode(new, skip_special_tokens=True).strip()
+            written, text = read_opening(formatter, new_tokens[row])
+            tag = forced_tags[i] if forced_tags[i] is not None else written
             results[i] = {"tag": tag, "response": " ".join(text.split())}
     return results
 
 
-def shared_prefix_length(prompts: list[list[int]]) -> int:
-    """How many leading tokens all prompts share, leaving each prompt at least one token of its own
-    (its last token's logits start the reply)."""
-    if not prompts:
-        return 0
-    first = prompts[0]
-    for position in range(min(map(len, prompts)) - 1):
-        if any(ids[position] != first[position] for ids in prompts):
-            return position
-    return max(min(map(len, prompts)) - 1, 0)
-
-
-def can_share_prefix(model) -> bool:
-    """Whether every layer keeps its whole past (plain attention): a sliding-window or linear-attention
-    layer's cache is not the prefix's keys and values, so it cannot be copied to every row."""
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
-
-
-def encode_prefix(model, prefix_ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (keys, values) of each layer for one copy of `prefix_ids`."""
-    cache = DynamicCache(config=model.config)
-    model(input_ids=torch.tensor([prefix_ids], device=model.device), cache=cache, use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-def continue_prefix(model, prefix: list[tuple[torch.Tensor, torch.Tensor]] | None, attention: torch.Tensor,
-                    positions: torch.Tensor) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-    """A KV cache holding `prefix` (or nothing) for each row of a left-padded batch, and the batch's
-    attention mask and positions widened and shifted to follow it. The padding then sits between
-    the shared prefix and each row's own tokens, masked out."""
-    if prefix is None:
-        return DynamicCache(config=model.config), attention, positions
-    rows, shared = len(attention), prefix[0][0].shape[-2]
-    cache = DynamicCache(ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
-                                         for keys, values in prefix], config=model.config)
-    return cache, torch.cat([attention.new_ones((rows, shared)), attention], dim=1), positions + shared
+def read_opening(formatter, new_tokens: list[int]) -> tuple[str | None, str]:
+    """(the tag a generated reply opens with, or None; the reply without it). The strategy's token or
+    words are never part of the reply, also where a model writes them after a forced opening."""
+    tag = None
+    if formatter.tag_format == "token" and new_tokens:
+        tag = {token_id: label for label, token_id in formatter.tag_ids.items()}.get(new_tokens[0])
+    text = formatter.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+    if formatter.tagged and formatter.tag_format != "token":
+        openings = sorted(((formatter.words[label]["opening"].strip(), label) for label in formatter.labels),
+                          key=lambda item: -len(item[0]))
+        for opening, label in openings:
+            if text.startswith(opening):
+                tag, text = label, text[len(opening):].strip()
+                break
+    return tag, text
 
 
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos_id: int,

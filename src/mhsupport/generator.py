@@ -15,6 +15,8 @@ from mhsupport import devices, models
 from mhsupport.errors import MhsError
 from mhsupport.formatting import SETTINGS_FILE, FormatterSettings
 from mhsupport.generation import generate
+from mhsupport.likelihood import opening_probabilities
+from mhsupport.sampling import choose_tags
 
 SPEAKERS = ("seeker", "supporter")
 
@@ -33,12 +35,29 @@ class Generator:
 
     def respond(self, context: list[dict], tag: str | None = None, **decoding) -> str:
         """The supporter's next turn after `context` (turns as {"speaker": "seeker"|"supporter", "text"},
-        most recent last). `tag` asks a tagged model for a category; without one it picks its own."""
+        most recent last). `tag` asks a tagged model for a category; without one, a model whose tag
+        opens its reply (tag_format token or words) picks its own (`own_strategy`: "sample" from its
+        distribution over the tags, seeded by `seed`, or "argmax"), and an instruction-format model
+        gets no instruction."""
         return self.respond_many([context], [tag], **decoding)[0]
+
+    @property
+    def tag_format(self) -> str | None:
+        """How the tag reaches the model (token, words or instruction); None when untagged."""
+        return self.settings.tag_format if self.tags else None
+
+    def own_strategy_probabilities(self, contexts: list[list[dict]], batch_size: int = 16):
+        """(n, K): the model's own distribution over its tags after each context (token or words formats)."""
+        if not self.formatter.model_writes_tag:
+            raise MhsError(f"this generator ({self.tag_format or 'untagged'}) does not write its own strategy: only "
+                           "tag_format token or words do")
+        for i, context in enumerate(contexts):
+            check_context(context, i)
+        return opening_probabilities(self.model, self.formatter, contexts, batch_size)
 
     def respond_many(self, contexts: list[list[dict]], tags: list[str | None] | None = None,
                      batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
-                     temperature: float = 0.7, seed: int = 0) -> list[str]:
+                     temperature: float = 0.7, seed: int = 0, own_strategy: str = "sample") -> list[str]:
         """`respond` over many contexts in batches; `tags` is one tag (or None) per context."""
         tags = [None] * len(contexts) if tags is None else list(tags)
         if len(tags) != len(contexts):
@@ -48,6 +67,13 @@ class Generator:
             check_context(context, i)
         for tag in tags:
             self.check_tag(tag)
+        own = [i for i, tag in enumerate(tags) if tag is None]
+        if own and self.formatter.model_writes_tag:
+            probabilities = self.own_strategy_probabilities([contexts[i] for i in own], batch_size)
+            chosen = choose_tags("none", [{} for _ in own], self.tags, "", seed, own_probabilities=probabilities,
+                                 own_strategy=own_strategy)
+            for i, tag in zip(own, chosen):
+                tags[i] = tag
         outputs = generate(self.model, self.tokenizer, self.formatter, contexts, tags, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, do_sample=do_sample, top_p=top_p,
                            temperature=temperature, seed=seed, progress=False)

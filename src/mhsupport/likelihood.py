@@ -1,6 +1,7 @@
 """Does a generator use its tag? The reference response's NLL under every tag (DESIGN.md section 8,
 "Tag use, by likelihood"), computed with the context encoded once per example and its KV cache
-shared by the tags; for untagged generators, the reference's NLL on the same examples.
+shared by the tags; for untagged generators, the reference's NLL on the same examples. Also a
+tagged model's own distribution over its tags (the "none" sampler draws from it).
 
 A tag carries at most log2(4) = 2 bits about a reply, so its effect is read where it is cheapest
 and least noisy: in how likely the human reference becomes under the gold tag versus the others.
@@ -14,12 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import stats
-from tqdm.auto import tqdm
 
-from mhsupport.generation import can_share_prefix, continue_prefix, encode_prefix, shared_prefix_length
 from mhsupport.metrics import classification_scores
+from mhsupport.scoring import Scored, sequence_nll
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
 
@@ -29,72 +28,37 @@ def read_likelihoods(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def _positions(mask: torch.Tensor, offset: torch.Tensor | int = 0) -> torch.Tensor:
-    """Position ids that skip padding: 0, 1, ... over each row's real tokens, from `offset`."""
-    return (offset + mask.cumsum(dim=1) - 1).clamp(min=0)
-
-
 @torch.no_grad()
 def reference_nll(model, formatter, examples: list[dict], labels: list[str] | None, batch_size: int = 16,
                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(nll, tokens): nll[i, k] is the summed NLL of example i's reference response (and its end
-    token) after the prompt and tag k (the tag itself is input, not scored); tokens[i] the number of
-    scored tokens. An untagged model (labels None) gives one column.
+    token) after the prompt given tag k (the tag, in whatever form, is input, not scored); tokens[i]
+    the number of scored tokens. An untagged model (labels None) gives one column. Each example's
+    context is encoded once and shared by its K tags (scoring.sequence_nll)."""
+    groups = [[formatter.scored_reply(e["context"], label, e["response"]) for label in (labels or [None])]
+              for e in examples]
+    sums, counts = sequence_nll(model, groups, batch_size, pad=formatter.tokenizer.pad_token_id or 0,
+                                progress=progress, desc="reference nll")
+    return np.stack(sums), np.array([c[0] for c in counts])
 
-    The tokens all prompts start with are encoded once; the rest of each batch's prompts, left-padded,
-    once per batch; their KV cache is repeated for the K tags and the K continuations (tag + response, right-padded) run as one batch of B x K rows."""
-    model.eval()
-    device = next(model.parameters()).device
-    tag_ids = [formatter.tag_ids[label] for label in labels] if labels else [None]
-    k = len(tag_ids)
-    pad = formatter.tokenizer.pad_token_id
-    prompts = [formatter.prompt_ids(e["context"]) for e in examples]
-    # a chat model's system prompt: encoded once for all examples
-    shared = shared_prefix_length(prompts) if can_share_prefix(model) else 0
-    prefix = encode_prefix(model, prompts[0][:shared]) if shared else None
-    prompts = [ids[shared:] for ids in prompts]
-    targets = [formatter.response_ids(e["response"]) for e in examples]
-    nll = np.zeros((len(examples), k))
-    tokens = np.array([len(t) for t in targets])
-    order = sorted(range(len(examples)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    for start in tqdm(range(0, len(order), batch_size), desc="reference nll", disable=not progress):
-        batch = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        prompt_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        prompt_mask = torch.zeros_like(prompt_ids)
-        for row, i in enumerate(batch):
-            prompt_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            prompt_mask[row, width - len(prompts[i]):] = 1
-        prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-        cache, prompt_mask, positions = continue_prefix(model, prefix, prompt_mask, _positions(prompt_mask))
-        encoded = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache,
-                        use_cache=True, logits_to_keep=1)
-        cache.batch_repeat_interleave(k)
-        # Continuation rows: example-major, tag-minor (row r = example r // k, tag r % k).
-        continuations = [([tag] if tag is not None else []) + targets[i] for i in batch for tag in tag_ids]
-        length = max(len(c) for c in continuations)
-        cont_ids = torch.full((len(continuations), length), pad, dtype=torch.long)
-        cont_mask = torch.zeros_like(cont_ids)
-        for row, ids in enumerate(continuations):
-            cont_ids[row, :len(ids)] = torch.tensor(ids)
-            cont_mask[row, :len(ids)] = 1
-        cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-        prompt_mask_rows = prompt_mask.repeat_interleave(k, dim=0)
-        offset = prompt_mask_rows.sum(dim=1, keepdim=True)
-        logits = model(input_ids=cont_ids, attention_mask=torch.cat([prompt_mask_rows, cont_mask], dim=1),
-                       position_ids=_positions(cont_mask, offset), cache=cache, use_cache=True).logits
-        if labels:
-            # the tag predicts the first response token: score logits[:, :-1] against cont_ids[:, 1:]
-            predicted, wanted, mask = logits[:, :-1], cont_ids[:, 1:], cont_mask[:, 1:]
-        else:
-            # the prompt's last position predicts the first response token
-            first = encoded.logits[:, -1:].repeat_interleave(k, dim=0)
-            predicted, wanted, mask = torch.cat([first, logits[:, :-1]], dim=1), cont_ids, cont_mask
-        token_nll = F.cross_entropy(predicted.float().transpose(1, 2), wanted, reduction="none") * mask
-        sums = token_nll.sum(dim=1).view(len(batch), k).cpu().numpy()
-        for row, i in enumerate(batch):
-            nll[i] = sums[row]
-    return nll, tokens
+
+@torch.no_grad()
+def opening_probabilities(model, formatter, contexts: list[list[dict]], batch_size: int = 16,
+                          progress: bool = False) -> np.ndarray:
+    """(n, K): the model's own distribution over its tags after each context, for a model whose tag
+    opens the reply (token or words): each tag's opening scored after the prompt, normalised over
+    the tags (the tag token's probability renormalised; the words' joint probability)."""
+    labels = formatter.labels
+    groups = []
+    for context in contexts:
+        prompt = formatter.prompt_ids(context)
+        groups.append([Scored(prompt + formatter.opening_ids(label), len(prompt)) for label in labels])
+    sums, _ = sequence_nll(model, groups, batch_size, pad=formatter.tokenizer.pad_token_id or 0, progress=progress,
+                           desc="own strategy")
+    log_probabilities = -np.stack(sums)
+    log_probabilities -= log_probabilities.max(axis=1, keepdims=True)
+    probabilities = np.exp(log_probabilities)
+    return probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def _per_token(nll_sum, tokens, axis=-1):

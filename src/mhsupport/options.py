@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mhsupport.errors import MhsError
-from mhsupport.formatting import FORMATTERS
+from mhsupport.formatting import FORMATTERS, TAG_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -24,6 +24,7 @@ MODES = ("next_category", "response")
 SAMPLERS = ("none", "random", "random_prior", "classifier", "oracle")
 CHAT_DEFAULT_SAMPLER = "classifier if_tagged"  # chat: classifier for a tagged generator, none otherwise
 CLASSIFIER_SAMPLING = ("argmax", "sample")
+OWN_STRATEGY = ("sample", "argmax")
 GENERATOR_SOURCES = ("finetuned", "base", "llm")
 PROMPTS = ("vanilla", "cot", "strategy", "oracle")
 LLM_BACKENDS = ("local", "openai")
@@ -111,6 +112,7 @@ RULES = {
     "classifier_run.history_categories": _bool, "classifier_run.class_weighting": _bool,
     "runtime.device": _device, "runtime.bf16": _bf16, "runtime.report_to": _report_to,
     "sampler": _choice(SAMPLERS + (CHAT_DEFAULT_SAMPLER,)), "classifier_sampling": _choice(CLASSIFIER_SAMPLING),
+    "own_strategy": _choice(OWN_STRATEGY),
     "generator_source": _choice(GENERATOR_SOURCES), "test_subset": _int(1, optional=True),
     "max_new_tokens": _int(1), "max_context_turns": _int(1),
     "table4_samplers": _samplers, "significance_resamples": _int(1),
@@ -128,7 +130,7 @@ RULES = {
     **{f"generator.{k}": rule for k, rule in _MODEL_RULES.items()},
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
-    "generator.tag_lr_scale": _number(0, inclusive=False),
+    "generator.tag_lr_scale": _number(0, inclusive=False), "generator.tag_format": _choice(TAG_FORMATS),
     "generator.tag_contrast_weight": _number(0), "generator.tag_contrast_negatives": _int(1),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
     "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),
@@ -160,10 +162,36 @@ def validate(cfg: DictConfig) -> None:
     if generator is not None and generator.get("trainable") == "lora" and generator.get("tag_contrast_weight", 0) > 0:
         raise MhsError("generator.tag_contrast_weight trains trainable=all|top_layers models; with trainable=lora "
                        "set generator.tag_contrast_weight=0")
+    if generator is not None and generator.get("tag_format", "token") != "token":
+        for key, neutral in (("tag_lr_scale", 1), ("tag_contrast_weight", 0)):
+            if generator.get(key, neutral) != neutral:
+                raise MhsError(f"generator.{key} acts on tag tokens; generator.tag_format={generator.tag_format} "
+                               f"writes the strategy in words: set generator.{key}={neutral} (or tag_format=token)")
+        _check_strategy_words(cfg)
     if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
         raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "
                        "labels (use --dataset esconv)")
 
+
+
+def _check_strategy_words(cfg: DictConfig) -> None:
+    """Every label of the tag set has words, and the templates name only {label} and {description}."""
+    words = cfg.get("strategy_words")
+    taxonomy = cfg.get("taxonomy")
+    if words is None or taxonomy is None:
+        return
+    labels = taxonomy.categories if cfg.get("tag_set", "category") == "category" else taxonomy.esconv_strategies
+    missing = [label for label in labels if not words.get(label)]
+    if missing:
+        raise MhsError(f"strategy_words: no words for {missing} (configs/strategy_words/*.yaml; "
+                       f"e.g. 'strategy_words.{missing[0]}=ask them a question')")
+    for key in ("strategy_opening", "strategy_instruction"):
+        template = cfg.generator.get(key, "")
+        try:
+            template.format(label="x", description="y")
+        except (KeyError, IndexError, ValueError) as err:
+            raise MhsError(f"generator.{key}={template!r}: a template may name only {{label}} and {{description}} "
+                           f"({type(err).__name__}: {err})") from None
 
 
 def _example(expected: str) -> str:

@@ -18,11 +18,21 @@ def check_sampler(sampler: str, tagged: bool) -> None:
 
 def choose_tags(sampler: str, examples: list[dict], labels: list[str], label_key: str, seed: int,
                 prior: dict[str, float] | None = None, classifier=None, classifier_sampling: str = "argmax",
-                batch_size: int = 64) -> list[str | None]:
-    """One tag per example, or None where the generator writes its own ('none')."""
+                batch_size: int = 64, own_probabilities: np.ndarray | None = None,
+                own_strategy: str = "sample") -> list[str | None]:
+    """One tag per example, or None where the generator is given none ('none' for an untagged model
+    or one whose tag is an instruction). Under 'none' a model whose tag opens its reply chooses its
+    own: `own_probabilities` (n, K) is its distribution over the tags after each context, drawn from
+    (seeded) or its most likely tag taken, by `own_strategy` (sample | argmax)."""
     rng = np.random.default_rng(seed)
     if sampler == "none":
-        return [None] * len(examples)
+        if own_probabilities is None:
+            return [None] * len(examples)
+        if own_strategy == "argmax":
+            return [labels[i] for i in own_probabilities.argmax(axis=1)]
+        if own_strategy == "sample":
+            return [labels[rng.choice(len(labels), p=row / row.sum())] for row in own_probabilities]
+        raise MhsError(f"own_strategy={own_strategy!r}: expected sample or argmax")
     if sampler == "oracle":
         return [e[label_key] for e in examples]
     if sampler == "random":

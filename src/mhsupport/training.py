@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from transformers import DynamicCache, Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
 from mhsupport import curves, devices
 from mhsupport.artifacts import CHECKPOINTS
 from mhsupport.formatting import IGNORE_INDEX
+from mhsupport.scoring import Scored, sequence_nll, token_nll
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
@@ -147,31 +148,23 @@ def train_resumable(run, seed: int, fresh: bool, make_trainer, finish, before_sa
         trainer.accelerator.wait_for_everyone()
 
 
-@torch.no_grad()
-def per_example_nll(model, features: list[dict], collator, batch_size: int) -> tuple[list[float], list[int]]:
+def labelled_sequence(feature: dict) -> Scored:
+    """A training feature as a scored sequence: its labelled tokens (the tag's opening and the reply)
+    form its end."""
+    labels = feature["labels"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return Scored(list(feature["input_ids"]), first)
+
+
+def per_example_nll(model, features: list[dict], batch_size: int, pad: int = 0) -> tuple[list[float], list[int]]:
     """Summed negative log-likelihood and count of each example's labelled tokens under teacher forcing."""
-    was_training = model.training
-    model.eval()
-    nll, counts = [0.0] * len(features), [0] * len(features)
-    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        batch = collator([{k: features[i][k] for k in ("input_ids", "attention_mask", "labels")} for i in rows])
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
-        for row, i in enumerate(rows):
-            nll[i] = token_nll[row].sum().item()
-            counts[i] = int((labels[row] != IGNORE_INDEX).sum())
-    if was_training:
-        model.train()
-    return nll, counts
+    sums, counts = sequence_nll(model, [[labelled_sequence(f)] for f in features], batch_size, pad=pad)
+    return [float(s[0]) for s in sums], [int(c[0]) for c in counts]
 
 
-def teacher_forced_loss(model, features: list[dict], collator, batch_size: int) -> dict:
+def teacher_forced_loss(model, features: list[dict], batch_size: int, pad: int = 0) -> dict:
     """Token-level loss and perplexity of the labelled tokens (tag and response) under teacher forcing."""
-    nll, counts = per_example_nll(model, features, collator, batch_size)
+    nll, counts = per_example_nll(model, features, batch_size, pad)
     loss = sum(nll) / max(sum(counts), 1)
     return {"loss": loss, "ppl": math.exp(loss), "tokens": sum(counts)}
 
@@ -250,53 +243,33 @@ class TagContrastTrainer(LabelledPositionsTrainer):
             return self._contrast_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _contrast_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        rows = [(ids[mask == 1], labels[mask == 1]) for ids, labels, mask
-                in zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"])]
-        starts = [int((labels != IGNORE_INDEX).int().argmax()) for _, labels in rows]  # each row's tag position
         device = inputs["input_ids"].device
-        pad = 0
-        width = max(starts)
-        prompt_ids = torch.full((len(rows), width), pad, dtype=torch.long, device=device)
-        prompt_mask = torch.zeros_like(prompt_ids)
-        for row, ((ids, _), start) in enumerate(zip(rows, starts)):  # left-padded: every prompt ends in the last column
-            prompt_ids[row, width - start:], prompt_mask[row, width - start:] = ids[:start], 1
-        decoder, head = model.get_decoder(), model.get_output_embeddings()
-        cache = DynamicCache(config=model.config)
-        encoded = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                          position_ids=(prompt_mask.cumsum(1) - 1).clamp(min=0), cache=cache, use_cache=True)
-        gold = torch.stack([ids[start] for (ids, _), start in zip(rows, starts)])
-        tag_nll = F.cross_entropy(head(encoded.last_hidden_state[:, -1]).float(), gold, reduction="sum")
-
-        # continuation rows, example-major: the gold tag first, then the drawn wrong ones, each + the reply
         tag_ids = self.tag_ids.to(device)
-        choices = []
-        for tag in gold:
-            wrong = tag_ids[tag_ids != tag]
-            choices.append(torch.cat([tag[None], wrong[torch.randperm(len(wrong))[:self.negatives].to(device)]]))
+        groups, reply_tokens = [], []
+        for ids, labels, mask in zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"]):
+            ids, labels = ids[mask == 1], labels[mask == 1]
+            start = int((labels != IGNORE_INDEX).int().argmax())  # the tag's position
+            gold = ids[start]
+            wrong = tag_ids[tag_ids != gold]
+            drawn = wrong[torch.randperm(len(wrong))[:self.negatives].to(device)]
+            prompt, reply = ids[:start].tolist(), ids[start + 1:].tolist()
+            # the gold tag and its reply are scored (the LM term); a wrong tag is input, its reply scored
+            groups.append([Scored(prompt + [int(gold)] + reply, start)]
+                          + [Scored(prompt + [int(tag)] + reply, start + 1) for tag in drawn])
+            reply_tokens.append(len(reply))
+        nll, scored = token_nll(model, groups)
         per_example = 1 + self.negatives
-        replies = [ids[start + 1:] for (ids, _), start in zip(rows, starts)]
-        length = 1 + max(len(r) for r in replies)
-        cont_ids = torch.full((len(rows) * per_example, length), pad, dtype=torch.long, device=device)
-        cont_mask = torch.zeros_like(cont_ids)
-        for example, (reply, tags) in enumerate(zip(replies, choices)):
-            for k, tag in enumerate(tags):
-                row = example * per_example + k
-                cont_ids[row, 0], cont_ids[row, 1:1 + len(reply)], cont_mask[row, :1 + len(reply)] = tag, reply, 1
-        cache.batch_repeat_interleave(per_example)
-        prompt_mask_rows = prompt_mask.repeat_interleave(per_example, dim=0)
-        hidden = decoder(input_ids=cont_ids, attention_mask=torch.cat([prompt_mask_rows, cont_mask], dim=1),
-                         position_ids=prompt_mask_rows.sum(1, keepdim=True) + cont_mask.cumsum(1) - 1,
-                         cache=cache, use_cache=True).last_hidden_state
-        scored = cont_mask[:, 1:] == 1  # each position predicts the next reply token
-        token_nll = F.cross_entropy(head(hidden[:, :-1][scored]).float(), cont_ids[:, 1:][scored], reduction="none")
-        reply_nll = torch.zeros(scored.shape, dtype=token_nll.dtype, device=device).masked_scatter(scored, token_nll)
-        reply_nll = reply_nll.sum(dim=1).view(len(rows), per_example)
+        sums = nll.sum(dim=1).view(len(groups), per_example)
+        gold_rows = nll.view(len(groups), per_example, -1)[:, 0]
+        first = scored.view(len(groups), per_example, -1)[:, 0].int().argmax(dim=1)  # each gold row's tag column
+        tag_nll = gold_rows.gather(1, first[:, None]).squeeze(1)
+        reply_nll = torch.cat([(sums[:, 0] - tag_nll)[:, None], sums[:, 1:]], dim=1)
 
-        labelled = num_items_in_batch if num_items_in_batch is not None else sum(len(r) + 1 for r in replies)
-        lm = (tag_nll + reply_nll[:, 0].sum()) / torch.as_tensor(labelled, device=device)
+        labelled = num_items_in_batch if num_items_in_batch is not None else sum(n + 1 for n in reply_tokens)
+        lm = sums[:, 0].sum() / torch.as_tensor(labelled, device=device)
         # per-token log-likelihoods as the tags' logits, so the two losses act on one scale
-        reply_tokens = torch.tensor([len(r) for r in replies], device=device)[:, None]
-        contrast = F.cross_entropy(-reply_nll / reply_tokens, torch.zeros(len(rows), dtype=torch.long, device=device))
+        logits = -reply_nll / torch.tensor(reply_tokens, device=device)[:, None]
+        contrast = F.cross_entropy(logits, torch.zeros(len(groups), dtype=torch.long, device=device))
         if num_items_in_batch is not None:
             # the Trainer then leaves the loss of each accumulated micro-batch undivided: the LM term is
             # already over the whole accumulated batch's tokens, the contrast (a mean per micro-batch) is not

@@ -40,13 +40,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
                                              train_texts=models.tokenizer_texts(train_examples))
     labels = generator_tags(cfg)
-    if labels:
+    tag_tokens = bool(labels) and g.tag_format == "token"  # the other formats write the strategy in words
+    if tag_tokens:
         models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
     if g.trainable == "top_layers":
         models.freeze_all_but_top(model, g.top_layers)
     parameters = sum(p.numel() for p in model.parameters())
     if g.trainable == "lora":
-        tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels or ()]
+        tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels] if tag_tokens else []
         model = models.add_lora(model, g.lora, tag_ids)
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
@@ -55,15 +56,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def validate(m):
-        return training.teacher_forced_loss(m, valid_features, collator, g.eval_batch_size)
+        return training.teacher_forced_loss(m, valid_features, g.eval_batch_size, tokenizer.pad_token_id or 0)
 
     callbacks = [training.ValidationCallback(validate)]
-    if labels and g.tag_lr_scale != 1:
+    if tag_tokens and g.tag_lr_scale != 1:
         tag_rows = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels]
         callbacks.append(training.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
 
     contrast = {}
-    if labels and g.tag_contrast_weight > 0:
+    if tag_tokens and g.tag_contrast_weight > 0:
         several_gpus = devices.resolve(cfg.runtime).type == "cuda" and torch.cuda.device_count() > 1  # DataParallel
         if training.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
             raise MhsError("generator.tag_contrast_weight > 0 trains one unwrapped model (two forward passes per step, "
@@ -87,7 +88,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
         final_valid = validate(model)
         final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset,
-                                                                                 cfg.subset_seed), collator, g.eval_batch_size)
+                                                                                 cfg.subset_seed),
+                                                   g.eval_batch_size, tokenizer.pad_token_id or 0)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
         padded = padded_tokens(trainer)
         run_.metrics = {
