@@ -36,7 +36,11 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     tag_use = list(csv.DictReader(open(out / "tag_use.csv")))
     assert [r["system"] for r in tag_use] == ["ESConv+tag", "Unified+tag"]
     assert all(0 <= float(r["tag_discrimination"]) <= 1 and float(r["chance"]) == 0.25 for r in tag_use)
+    oracle = {r["system"]: r for r in table4}["ESConv+tag / oracle"]
+    assert tag_use[0]["oracle_adherence"] == oracle["tag_adherence"]  # the oracle eval's, beside the references'
+    assert 0 <= float(tag_use[0]["recogniser_on_references"]) <= 100
     text = (out / "report.md").read_text()
+    assert "| Oracle adherence % |" in text and "| Recogniser on the references % |" in text
     assert "every number below means nothing" in text and "| Comforting |" in text
     assert "## Does the generator use its tag?" in text and "| Tag discrimination |" in text
     assert "| B-2 [esconv] |" in text and "| Liu et al. 2021: DialoGPT-Joint (other model, data, split) |" in text
@@ -45,6 +49,12 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
     assert len(tests) == 9 * 4 and f"{len(tests)} comparisons (9 orderings x 4" in text
     assert all(float(t["p_bootstrap_holm"]) >= float(t["p_bootstrap"]) and 0 < float(t["p_randomisation"]) <= 1
                for t in tests)
+    for t in tests:  # holds / reversed need both Holm-adjusted tests and the sign
+        decided = float(t["p_bootstrap_holm"]) < 0.05 and float(t["p_randomisation_holm"]) < 0.05
+        delta = float(t["delta"])
+        expected = "holds" if decided and delta > 0 else "reversed" if decided and delta < 0 else "undecided"
+        assert t["verdict"] == expected
+    assert "- **tag > no tag (ESConv)**: " in text and " of 4 metrics)" in text
     stages = [t["stage"] for t in first.timings]
     # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once; 5 likelihood runs.
     assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 5 + 11 + 1

@@ -9,17 +9,18 @@ import tempfile
 from pathlib import Path
 
 from omegaconf import DictConfig
-from transformers import DataCollatorForSeq2Seq, set_seed
+from transformers import set_seed
 
-from mhsupport import artifacts, classifier as classifier_api, devices, llm, models, sampling, training
+from mhsupport import artifacts, classifier as classifier_api, devices, likelihood, llm, models, sampling, training
 from mhsupport.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.examples_io import read_examples
-from mhsupport.formatting import IGNORE_INDEX, build_formatter, generator_tags
+from mhsupport.formatting import build_formatter, generator_tags
 from mhsupport.generation import generate
 from mhsupport.generations_io import GENERATIONS
 from mhsupport.metric_protocols import PROTOCOLS
 from mhsupport.metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores
+from mhsupport.scoring import sequence_nll
 from mhsupport.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -75,8 +76,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         respond, tags, labels, loaded = llm_responder(cfg, inputs, examples)
     else:
         respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
+    reference_check = None
     if recogniser:
         loaded["recogniser"] = recogniser.model
+        # how often the recogniser finds the gold label in the human replies themselves: the ceiling
+        # its judgement of generated replies is read against
+        recognised_references = recogniser.predict([e["response"] for e in examples])
+        hits = [r == e[label_key] for r, e in zip(recognised_references, examples)]
+        reference_check = {"accuracy": 100 * sum(hits) / len(hits), "examples": len(hits)}
 
     d = cfg.decoding
     seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
@@ -122,6 +129,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         "per_seed": per_seed,
         "protocols": protocols, "signatures": scores.signatures(),
         "strategy_prediction": strategy_prediction,
+        "recogniser_on_references": reference_check,
         "note": cfg.generator.get("warning") or "",
     }
     if any(empty_per_seed.values()):
@@ -170,9 +178,14 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
         prior = {label: sum(e[label_key] == label for e in train) / len(train) for label in labels}
     next_classifier = classifier_api.load(inputs["classifier"].path, cfg.runtime) if "classifier" in inputs else None
     loaded = {"generator": model, **({"classifier": next_classifier.model} if next_classifier else {})}
-    tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
-                                classifier=next_classifier, classifier_sampling=cfg.classifier_sampling)
     d = cfg.decoding
+    own = None
+    if cfg.sampler == "none" and formatter.model_writes_tag:
+        own = likelihood.opening_probabilities(model, formatter, [e["context"] for e in examples], d.batch_size,
+                                               cfg.runtime.progress)
+    tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
+                                classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
+                                own_probabilities=own, own_strategy=cfg.own_strategy)
 
     def respond(seed):
         outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], tags,
@@ -215,27 +228,12 @@ def llm_responder(cfg, inputs, examples):
         outputs = [{"tag": category, "response": reply, "raw": r} for category, reply, r in zip(categories, replies, raw)]
         if c.backend == "openai":
             return outputs, None, None  # an HTTP endpoint gives no token probabilities here
-        nll, counts = [0.0] * len(examples), [0] * len(examples)
-        collator = DataCollatorForSeq2Seq(backend.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-        for prompt in sorted(set(prompts)):
-            rows = [i for i, p in enumerate(prompts) if p == prompt]
-            part_nll, part_counts = reference_nll(backend.model, backend.formatter(prompt), [examples[i] for i in rows],
-                                                  collator, d.batch_size)
-            for i, value, count in zip(rows, part_nll, part_counts):
-                nll[i], counts[i] = value, count
-        return outputs, nll, counts
+        groups = [[backend.formatter(prompt).scored_reply(example["context"], None, example["response"])]
+                  for prompt, example in zip(prompts, examples)]
+        sums, tokens = sequence_nll(backend.model, groups, d.batch_size, pad=backend.tokenizer.pad_token_id or 0)
+        return outputs, [float(s[0]) for s in sums], [int(t[0]) for t in tokens]
 
     return respond, categories, labels, loaded
-
-
-def reference_nll(model, formatter, examples, collator, batch_size):
-    """NLL of each reference response given the context (the llm prompt's own formatter)."""
-    features = []
-    for example in examples:
-        prompt, target = formatter.prompt_ids(example["context"]), formatter.response_ids(example["response"])
-        features.append({"input_ids": prompt + target, "attention_mask": [1] * (len(prompt) + len(target)),
-                         "labels": [IGNORE_INDEX] * len(prompt) + target})
-    return training.per_example_nll(model, features, collator, batch_size)
 
 
 def system_name(cfg: DictConfig) -> str:

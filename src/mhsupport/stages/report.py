@@ -109,7 +109,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                    for name in TABLE2_SYSTEMS}
     for r in table2:  # perplexity from the likelihood runs: more examples, one per generator
         r["ppl"], r["ppl_ci"] = perplexity(likelihoods[r["system"]], cfg)
-    tag_use = tag_use_rows(likelihoods, cfg)
+    tag_use = tag_use_rows(likelihoods, cfg, {d: metrics.get(f"table4/{d}/oracle") for d in ("esconv", "unified")})
     table4_cells = {f"{DATASET_NAMES[d]}+tag / {s}": (d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers}
     table4 = [row(name, metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s))) for name, (d, s) in table4_cells.items()]
     tests = significance(cfg, evals)
@@ -211,10 +211,26 @@ def significance(cfg: DictConfig, evals: dict[str, list[artifacts.Run]]) -> list
             for t, p in zip(tests, adjusted):
                 t[f"p_{kind}_holm"] = float(p)
     for t in tests:
-        t["holds"] = bool(t["delta"] > 0 and t["p_bootstrap_holm"] < 0.05 and t["p_randomisation_holm"] < 0.05)
+        decided = t["p_bootstrap_holm"] < 0.05 and t["p_randomisation_holm"] < 0.05
+        t["holds"] = bool(decided and t["delta"] > 0)
+        t["verdict"] = "holds" if t["holds"] else "reversed" if decided and t["delta"] < 0 else "undecided"
         for key in ("p_bootstrap", "p_bootstrap_holm", "p_randomisation", "p_randomisation_holm"):
             t[key] = round(t[key], 4)
     return tests
+
+
+def orderings_summary(tests: list[dict]) -> str:
+    """One line per ordering: on how many metrics it holds, is reversed or stays undecided."""
+    lines = []
+    for claim in dict.fromkeys(t["claim"] for t in tests):
+        verdicts = [t["verdict"] for t in tests if t["claim"] == claim]
+        counts = {v: verdicts.count(v) for v in ("holds", "reversed", "undecided") if v in verdicts}
+        overall = ("holds" if counts.get("holds") and not counts.get("reversed") else
+                   "reversed" if counts.get("reversed") and not counts.get("holds") else
+                   "mixed" if counts.get("holds") else "undecided")
+        lines.append(f"- **{claim}**: {overall} ({', '.join(f'{k} on {v}' for k, v in counts.items())} "
+                     f"of {len(verdicts)} metrics)")
+    return "\n".join(lines)
 
 
 def pooled_generations(runs: list[artifacts.Run]) -> list[dict]:
@@ -253,12 +269,14 @@ def perplexity(scored: dict, cfg) -> tuple[float, str]:
     return round(value["value"], 3), f"[{value['low']:.2f}, {value['high']:.2f}]"
 
 
-def tag_use_rows(likelihoods: dict, cfg) -> list[dict]:
+def tag_use_rows(likelihoods: dict, cfg, oracle_evals: dict | None = None) -> list[dict]:
     """"Does the generator use its tag?": for each tagged generator, tag discrimination against chance
-    (one-sided binomial test), the most-chosen tag, NLL under the gold and the wrong tags, and its
-    gold-tag perplexity against the untagged generator of the same data (paired permutation test)."""
+    (one-sided binomial test), the most-chosen tag, NLL under the gold and the wrong tags, its
+    gold-tag perplexity against the untagged generator of the same data (paired permutation test),
+    and, where the oracle eval was run, its replies' adherence to the gold tag beside the
+    recogniser's accuracy on the human references of the same examples."""
     rows = []
-    for tagged, untagged in (("ESConv+tag", "ESConv"), ("Unified+tag", "Unified")):
+    for dataset, tagged, untagged in (("esconv", "ESConv+tag", "ESConv"), ("unified", "Unified+tag", "Unified")):
         t, u = likelihoods[tagged], likelihoods[untagged]
         if t["keys"] != u["keys"]:
             raise MhsError(f"likelihood runs of {tagged} and {untagged} scored different test examples; they must "
@@ -290,8 +308,23 @@ def tag_use_rows(likelihoods: dict, cfg) -> list[dict]:
             "p_gold_vs_untagged": round(versus["p"], 4),
             "tag_helps": bool(versus["value"] < 0 and versus["p"] < 0.05),
             "tag_used": bool(m["tag_discrimination"]["value"] > scores["chance"] and above_chance < 0.05),
+            **oracle_adherence((oracle_evals or {}).get(dataset)),
             "confusion": scores["confusion"]})
     return rows
+
+
+def oracle_adherence(oracle_eval: dict | None) -> dict:
+    """The recogniser's agreement with the gold tag on replies generated under it (oracle sampler),
+    and on the human references of the same examples."""
+    if not oracle_eval or "tag_adherence" not in oracle_eval["metrics"]:
+        return {}
+    adherence = oracle_eval["metrics"]["tag_adherence"]
+    out = {"oracle_adherence": round(adherence["value"], 2)}
+    if adherence.get("ci_low") is not None:
+        out["oracle_adherence_ci"] = f"[{adherence['ci_low']:.1f}, {adherence['ci_high']:.1f}]"
+    if oracle_eval.get("recogniser_on_references"):
+        out["recogniser_on_references"] = round(oracle_eval["recogniser_on_references"]["accuracy"], 2)
+    return out
 
 
 def confusion_figure(rows: list[dict], stem: Path, title: str) -> None:
@@ -393,7 +426,9 @@ def tag_use_markdown(rows: list[dict], pretrained_ppl: float) -> str:
         ("most_chosen_share", "its share"), ("nll_gold_tag", "NLL gold tag"), ("nll_wrong_tags", "NLL wrong tags"),
         ("ppl_gold_tag", "PPL gold tag"), ("ppl_gold_tag_ci", "95% CI"), ("ppl_untagged", "PPL untagged (same data)"),
         ("ppl_untagged_ci", "95% CI"), ("nll_gold_minus_untagged", "Gold-tag - untagged NLL/token"),
-        ("nll_gold_minus_untagged_ci", "95% CI"), ("p_gold_vs_untagged", "p (paired)")])
+        ("nll_gold_minus_untagged_ci", "95% CI"), ("p_gold_vs_untagged", "p (paired)"),
+        ("oracle_adherence", "Oracle adherence %"), ("oracle_adherence_ci", "95% CI"),
+        ("recogniser_on_references", "Recogniser on the references %")])
     claims = []
     for r in rows:
         claims.append(f"- **{r['system']}**: the tag is {'used' if r['tag_used'] else 'not shown to be used'} "
@@ -401,7 +436,10 @@ def tag_use_markdown(rows: list[dict], pretrained_ppl: float) -> str:
                       f"chance {100 * r['chance']:.0f}%, binomial p = {r['p_above_chance']:.3g}); "
                       f"\"tag > no tag\" in likelihood terms {'holds' if r['tag_helps'] else 'does not hold'}: "
                       f"gold-tag PPL {r['ppl_gold_tag']:.2f} vs untagged {r['ppl_untagged']:.2f} "
-                      f"({r['nll_gold_minus_untagged']:+.4f} nats/token, paired permutation p = {r['p_gold_vs_untagged']:.4f}).")
+                      f"({r['nll_gold_minus_untagged']:+.4f} nats/token, paired permutation p = {r['p_gold_vs_untagged']:.4f})"
+                      + (f"; replies generated under the gold tag are recognised as it {r['oracle_adherence']:.1f}% of the "
+                         f"time, the human references of the same examples {r['recogniser_on_references']:.1f}%"
+                         if "recogniser_on_references" in r else "") + ".")
     return f"""## Does the generator use its tag?
 
 Each of {n:,} ESConv test references (the same seeded examples for every system) is scored under every tag:
@@ -469,12 +507,15 @@ always predicted). Preferences are listed per category.
 {markdown_table(tests, [("claim", "Claim (B > A)"), ("metric", "Metric"), ("a", "A"), ("b", "B"), ("delta", "B - A"),
                         ("ci", "95% CI (bootstrap)"), ("p_bootstrap", "p bootstrap"), ("p_bootstrap_holm", "Holm"),
                         ("p_randomisation", "p approx. rand."), ("p_randomisation_holm", "Holm"),
-                        ("holds", "Holds")])}
+                        ("verdict", "Verdict")])}
+
+{orderings_summary(tests)}
 
 {len(tests)} comparisons ({len(tests) // tested_metrics} orderings x {tested_metrics} metrics),
 each by a paired bootstrap and by paired approximate randomisation ({cfg.significance_resamples} resamples or
 trials, two-sided); "Holm" is the p-value Holm-adjusted over all {len(tests)} tests of its kind (statsmodels
-`multipletests`). An ordering holds when B - A > 0 and both Holm-adjusted p < 0.05.
+`multipletests`). An ordering holds on a metric when B - A > 0 and both Holm-adjusted p < 0.05, is reversed
+when B - A < 0 with both Holm-adjusted p < 0.05, and is undecided otherwise.
 
 Figures: `table2_bleu.png`, `table4_bleu.png`, `tag_use_confusion.png` (and `.pdf`). CSV: `table1.csv`,
 `table2.csv`, `table4.csv`, `significance.csv`, `tag_use.csv`.
