@@ -1,10 +1,13 @@
 """Generator recipe ablation: train a tagged generator (and, with --untagged, the untagged one
-with the same budget) through the real `mhs train dialogpt` stage, then measure tag use by
-likelihood on seeded ESConv *valid* examples (recipes are chosen on valid; test is scored only by
-the pipeline's likelihood stage). Appends one JSON line per recipe to --out.
+with the same budget) through the real `mhs train dialogpt` stage, then measure on seeded ESConv
+*valid* examples (recipes are chosen on valid; test is scored only by the pipeline's stages):
+tag use by likelihood (discrimination, gold-tag vs untagged NLL, paired) and, with --adherence N,
+oracle adherence: replies generated under the gold tag for N of those examples, judged by the
+cpu recogniser, beside the recogniser's accuracy on the human references of the same examples.
+Appends one JSON line per recipe to --out, with the CPU's flags and the dtype.
 
-    python scripts/ablate_generator.py --out ablation.jsonl --name "lr 1e-3" --untagged -- \
-        --profile cpu generator.learning_rate=1e-3
+    python scripts/ablate_generator.py --out ablation.jsonl --name "words, lr 1e-3" --untagged \
+        --adherence 200 -- --profile cpu generator.tag_format=words generator.tag_lr_scale=1
 """
 
 from __future__ import annotations
@@ -13,16 +16,22 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
-from mhsupport import devices, pipeline
+from mhsupport import classifier, devices, pipeline
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import load_config, prepare_data_config
+from mhsupport.config import classifier_config, load_config, prepare_data_config
 from mhsupport.examples_io import read_examples
 from mhsupport.formatting import FormatterSettings
+from mhsupport.generation import generate
 from mhsupport.likelihood import paired_nll_test, reference_nll, tag_use_scores
 from mhsupport.models import load_saved_causal_lm
 from mhsupport.training import seeded_subset
+
+
+TAG_ONLY_KEYS = tuple(f"generator.{key}=" for key in ("tag_format", "tag_lr_scale", "strategy_opening", "strategy_instruction",
+                                                     "tag_contrast_weight", "tag_contrast_negatives")) + ("strategy_words.",)
 
 
 def score(run, examples, runtime, batch_size):
@@ -30,7 +39,27 @@ def score(run, examples, runtime, batch_size):
     formatter = FormatterSettings.load(run.path / "model").build(tokenizer)
     started = time.perf_counter()
     nll, tokens = reference_nll(model, formatter, examples, formatter.labels, batch_size, progress=False)
-    return nll, tokens, formatter.labels, time.perf_counter() - started
+    return model, tokenizer, formatter, nll, tokens, time.perf_counter() - started
+
+
+def adherence(model, tokenizer, formatter, examples, recogniser, batch_size):
+    """Oracle adherence (the recogniser's category of replies generated under the gold tag equals
+    it) and the recogniser's accuracy on the human references of the same examples."""
+    started = time.perf_counter()
+    outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], [e["category"] for e in examples],
+                       batch_size=batch_size, max_new_tokens=40, progress=False)
+    seconds = time.perf_counter() - started
+    replies = [o["response"] for o in outputs]
+    judged = recogniser.predict([r for r in replies if r]) if any(replies) else []
+    recognised = iter(judged)
+    gold = [e["category"] for e in examples]
+    adhered = [bool(r) and next(recognised) == g for r, g in zip(replies, gold)]
+    human = recogniser.predict([e["response"] for e in examples])
+    return {"oracle_adherence": float(np.mean(adhered)),
+            "recogniser_on_references": float(np.mean([h == g for h, g in zip(human, gold)])),
+            "empty_replies": sum(not r for r in replies), "mean_words": float(np.mean([len(r.split()) for r in replies])),
+            "examples": len(examples), "generate_seconds": round(seconds, 1),
+            "samples": [{"gold": g, "reply": r} for g, r in zip(gold[:8], replies[:8])]}
 
 
 def main() -> None:
@@ -39,28 +68,44 @@ def main() -> None:
     parser.add_argument("--name", required=True, help="the recipe's name in the table")
     parser.add_argument("--valid-examples", type=int, default=400)
     parser.add_argument("--untagged", action="store_true", help="also train and score the untagged model")
+    parser.add_argument("--adherence", type=int, default=0, metavar="N",
+                        help="also generate under the gold tag for the first N scored examples and judge them")
+    parser.add_argument("--fresh", action="store_true",
+                        help="retrain the tagged model even when its run exists (to time it on a quiet machine)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `mhs train dialogpt` flags/overrides")
     args = parser.parse_args()
     train_args = [a for a in args.train_args if a != "--"]
     row = {"recipe": args.name, "overrides": train_args, "torch_threads": torch.get_num_threads(),
-           "cpu": devices.cpu_description()}
+           "cpu": devices.cpu_description(), "valid_examples": args.valid_examples}
     nll_by_variant = {}
     for tagged in ([True, False] if args.untagged else [True]):
-        parsed = build_parser().parse_args(["train", "dialogpt", *train_args, *(["--strategy-tag"] if tagged else [])])
+        # the untagged twin leaves out the settings of the tag alone, so every tagged recipe of the same
+        # budget shares one twin
+        variant_args = train_args if tagged else [a for a in train_args if not a.startswith(TAG_ONLY_KEYS)]
+        parsed = build_parser().parse_args(["train", "dialogpt", *variant_args, *(["--strategy-tag"] if tagged else []),
+                                            *(["--force"] if tagged and args.fresh else [])])
         cfg = load_config("train_generator", flag_overrides(parsed) + list(parsed.overrides))
         result = pipeline.run("train_generator", cfg)
         data_run = pipeline.Pipeline().plan("prepare_data", prepare_data_config(cfg)).path
         examples = seeded_subset(read_examples(data_run, "esconv", "valid"), args.valid_examples, 0)
-        nll, tokens, labels, seconds = score(result.run, examples, cfg.runtime, 16)
+        model, tokenizer, formatter, nll, tokens, seconds = score(result.run, examples, cfg.runtime, 16)
         name = "tagged" if tagged else "untagged"
         m = result.metrics
         row[name] = {"run": str(result.run.path), "train_seconds": m["session"]["train_seconds"],
                      "train_examples": m["train_examples"], "valid_loss": m["valid_loss"],
                      "score_seconds": round(seconds, 1),
-                     **tag_use_scores(nll, tokens, [e["category"] for e in examples], labels, 1000, 0)}
-        nll_by_variant[name] = nll[range(len(examples)), [labels.index(e["category"]) for e in examples]] \
-            if labels else nll[:, 0]
+                     "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+                     **tag_use_scores(nll, tokens, [e["category"] for e in examples], formatter.labels, 1000, 0)}
+        nll_by_variant[name] = nll[range(len(examples)), [formatter.labels.index(e["category"]) for e in examples]] \
+            if formatter.labels else nll[:, 0]
         row["tokens"] = int(tokens.sum())
+        if tagged and args.adherence:
+            # the recogniser of the profile: training-only settings are no eval keys
+            eval_cfg = load_config("eval", flag_overrides(parsed) + [o for o in parsed.overrides
+                                                                     if not o.startswith(("generator.", "runtime."))])
+            recogniser_run = pipeline.run("train_classifier", classifier_config(eval_cfg, "response")).run
+            recogniser = classifier.load(recogniser_run.path, cfg.runtime)
+            row["adherence"] = adherence(model, tokenizer, formatter, examples[:args.adherence], recogniser, 64)
     if args.untagged:
         row["gold_minus_untagged"] = paired_nll_test(nll_by_variant["tagged"], nll_by_variant["untagged"], tokens, 1000, 0)
     with open(args.out, "a") as out:
@@ -71,7 +116,9 @@ def main() -> None:
           f"train {row['tagged']['train_seconds']} s"
           + (f"; untagged PPL {row['untagged']['metrics']['ppl']['value']:.2f}, gold - untagged "
              f"{row['gold_minus_untagged']['value']:+.4f} nats/token p={row['gold_minus_untagged']['p']:.3f}"
-             if args.untagged else ""))
+             if args.untagged else "")
+          + (f"; oracle adherence {row['adherence']['oracle_adherence']:.3f} (recogniser on references "
+             f"{row['adherence']['recogniser_on_references']:.3f})" if "adherence" in row else ""))
 
 
 if __name__ == "__main__":
