@@ -102,16 +102,17 @@ def test_words_from_the_config_fill_the_templates(make_cfg):
     assert untagged.words is None and untagged.tag_format == "token"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("generator.tag_format=sentence", "expected one of token, words, instruction"),
-    ("generator.strategy_opening='{label} {tone}'", "may name only {label} and {description}"),
-    ("generator.tag_lr_scale=30", "generator.tag_lr_scale acts on tag tokens"),
-    ("~strategy_words.Action", "strategy_words: no words for ['Action']"),
+@pytest.mark.parametrize("overrides, message", [
+    (["generator.tag_format=sentence"], "expected one of token, words, instruction"),
+    (["generator.strategy_opening='{label} {tone}'"], "may name only {label} and {description}"),
+    (["generator.tag_lr_scale=30"], "generator.tag_lr_scale acts on tag tokens"),
+    (["generator.tag_format=instruction", "generator.tag_contrast_weight=1"], "an instruction is part of the prompt"),
+    (["~strategy_words.Action"], "strategy_words: no words for ['Action']"),
 ])
-def test_bad_format_settings_are_one_line_errors(make_cfg, override, message):
-    cfg_overrides = [*GEN, "strategy_tag=true", "generator.tag_format=words", override]
+def test_bad_format_settings_are_one_line_errors(make_cfg, overrides, message):
+    cfg = make_cfg("train_generator", *GEN, "strategy_tag=true", "generator.tag_format=words", *overrides)
     with pytest.raises(MhsError) as raised:
-        pipeline.check_config("train_generator", make_cfg("train_generator", *cfg_overrides))
+        pipeline.check_config("train_generator", cfg)
     assert message in str(raised.value) and "\n" not in str(raised.value)
 
 

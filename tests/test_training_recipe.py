@@ -32,8 +32,9 @@ def test_labelled_positions_loss_equals_the_models_own_loss(tmp_path):
     assert trainer.compute_loss(model, batch).item() == pytest.approx(own.item(), rel=1e-5)
 
 
-def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path):
-    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+@pytest.mark.parametrize("tag_format", ["token", "words"])
+def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path, tag_format):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()), tag_format)
     examples = toy_examples(12, seed=4)
     features = [formatter.training_features(e) for e in examples]
     batch = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(features)
@@ -41,7 +42,7 @@ def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path):
     model.eval()
     own = training.LabelledPositionsTrainer(model=model, args=args).compute_loss(model, batch)
     # every wrong tag drawn: the cross-entropy over tags then does not depend on the draw's order
-    trainer = training.TagContrastTrainer(model=model, args=args, tag_ids=[formatter.tag_ids[t] for t in LABELS],
+    trainer = training.TagContrastTrainer(model=model, args=args, openings=[formatter.opening_ids(t) for t in LABELS],
                                           weight=0.5, negatives=len(LABELS) - 1)
     loss, parts = trainer.compute_loss(model, batch, return_outputs=True)
     assert parts["lm_loss"].item() == pytest.approx(own.item(), rel=1e-5)
@@ -50,9 +51,9 @@ def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path):
     expected = F.cross_entropy(-torch.tensor(nll / tokens[:, None]), gold)
     assert parts["contrast_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert loss.item() == pytest.approx(own.item() + 0.5 * expected.item(), rel=1e-5)
-    loss.backward()  # the gradient reaches the tag rows through the shared context's cache and the continuations
-    tag_rows = model.get_input_embeddings().weight.grad[[formatter.tag_ids[t] for t in LABELS]]
-    assert (tag_rows.abs().sum(dim=1) > 0).all()
+    loss.backward()  # the gradient reaches the openings through the shared context's cache and the continuations
+    opening_rows = model.get_input_embeddings().weight.grad[sorted({i for t in LABELS for i in formatter.opening_ids(t)})]
+    assert (opening_rows.abs().sum(dim=1) > 0).all()
 
 
 def test_contrast_term_is_divided_over_accumulated_micro_batches(tmp_path):
@@ -61,7 +62,7 @@ def test_contrast_term_is_divided_over_accumulated_micro_batches(tmp_path):
     features, collator = features_and_collator(formatter, n=8)
     batch = collator(features)
     trainer = training.TagContrastTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
-                                          tag_ids=[formatter.tag_ids[t] for t in LABELS], weight=1.0, negatives=3)
+                                          openings=[[formatter.tag_ids[t]] for t in LABELS], weight=1.0, negatives=3)
     model.eval()
     labelled = int((batch["labels"] != IGNORE_INDEX).sum())
     _, single = trainer.compute_loss(model, batch, return_outputs=True, num_items_in_batch=labelled)
@@ -81,7 +82,7 @@ def test_the_losses_run_under_the_trainers_bf16_autocast(tmp_path, contrast):
     model.transformer.h[0].mlp.c_fc.register_forward_hook(lambda module, args, out: seen.add(out.dtype))
     args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=8, use_cpu=True, bf16=True,
                              report_to="none", save_strategy="no", disable_tqdm=True)
-    extra = {"tag_ids": [formatter.tag_ids[t] for t in LABELS], "weight": 1.0, "negatives": 1} if contrast else {}
+    extra = {"openings": [[formatter.tag_ids[t]] for t in LABELS], "weight": 1.0, "negatives": 1} if contrast else {}
     trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
     trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(features),
                   **extra).train()

@@ -163,10 +163,12 @@ def validate(cfg: DictConfig) -> None:
         raise MhsError("generator.tag_contrast_weight trains trainable=all|top_layers models; with trainable=lora "
                        "set generator.tag_contrast_weight=0")
     if generator is not None and generator.get("tag_format", "token") != "token":
-        for key, neutral in (("tag_lr_scale", 1), ("tag_contrast_weight", 0)):
-            if generator.get(key, neutral) != neutral:
-                raise MhsError(f"generator.{key} acts on tag tokens; generator.tag_format={generator.tag_format} "
-                               f"writes the strategy in words: set generator.{key}={neutral} (or tag_format=token)")
+        if generator.get("tag_lr_scale", 1) != 1:
+            raise MhsError(f"generator.tag_lr_scale acts on tag tokens; generator.tag_format={generator.tag_format} "
+                           "writes the strategy in words: set generator.tag_lr_scale=1 (or tag_format=token)")
+        if generator.get("tag_format") == "instruction" and generator.get("tag_contrast_weight", 0) > 0:
+            raise MhsError("generator.tag_contrast_weight contrasts the openings of a reply (tag_format token or words); "
+                           "an instruction is part of the prompt: set generator.tag_contrast_weight=0")
         _check_strategy_words(cfg)
     if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
         raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "

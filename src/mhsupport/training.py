@@ -221,19 +221,21 @@ class LabelledPositionsTrainer(Trainer):
 
 class TagContrastTrainer(LabelledPositionsTrainer):
     """Trains a tagged generator to need its tag. Beside the language-model loss (the same as
-    LabelledPositionsTrainer's), each reference reply is scored under its gold tag and under
-    `negatives` other tags drawn at random, and a cross-entropy over those tags, with each tag's
-    logit the reply's per-token log-likelihood under it, asks the gold tag to explain the reply best:
-    the hybrid generative-discriminative loss of class-conditional LMs (GeDi, Krause et al., 2021),
-    `loss = lm + weight * contrast`. Without it a short fine-tuning learns to write a reply that
-    hardly depends on the tag. The context is encoded once per example and its KV cache is shared by
-    the tags, so a negative costs only the reply's tokens."""
+    LabelledPositionsTrainer's), each reference reply is scored after its gold tag's opening and
+    after `negatives` other tags' openings drawn at random, and a cross-entropy over those tags, with
+    each tag's logit the reply's per-token log-likelihood under it, asks the gold tag to explain the
+    reply best: the hybrid generative-discriminative loss of class-conditional LMs (GeDi, Krause et
+    al., 2021), `loss = lm + weight * contrast`. An opening is the tag token or the strategy's words
+    (the tag formats that open the reply). The context is encoded once per example and its KV cache is
+    shared by the tags, so a negative costs only its opening and the reply's tokens."""
 
-    def __init__(self, *args, tag_ids: list[int], weight: float, negatives: int, **kwargs):
+    def __init__(self, *args, openings: list[list[int]], weight: float, negatives: int, **kwargs):
         super().__init__(*args, **kwargs)
-        if not 1 <= negatives < len(tag_ids):
-            raise ValueError(f"negatives must be in 1..{len(tag_ids) - 1}, got {negatives}")
-        self.tag_ids, self.weight, self.negatives = torch.tensor(tag_ids), weight, negatives
+        if not 1 <= negatives < len(openings):
+            raise ValueError(f"negatives must be in 1..{len(openings) - 1}, got {negatives}")
+        # the longest first, so that an opening that begins another is not read in its place
+        self.openings = sorted((list(o) for o in openings), key=len, reverse=True)
+        self.weight, self.negatives = weight, negatives
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model is not self.model:  # two forward passes per step would break DDP/FSDP gradient sync
@@ -242,30 +244,40 @@ class TagContrastTrainer(LabelledPositionsTrainer):
         with self.accelerator.autocast():  # as in LabelledPositionsTrainer: the model's forward is bypassed
             return self._contrast_loss(model, inputs, return_outputs, num_items_in_batch)
 
+    def _gold_opening(self, labelled: list[int]) -> int:
+        for k, opening in enumerate(self.openings):
+            if labelled[:len(opening)] == opening:
+                return k
+        raise ValueError("a training reply opens with none of the tags' openings")
+
     def _contrast_loss(self, model, inputs, return_outputs, num_items_in_batch):
         device = inputs["input_ids"].device
-        tag_ids = self.tag_ids.to(device)
-        groups, reply_tokens = [], []
+        groups, opening_tokens, reply_tokens = [], [], []
         for ids, labels, mask in zip(inputs["input_ids"], inputs["labels"], inputs["attention_mask"]):
-            ids, labels = ids[mask == 1], labels[mask == 1]
-            start = int((labels != IGNORE_INDEX).int().argmax())  # the tag's position
-            gold = ids[start]
-            wrong = tag_ids[tag_ids != gold]
-            drawn = wrong[torch.randperm(len(wrong))[:self.negatives].to(device)]
-            prompt, reply = ids[:start].tolist(), ids[start + 1:].tolist()
-            # the gold tag and its reply are scored (the LM term); a wrong tag is input, its reply scored
-            groups.append([Scored(prompt + [int(gold)] + reply, start)]
-                          + [Scored(prompt + [int(tag)] + reply, start + 1) for tag in drawn])
+            ids, labels = ids[mask == 1].tolist(), labels[mask == 1]
+            start = int((labels != IGNORE_INDEX).int().argmax())  # where the opening starts
+            gold = self._gold_opening(ids[start:])
+            opening = self.openings[gold]
+            prompt, reply = ids[:start], ids[start + len(opening):]
+            wrong = [k for k in range(len(self.openings)) if k != gold]
+            drawn = [wrong[i] for i in torch.randperm(len(wrong))[:self.negatives].tolist()]
+            # the gold opening and its reply are scored (the LM term); a wrong opening is input, its reply scored
+            groups.append([Scored(prompt + opening + reply, start)]
+                          + [Scored(prompt + self.openings[k] + reply, start + len(self.openings[k])) for k in drawn])
+            opening_tokens.append(len(opening))
             reply_tokens.append(len(reply))
         nll, scored = token_nll(model, groups)
         per_example = 1 + self.negatives
         sums = nll.sum(dim=1).view(len(groups), per_example)
-        gold_rows = nll.view(len(groups), per_example, -1)[:, 0]
-        first = scored.view(len(groups), per_example, -1)[:, 0].int().argmax(dim=1)  # each gold row's tag column
-        tag_nll = gold_rows.gather(1, first[:, None]).squeeze(1)
-        reply_nll = torch.cat([(sums[:, 0] - tag_nll)[:, None], sums[:, 1:]], dim=1)
+        # the gold rows' opening NLL: their first scored tokens
+        gold_rows, gold_scored = nll.view(len(groups), per_example, -1)[:, 0], scored.view(len(groups), per_example, -1)[:, 0]
+        rank = gold_scored.int().cumsum(dim=1)
+        in_opening = gold_scored & (rank <= torch.tensor(opening_tokens, device=device)[:, None])
+        opening_nll = (gold_rows * in_opening).sum(dim=1)
+        reply_nll = torch.cat([(sums[:, 0] - opening_nll)[:, None], sums[:, 1:]], dim=1)
 
-        labelled = num_items_in_batch if num_items_in_batch is not None else sum(n + 1 for n in reply_tokens)
+        labelled = num_items_in_batch if num_items_in_batch is not None else sum(
+            o + r for o, r in zip(opening_tokens, reply_tokens))
         lm = sums[:, 0].sum() / torch.as_tensor(labelled, device=device)
         # per-token log-likelihoods as the tags' logits, so the two losses act on one scale
         logits = -reply_nll / torch.tensor(reply_tokens, device=device)[:, None]

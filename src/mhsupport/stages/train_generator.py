@@ -64,13 +64,13 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         callbacks.append(training.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
 
     contrast = {}
-    if tag_tokens and g.tag_contrast_weight > 0:
+    if labels and g.tag_contrast_weight > 0:
         several_gpus = devices.resolve(cfg.runtime).type == "cuda" and torch.cuda.device_count() > 1  # DataParallel
         if training.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
             raise MhsError("generator.tag_contrast_weight > 0 trains one unwrapped model (two forward passes per step, "
                            "which DDP, FSDP and DataParallel cannot synchronise): run one process on one device "
                            "(no torchrun or runtime.fsdp; CUDA_VISIBLE_DEVICES=0), or add generator.tag_contrast_weight=0")
-        contrast = {"tag_ids": [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels],
+        contrast = {"openings": [formatter.opening_ids(label) for label in labels],
                     "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
 
     def make_trainer(checkpoints):
