@@ -28,10 +28,10 @@ from pathlib import Path
 from mhsupport import pipeline
 from mhsupport.classifier import context_text, tfidf_logistic_regression
 from mhsupport.config import load_config
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
 from mhsupport.metrics import classification_scores
 from mhsupport.stages import train_classifier
-from mhsupport.training import seeded_subset
+from mhsupport.data.subsets import seeded_subset
 
 # Fixed for every model row: the offline backbone; no checkpoints or loggers (nothing to resume).
 ROW_BASE = ["model_selection=true", "classifier.save_steps=1000000",

@@ -22,11 +22,12 @@ import torch
 from mhsupport import devices, models
 from mhsupport.cli import build_parser, flag_overrides
 from mhsupport.config import generator_config, load_config, prepare_data_config
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
 from mhsupport.formatting import build_formatter
 from mhsupport.generation import generate
 from mhsupport.pipeline import Pipeline
-from mhsupport.training import per_example_nll, seeded_subset
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.training import per_example_nll
 
 
 def main() -> None:

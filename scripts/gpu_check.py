@@ -35,7 +35,7 @@ from transformers import logging as hf_logging
 from mhsupport import cli, devices, models, pipeline, training
 from mhsupport.classifier import Classifier, ClassifierSettings
 from mhsupport.config import load_config
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
 from mhsupport.formatting import IGNORE_INDEX, build_formatter
 from mhsupport.generation import generate
 from mhsupport.metrics import GenerationScores, bootstrap_intervals

@@ -9,7 +9,7 @@ import pytest
 
 from mhsupport.cli import main
 from mhsupport.config import load_config
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
 from mhsupport import pipeline
 
 CATEGORIES = ["Comforting", "Exploration", "Action", "Others"]

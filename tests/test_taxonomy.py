@@ -2,7 +2,7 @@ import pytest
 
 from mhsupport.config import load_config
 from mhsupport.errors import MhsError
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,9 @@ from pathlib import Path
 from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard, ModelCardData, upload_folder
 
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import DATASETS, EXAMPLE_SCHEMA, examples_path
+from mhsupport.data.examples_io import DATASETS, EXAMPLE_SCHEMA, examples_path
 from mhsupport.formatting import FormatterSettings, generator_tags, tag_token
-from mhsupport.splits import SPLITS
+from mhsupport.data.splits import SPLITS
 
 # Our split names -> Hugging Face's (`datasets.Split.VALIDATION` is "validation").
 HF_SPLITS = {"train": "train", "valid": "validation", "test": "test"}

@@ -16,7 +16,7 @@ from mhsupport.formatting import build_formatter, generator_tags
 from mhsupport.generation import generate
 from mhsupport.pipeline import Pipeline
 from mhsupport.safety import CRISIS_REPLY, screen
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 
 def resolve_sampler(cfg: DictConfig) -> str:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mhsupport.scoring import Scored
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 IGNORE_INDEX = -100
 SETTINGS_FILE = "generator.json"

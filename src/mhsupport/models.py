@@ -22,8 +22,8 @@ from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassificati
 
 from mhsupport import devices
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
-from mhsupport.training import seeded_subset
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
 
 log = logging.getLogger(__name__)
 COMPLETE_MARK = ".complete"

@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 import zipfile
 from pathlib import Path
@@ -33,14 +32,6 @@ def is_main_process() -> bool:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def seeded_subset(items: list, size: int | None, seed: int) -> list:
-    """A reproducible sample of `size` items (all of them when size is None or too large), in order."""
-    if size is None or size >= len(items):
-        return list(items)
-    keep = sorted(random.Random(seed).sample(range(len(items)), size))
-    return [items[i] for i in keep]
 
 
 def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps: int) -> TrainingArguments:

@@ -11,17 +11,18 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import artifacts, classifier as classifier_api, devices, likelihood, llm, models, sampling, training
+from mhsupport import artifacts, classifier as classifier_api, devices, likelihood, llm, models, sampling
 from mhsupport.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
 from mhsupport.formatting import build_formatter, generator_tags
 from mhsupport.generation import generate
 from mhsupport.generations_io import GENERATIONS
 from mhsupport.metric_protocols import PROTOCOLS
 from mhsupport.metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores
 from mhsupport.scoring import sequence_nll
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -66,13 +67,13 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     label_key = Taxonomy.label_key(cfg.tag_set)
     labels = generator_tags(gcfg)
     data_run = inputs["prepare_data"].path
-    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset,
+    examples = seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset,
                                         cfg.test_subset_seed)
 
     set_seed(cfg.seed)
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     if cfg.generator_source == "llm":
-        examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.test_subset_seed)
+        examples = seeded_subset(examples, cfg.llm.test_subset, cfg.test_subset_seed)
         respond, tags, labels, loaded = llm_responder(cfg, inputs, examples)
     else:
         respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)

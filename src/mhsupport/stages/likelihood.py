@@ -9,12 +9,13 @@ import logging
 
 from omegaconf import DictConfig
 
-from mhsupport import artifacts, devices, likelihood, models, training
+from mhsupport import artifacts, devices, likelihood, models
 from mhsupport.config import generator_config, prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
 from mhsupport.formatting import build_formatter, generator_tags
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "likelihood"
@@ -49,7 +50,7 @@ def label(cfg: DictConfig) -> str:
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
-    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
+    examples = seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
     generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
     model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
     formatter = build_formatter(generator_config(cfg), tokenizer)

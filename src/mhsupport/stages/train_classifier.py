@@ -18,9 +18,10 @@ from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
                                   majority_label, previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.config import prepare_data_config
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
 from mhsupport.metrics import classification_scores
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "train_classifier"
@@ -54,7 +55,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     p = cfg.classifier
     settings = settings_for(cfg)
     label_id = {label: i for i, label in enumerate(settings.labels)}
-    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
+    train_examples = seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
     # Model selection (scripts/ablate_classifier.py) reads ESConv valid alone: test stays untouched.
     splits = ("valid",) if cfg.model_selection else EVAL_SPLITS
     evaluation = {split: read_examples(data_run, "esconv", split) for split in splits}

@@ -13,7 +13,8 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 from mhsupport import artifacts, cards, curves, devices, models, training
 from mhsupport.config import prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
 from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,8 @@ def label(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     g = cfg.generator
-    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
-    valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
+    train_examples = seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
+    valid_examples = seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
 
     set_seed(cfg.seed)
     model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
@@ -87,7 +88,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
         final_valid = validate(model)
-        final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset,
+        final_train = training.teacher_forced_loss(model, seeded_subset(train_features, g.train_eval_subset,
                                                                                  cfg.subset_seed),
                                                    g.eval_batch_size, tokenizer.pad_token_id or 0)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)

@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-from mhsupport.rawdata import Conversation, EpitomePair
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.raw import Conversation, EpitomePair
+from mhsupport.data.taxonomy import Taxonomy
 
 
 def esconv_examples(conversation: Conversation, taxonomy: Taxonomy, max_context_turns: int) -> list[dict]:

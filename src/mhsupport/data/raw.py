@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mhsupport.errors import RawDataError
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 ESCONV_SPLIT_FILES = {"train": "train.json", "valid": "valid.json", "test": "test.json"}
 ESCONV_SINGLE_FILE = "ESConv.json"

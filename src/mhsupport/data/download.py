@@ -12,7 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from mhsupport.errors import MhsError
-from mhsupport.rawdata import ESCONV_SPLIT_FILES, esconv_layout
+from mhsupport.data.raw import ESCONV_SPLIT_FILES, esconv_layout
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import random
 from collections import defaultdict
 
 from mhsupport.errors import MhsError
-from mhsupport.rawdata import Conversation, EpitomePair
+from mhsupport.data.raw import Conversation, EpitomePair
 
 SPLITS = ("train", "valid", "test")
 
