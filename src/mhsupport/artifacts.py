@@ -137,6 +137,12 @@ class Run:
     def partial_path(self) -> Path:
         return self.path.parent / f".{self.run_id}.partial"
 
+    @property
+    def checkpoints_path(self) -> Path:
+        """Where a resumable build (training) keeps its checkpoints: in its temporary folder, until the
+        run is in place."""
+        return self.partial_path / CHECKPOINTS
+
     @contextmanager
     def lock(self, is_main: bool = True):
         """Hold the run's lock while checking and building it, so two identical commands do not

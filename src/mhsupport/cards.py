@@ -10,7 +10,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, EvalResult, ModelCard,
 
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import DATASETS, EXAMPLE_SCHEMA, examples_path
-from mhsupport.formatting import FormatterSettings, generator_tags, tag_token
+from mhsupport.modeling.formatting import FormatterSettings, generator_tags, tag_token
 from mhsupport.data.splits import SPLITS
 
 # Our split names -> Hugging Face's (`datasets.Split.VALIDATION` is "validation").

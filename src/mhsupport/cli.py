@@ -121,7 +121,7 @@ def _run_prepare_data(cfg, args):
 
 def _run_train_generator(cfg, args):
     from mhsupport import pipeline
-    from mhsupport.training import is_main_process
+    from mhsupport.training.processes import is_main_process
 
     result = pipeline.run("train_generator", cfg)
     if is_main_process():
@@ -132,7 +132,7 @@ def _run_train_generator(cfg, args):
 
 def _run_train_classifier(cfg, args):
     from mhsupport import pipeline
-    from mhsupport.training import is_main_process
+    from mhsupport.training.processes import is_main_process
 
     result = pipeline.run("train_classifier", cfg)
     if is_main_process():
@@ -309,7 +309,7 @@ def _run_clean(cfg, args):
 
 
 def _run_models_fetch(cfg, args):
-    from mhsupport.models import fetch_wheels
+    from mhsupport.modeling.offline_cache import fetch_wheels
 
     for name, path in fetch_wheels(cfg).items():
         print(f"{name}: {path}")

@@ -13,8 +13,8 @@ import urllib.request
 from tqdm.auto import tqdm
 
 from mhsupport.errors import MhsError
-from mhsupport.formatting import ChatTemplateFormatter
-from mhsupport.generation import generate
+from mhsupport.modeling.formatting import ChatTemplateFormatter
+from mhsupport.modeling.decoding import generate
 
 ROLES = {"seeker": "user", "supporter": "assistant"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mhsupport.errors import MhsError
-from mhsupport.formatting import FORMATTERS, TAG_FORMATS
+from mhsupport.modeling.formatting import FORMATTERS, TAG_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -84,7 +84,7 @@ def _distinct_ints(value):
 def _report_to(value):
     """Resolved by `curves.report_to`, which raises its own one-line error for an unknown or
     missing logger; imported here only when a config has the key (it pulls in transformers)."""
-    from mhsupport.curves import report_to
+    from mhsupport.training.curves import report_to
 
     report_to(value)
     return True, ""

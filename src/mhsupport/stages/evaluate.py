@@ -11,17 +11,18 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import artifacts, classifier as classifier_api, devices, likelihood, llm, models, sampling
+from mhsupport import artifacts, llm, sampling
+from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
 from mhsupport.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
-from mhsupport.formatting import build_formatter, generator_tags
-from mhsupport.generation import generate
+from mhsupport.modeling.formatting import build_formatter, generator_tags
+from mhsupport.modeling.decoding import generate
 from mhsupport.generations_io import GENERATIONS
 from mhsupport.metric_protocols import PROTOCOLS
 from mhsupport.metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores
-from mhsupport.scoring import sequence_nll
+from mhsupport.modeling.scoring import sequence_nll
 from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     """Responses of a fine-tuned (or base) generator under the configured tag sampler; the
     models it loaded (name -> model)."""
     generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
-    model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
+    model, tokenizer = loading.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
     formatter = build_formatter(gcfg, tokenizer)
     prior = None
     if cfg.sampler == "random_prior":
@@ -182,7 +183,7 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     d = cfg.decoding
     own = None
     if cfg.sampler == "none" and formatter.model_writes_tag:
-        own = likelihood.opening_probabilities(model, formatter, [e["context"] for e in examples], d.batch_size,
+        own = tag_likelihood.opening_probabilities(model, formatter, [e["context"] for e in examples], d.batch_size,
                                                cfg.runtime.progress)
     tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
                                 classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
@@ -219,7 +220,7 @@ def llm_responder(cfg, inputs, examples):
     if c.backend == "openai":
         backend = llm.OpenAICompatibleBackend(c)
     else:
-        model, tokenizer = models.load_causal_lm(cfg.generator, devices.inference(cfg.runtime))
+        model, tokenizer = loading.load_causal_lm(cfg.generator, devices.inference(cfg.runtime))
         backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens)
         loaded["generator"] = model
 

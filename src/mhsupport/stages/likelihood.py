@@ -9,12 +9,13 @@ import logging
 
 from omegaconf import DictConfig
 
-from mhsupport import artifacts, devices, likelihood, models
+from mhsupport import artifacts, likelihood
+from mhsupport.modeling import devices, loading, tag_likelihood
 from mhsupport.config import generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
-from mhsupport.formatting import build_formatter, generator_tags
+from mhsupport.modeling.formatting import build_formatter, generator_tags
 from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
@@ -52,12 +53,12 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     examples = seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
     generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
-    model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
+    model, tokenizer = loading.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
     formatter = build_formatter(generator_config(cfg), tokenizer)
     labels = generator_tags(cfg)
     key = Taxonomy.label_key(cfg.tag_set)
     batch_size = cfg.runtime.batch_size_by_profile[cfg.generator.profile]
-    nll, tokens = likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
+    nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
     gold = [e[key] for e in examples]
     scores = likelihood.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
     run_.metrics = {"system": system_name(cfg), "profile": cfg.generator.profile, "dataset": cfg.dataset,

@@ -14,8 +14,10 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, cards, curves, devices, models, training
-from mhsupport.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
+from mhsupport import artifacts, cards
+from mhsupport.modeling import devices, loading
+from mhsupport.training import curves, loop, processes, validation
+from mhsupport.modeling.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
                                   majority_label, previous_supporter_label, tfidf_logistic_regression)
 from mhsupport.config import prepare_data_config
 from mhsupport.data.examples_io import read_examples
@@ -63,7 +65,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     set_seed(cfg.seed)
     texts = [t["text"] for e in train_examples for t in e["context"][-cfg.context_turns:]] + \
             [e["response"] for e in train_examples]
-    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), devices.training(cfg.runtime),
+    model, tokenizer = loading.load_sequence_classifier(p, len(settings.labels), devices.training(cfg.runtime),
                                                        train_texts=texts)
     model.config.id2label = dict(enumerate(settings.labels))
     model.config.label2id = label_id
@@ -87,19 +89,19 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
     def make_trainer(checkpoints):
-        args = training.training_arguments(checkpoints, p, cfg.runtime, cfg.seed, p.save_steps)
+        args = loop.training_arguments(checkpoints, p, cfg.runtime, cfg.seed, p.save_steps)
         return Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
                        train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
-                       callbacks=[training.ValidationCallback(validate)])
+                       callbacks=[validation.ValidationCallback(validate)])
 
     def finish(trainer, out, result, resume, train_seconds):
         classifier.model = trainer.model.eval()
         metrics = {"profile": p.profile, "dataset": cfg.dataset, "mode": cfg.mode, "labels": settings.labels,
                    "train_examples": len(train_examples), "train_label_counts": dict(counts),
-                   "epochs": training.epoch_history(trainer.state.log_history),
+                   "epochs": validation.epoch_history(trainer.state.log_history),
                    "checkpoint": "last (the model after the final epoch)",
                    "session": {"train_seconds": round(result.metrics["train_runtime"], 2), "resumed_from": resume,
-                               "processes": training.world_size()}}
+                               "processes": processes.world_size()}}
         run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if cfg.model_selection:
             gold = [e[settings.label_key] for e in evaluation["valid"]]
@@ -119,7 +121,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                 gold, systems, settings.labels, "model", cfg.bootstrap.resamples, cfg.bootstrap.seed)
             metrics[split]["model"]["calibration"] = calibration(gold, probabilities, settings.labels)
         run_.metrics = metrics
-        if training.is_main_process():
+        if processes.is_main_process():
             classifier.save(out / "model")
             cards.classifier_card(cfg, metrics, data_run.name).save(out / "model" / "README.md")
             note = f" - {p.warning}" if p.get("warning") else ""
@@ -128,8 +130,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             plot_reliability(metrics["test"]["model"]["calibration"], out / "reliability_test.png", title)
             curves.save(trainer.state.log_history, out, f"{cfg.mode} classifier ({p.profile}{note})")
 
-    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
-    if training.is_main_process():
+    loop.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
+    if processes.is_main_process():
         log.info("train classifier wrote %s", run_.path)
 
 

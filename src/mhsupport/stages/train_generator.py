@@ -10,12 +10,14 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from mhsupport import artifacts, cards, curves, devices, models, training
+from mhsupport import artifacts, cards
+from mhsupport.modeling import devices, edits, loading
+from mhsupport.training import curves, loop, processes, trainers, validation
 from mhsupport.config import prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
-from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
+from mhsupport.modeling.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
 
 log = logging.getLogger(__name__)
 STAGE = "train_generator"
@@ -38,18 +40,18 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     valid_examples = seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
 
     set_seed(cfg.seed)
-    model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
-                                             train_texts=models.tokenizer_texts(train_examples))
+    model, tokenizer = loading.load_causal_lm(g, devices.training(cfg.runtime),
+                                             train_texts=loading.tokenizer_texts(train_examples))
     labels = generator_tags(cfg)
     tag_tokens = bool(labels) and g.tag_format == "token"  # the other formats write the strategy in words
     if tag_tokens:
-        models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
+        edits.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
     if g.trainable == "top_layers":
-        models.freeze_all_but_top(model, g.top_layers)
+        edits.freeze_all_but_top(model, g.top_layers)
     parameters = sum(p.numel() for p in model.parameters())
     if g.trainable == "lora":
         tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels] if tag_tokens else []
-        model = models.add_lora(model, g.lora, tag_ids)
+        model = edits.add_lora(model, g.lora, tag_ids)
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
     train_features = [formatter.training_features(e) for e in train_examples]
@@ -57,17 +59,17 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def validate(m):
-        return training.teacher_forced_loss(m, valid_features, g.eval_batch_size, tokenizer.pad_token_id or 0)
+        return validation.teacher_forced_loss(m, valid_features, g.eval_batch_size, tokenizer.pad_token_id or 0)
 
-    callbacks = [training.ValidationCallback(validate)]
+    callbacks = [validation.ValidationCallback(validate)]
     if tag_tokens and g.tag_lr_scale != 1:
         tag_rows = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels]
-        callbacks.append(training.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
+        callbacks.append(trainers.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
 
     contrast = {}
     if labels and g.tag_contrast_weight > 0:
         several_gpus = devices.resolve(cfg.runtime).type == "cuda" and torch.cuda.device_count() > 1  # DataParallel
-        if training.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
+        if processes.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
             raise MhsError("generator.tag_contrast_weight > 0 trains one unwrapped model (two forward passes per step, "
                            "which DDP, FSDP and DataParallel cannot synchronise): run one process on one device "
                            "(no torchrun or runtime.fsdp; CUDA_VISIBLE_DEVICES=0), or add generator.tag_contrast_weight=0")
@@ -75,20 +77,20 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                     "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
 
     def make_trainer(checkpoints):
-        args = training.training_arguments(checkpoints, g, cfg.runtime, cfg.seed, g.save_steps)
-        trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
+        args = loop.training_arguments(checkpoints, g, cfg.runtime, cfg.seed, g.save_steps)
+        trainer_class = trainers.TagContrastTrainer if contrast else trainers.LabelledPositionsTrainer
         return trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
                              processing_class=tokenizer, callbacks=callbacks, **contrast)
 
     def merge_lora(trainer):  # scored and saved as a plain model, loadable with from_pretrained
         nonlocal model
         if g.trainable == "lora":
-            model = trainer.model = models.merge_lora(model)
+            model = trainer.model = edits.merge_lora(model)
 
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
         final_valid = validate(model)
-        final_train = training.teacher_forced_loss(model, seeded_subset(train_features, g.train_eval_subset,
+        final_train = validation.teacher_forced_loss(model, seeded_subset(train_features, g.train_eval_subset,
                                                                                  cfg.subset_seed),
                                                    g.eval_batch_size, tokenizer.pad_token_id or 0)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
@@ -97,7 +99,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "profile": g.profile, "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag),
             "train_examples": len(train_features), "valid_examples": len(valid_features),
             "train_loss": final_train["loss"], "valid_loss": final_valid["loss"], "valid_ppl": final_valid["ppl"],
-            "epochs": training.epoch_history(trainer.state.log_history),
+            "epochs": validation.epoch_history(trainer.state.log_history),
             "checkpoint": "last (the model after the final epoch)",
             "tokens_seen": tokens_per_epoch * g.epochs,
             "parameters": parameters,
@@ -109,20 +111,20 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                 "tokens_per_s": round(tokens_per_epoch * g.epochs * steps_this_session
                                       / max(trainer.state.max_steps, 1) / max(train_seconds, 1e-9), 1),
                 "resumed_from": resume,
-                "processes": training.world_size(),
+                "processes": processes.world_size(),
                 "trainer_train_loss": result.training_loss,
             },
         }
         run_.device = devices.describe(cfg.runtime, {"generator": trainer.model}, "bf16" if trainer.args.bf16 else None)
-        if training.is_main_process():
+        if processes.is_main_process():
             tokenizer.save_pretrained(str(out / "model"))
             FormatterSettings.from_config(cfg).save(out / "model")
             cards.generator_card(cfg, run_.metrics, data_run.name).save(out / "model" / "README.md")
             curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
                         f"{', tagged' if labels else ''})")
 
-    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora)
-    if training.is_main_process():
+    loop.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora)
+    if processes.is_main_process():
         log.info("train dialogpt wrote %s", run_.path)
 
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mhsupport.scoring import Scored
+from mhsupport.modeling.scoring import Scored
 from mhsupport.data.taxonomy import Taxonomy
 
 IGNORE_INDEX = -100

@@ -1,17 +1,10 @@
-"""Model and tokenizer loading for every profile (DESIGN.md section 5), and the offline
-model cache filled from PyPI wheels by `mhs models fetch`."""
+"""Model and tokenizer loading for every profile (DESIGN.md section 5): from scratch with a tokenizer
+trained on the split, from a Hub id or folder, or from the offline cache's GGUF file (through its
+de-quantised copy when `mhs models fetch` has written one); placed by the device rule."""
 
 from __future__ import annotations
 
-import base64
-import csv
-import hashlib
 import logging
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
@@ -20,56 +13,12 @@ from tokenizers.processors import TemplateProcessing
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           GPT2Config, PreTrainedTokenizerFast)
 
-from mhsupport import devices
-from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
+from mhsupport.errors import MhsError
+from mhsupport.modeling import devices
 
 log = logging.getLogger(__name__)
-COMPLETE_MARK = ".complete"
-
-
-# --- the offline cache ------------------------------------------------------------------
-
-def wheel_dir(models_dir: str | Path, name: str, version: str) -> Path:
-    return Path(models_dir).expanduser() / f"{name}-{version}"
-
-
-def fetch_wheels(cfg) -> dict[str, Path]:
-    """pip-download each wheel (no dependencies), check its sha256 and RECORD, unpack it into
-    the cache. Already-unpacked wheels are kept unless force=true."""
-    unpacked = {}
-    for name, wheel in cfg.wheels.items():
-        target = wheel_dir(cfg.paths.models_dir, name, wheel.version)
-        if (target / COMPLETE_MARK).is_file() and not cfg.force:
-            log.info("%s==%s already in %s", name, wheel.version, target)
-            unpacked[name] = target
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--dest", tmp, f"{name}=={wheel.version}"]
-            log.info("downloading %s==%s", name, wheel.version)
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise MhsError(f"pip download {name}=={wheel.version} failed: {done.stderr.strip()[-500:]}")
-            (path,) = Path(tmp).glob("*.whl")
-            digest = _sha256(path.read_bytes())
-            if wheel.sha256 and digest != wheel.sha256:
-                raise MhsError(f"{path.name}: sha256 {digest} does not match the expected {wheel.sha256}")
-            staging = target.with_name(target.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            with zipfile.ZipFile(path) as archive:
-                archive.extractall(staging)
-            _verify_record(staging)
-            (staging / COMPLETE_MARK).write_text(digest + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-        unpacked[name] = target
-        log.info("%s==%s unpacked in %s", name, wheel.version, target)
-    for name, wheel in cfg.wheels.items():
-        if wheel.get("gguf_file"):
-            write_dequantised_copy(unpacked[name] / wheel.gguf_file, force=cfg.force)
-    return unpacked
 
 
 def dequantised_dir(gguf_path: str | Path) -> Path:
@@ -77,42 +26,6 @@ def dequantised_dir(gguf_path: str | Path) -> Path:
     folder (fp32 safetensors, config, tokenizer) beside it, named after it."""
     gguf_path = Path(gguf_path)
     return gguf_path.with_name(gguf_path.stem + ".fp32")
-
-
-def write_dequantised_copy(gguf_path: Path, force: bool = False) -> Path:
-    """De-quantise a GGUF file once (as load_causal_lm would on every load) and save it as an
-    ordinary fp32 model folder, so a load reads safetensors (under a second) instead of
-    de-quantising (about 20 s). Written into a staging folder and renamed when complete, so a
-    folder at dequantised_dir() is always whole."""
-    target = dequantised_dir(gguf_path)
-    if target.is_dir() and not force:
-        log.info("de-quantised copy already in %s", target)
-        return target
-    model, tokenizer = _load_gguf(gguf_path.parent, gguf_path.name)
-    staging = target.with_name(target.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    log.info("de-quantised %s to fp32 safetensors in %s", gguf_path.name, target)
-    return target
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _verify_record(root: Path) -> None:
-    """Every file listed in the wheel's RECORD must have its recorded hash."""
-    (record,) = root.glob("*.dist-info/RECORD")
-    for row in csv.reader(record.read_text().splitlines()):
-        if len(row) < 2 or not row[1]:
-            continue
-        algorithm, expected = row[1].split("=", 1)
-        actual = base64.urlsafe_b64encode(hashlib.new(algorithm, (root / row[0]).read_bytes()).digest())
-        if actual.rstrip(b"=").decode() != expected:
-            raise MhsError(f"{root / row[0]}: hash does not match the wheel's RECORD")
 
 
 def require_local(path: Path, what: str) -> Path:
@@ -178,7 +91,7 @@ def load_causal_lm(model_cfg, placement: devices.Placement, train_texts=None):
         else:
             log.warning("de-quantising %s on load (about 20 s): run `mhs models fetch` once to keep an fp32 "
                      "copy that loads in under a second", gguf_path)
-            model, tokenizer = _load_gguf(folder, model_cfg.gguf_file)
+            model, tokenizer = load_gguf(folder, model_cfg.gguf_file)
     else:
         raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
     if tokenizer.pad_token is None:
@@ -186,7 +99,7 @@ def load_causal_lm(model_cfg, placement: devices.Placement, train_texts=None):
     return devices.place(model, placement), tokenizer
 
 
-def _load_gguf(folder: Path, gguf_file: str):
+def load_gguf(folder: Path, gguf_file: str):
     """(model, tokenizer) from a GGUF file, its tensors de-quantised to fp32."""
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
@@ -233,59 +146,3 @@ def load_sequence_classifier(model_cfg, num_labels: int, placement: devices.Plac
     except OSError as err:
         raise MhsError(f"cannot load classifier {path!r}: {str(err).splitlines()[0]}") from None
     return devices.place(model, placement), tokenizer
-
-
-def add_tag_tokens(model, tokenizer, tags: dict[str, str]) -> None:
-    """One special token per tag ({token: its label}). Each new embedding row starts as the mean
-    embedding of its label's words ('Providing Suggestions'), so the tags differ from the
-    start and a short fine-tuning can learn to condition on them."""
-    embeddings = model.get_input_embeddings().weight
-    label_rows = {}
-    for token, label in tags.items():
-        ids = tokenizer(" " + label.lower(), add_special_tokens=False)["input_ids"]
-        label_rows[token] = embeddings[ids].detach().mean(dim=0) if ids else None
-    tokenizer.add_special_tokens({"additional_special_tokens": list(tags)}, replace_extra_special_tokens=False)
-    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    with torch.no_grad():
-        weight = model.get_input_embeddings().weight
-        for token, row in label_rows.items():
-            if row is not None:
-                weight[tokenizer.convert_tokens_to_ids(token)] = row
-
-
-def decoder_layers(model) -> torch.nn.ModuleList:
-    """The model's stack of transformer blocks: its longest ModuleList."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise MhsError(f"{type(model).__name__}: no layer stack found for partial fine-tuning")
-    return max(lists, key=len)
-
-
-def freeze_all_but_top(model, top_layers: int) -> None:
-    """Train only the top `top_layers` blocks and everything outside the block stack
-    (embeddings, tied LM head, final norm)."""
-    layers = decoder_layers(model)
-    in_stack = {id(p) for p in layers.parameters()}
-    top = {id(p) for layer in list(layers)[-top_layers:] for p in layer.parameters()} if top_layers else set()
-    for parameter in model.parameters():
-        parameter.requires_grad = id(parameter) not in in_stack or id(parameter) in top
-
-
-def add_lora(model, lora_cfg, tag_ids: list[int]):
-    """Wrap a causal LM with LoRA adapters (peft) on `lora_cfg.target_modules`. The tag tokens' embedding
-    rows train too, through peft's trainable tokens (only those rows, tied to the LM head where the
-    embeddings are tied), so a new tag can be learnt while the rest of the vocabulary stays frozen."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
-                        trainable_token_indices=list(tag_ids) or None)
-    try:
-        return get_peft_model(model, config)
-    except ValueError as err:  # e.g. a target module the architecture does not have
-        raise MhsError(f"generator.lora: {str(err).splitlines()[0]}") from None
-
-
-def merge_lora(model):
-    """The plain model with the adapters and trainable tokens merged into its weights."""
-    return model.merge_and_unload()

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mhsupport.scoring import can_share_prefix, continue_prefix, encode_prefix, shared_prefix_length
+from mhsupport.modeling.scoring import can_share_prefix, continue_prefix, encode_prefix, shared_prefix_length
 
 
 @torch.no_grad()
