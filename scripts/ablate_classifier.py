@@ -26,10 +26,11 @@ from pathlib import Path
 
 
 from mhsupport import pipeline
-from mhsupport.modeling.classifier import context_text, tfidf_logistic_regression
+from mhsupport.evaluation.baselines import tfidf_logistic_regression
+from mhsupport.modeling.classifier import context_text
 from mhsupport.config import load_config
 from mhsupport.data.examples_io import read_examples
-from mhsupport.metrics import classification_scores
+from mhsupport.evaluation.classification import classification_scores
 from mhsupport.stages import train_classifier
 from mhsupport.data.subsets import seeded_subset
 

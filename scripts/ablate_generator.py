@@ -26,7 +26,7 @@ from mhsupport.config import classifier_config, load_config, prepare_data_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import FormatterSettings
 from mhsupport.modeling.decoding import generate
-from mhsupport.likelihood import paired_nll_test, tag_use_scores
+from mhsupport.evaluation.tag_use import paired_nll_test, tag_use_scores
 from mhsupport.modeling.tag_likelihood import reference_nll
 from mhsupport.modeling.loading import load_saved_causal_lm
 from mhsupport.data.subsets import seeded_subset

@@ -40,7 +40,7 @@ from mhsupport.config import load_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import IGNORE_INDEX, build_formatter
 from mhsupport.modeling.decoding import generate
-from mhsupport.metrics import GenerationScores, bootstrap_intervals
+from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals
 from mhsupport.stages import report
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, by a substring of the card's name

@@ -14,8 +14,8 @@ from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline
 from mhsupport.stages import evaluate
-from mhsupport.sampling import choose_tags
-from mhsupport.generations_io import read_generations, scores_from_generations
+from mhsupport.evaluation.sampling import choose_tags
+from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 GEN = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16"]

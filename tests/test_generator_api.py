@@ -11,7 +11,7 @@ from mhsupport import generator
 from mhsupport.errors import MhsError
 from mhsupport.modeling.formatting import FormatterSettings, build_formatter
 from mhsupport.modeling.decoding import generate
-from mhsupport.sampling import choose_tags
+from mhsupport.evaluation.sampling import choose_tags
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 CONTEXTS = [[{"speaker": "seeker", "text": "I lost my job and I can't sleep."}],

@@ -12,7 +12,7 @@ from datasets import Dataset
 import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from mhsupport import likelihood
+from mhsupport.evaluation import tag_use
 from mhsupport.modeling import edits, loading, tag_likelihood
 from mhsupport.training import trainers, validation
 from mhsupport.modeling.formatting import IGNORE_INDEX, TAG_FORMATS, EosJoinedFormatter, tag_token
@@ -114,7 +114,7 @@ def test_a_model_that_uses_its_tag_discriminates_and_shuffled_tags_do_not(tmp_pa
     for name, shuffle in (("tagged", False), ("shuffled", True)):
         model, formatter = trained(toy_examples(320, seed=0, shuffle_tags=shuffle), tmp_path / name, tag_format)
         nll, tokens = tag_likelihood.reference_nll(model, formatter, test_examples, LABELS, batch_size=16, progress=False)
-        scores[name] = likelihood.tag_use_scores(nll, tokens, gold, LABELS, resamples=200, seed=0)
+        scores[name] = tag_use.tag_use_scores(nll, tokens, gold, LABELS, resamples=200, seed=0)
     tagged, shuffled = scores["tagged"]["metrics"], scores["shuffled"]["metrics"]
     assert tagged["tag_discrimination"]["value"] > 0.95
     assert shuffled["tag_discrimination"]["value"] < 0.5
@@ -127,7 +127,7 @@ def test_scores_on_known_numbers():
     # two examples, two tags: example 0 prefers its gold tag, example 1 does not
     nll = np.array([[2.0, 4.0], [3.0, 1.0]])
     tokens = np.array([2, 1])
-    scores = likelihood.tag_use_scores(nll, tokens, ["A", "A"], ["A", "B"], resamples=50, seed=0)
+    scores = tag_use.tag_use_scores(nll, tokens, ["A", "A"], ["A", "B"], resamples=50, seed=0)
     m = scores["metrics"]
     assert m["tag_discrimination"]["value"] == 0.5
     assert m["most_chosen_share"]["value"] == 0.5
@@ -135,7 +135,7 @@ def test_scores_on_known_numbers():
     assert m["nll_wrong_tags"]["value"] == pytest.approx((4.0 + 1.0) / 3)
     assert m["ppl_gold_tag"]["value"] == pytest.approx(np.exp(5 / 3))
     assert scores["confusion"]["rows_gold_cols_predicted"] == [[1, 1], [0, 0]]
-    untagged = likelihood.tag_use_scores(nll[:, :1], tokens, None, None, resamples=50, seed=0)["metrics"]
+    untagged = tag_use.tag_use_scores(nll[:, :1], tokens, None, None, resamples=50, seed=0)["metrics"]
     assert untagged["ppl"]["value"] == pytest.approx(np.exp(5 / 3))
 
 
@@ -143,9 +143,9 @@ def test_paired_test_finds_a_consistent_difference_and_not_a_null_one():
     rng = np.random.default_rng(0)
     base = rng.uniform(20, 40, size=300)
     tokens = np.full(300, 10)
-    better = likelihood.paired_nll_test(base - 1.0 + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
+    better = tag_use.paired_nll_test(base - 1.0 + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
     assert better["value"] == pytest.approx(-0.1, abs=0.01) and better["p"] < 0.01 and better["high"] < 0
-    same = likelihood.paired_nll_test(base + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
+    same = tag_use.paired_nll_test(base + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
     assert same["p"] > 0.05
 
 
@@ -156,7 +156,7 @@ def test_stage_scores_every_tag_once_per_generator_and_refuses_a_tagged_base_mod
     cfg = make_cfg("likelihood", "generator=tiny", "strategy_tag=true")
     result = pipeline.Pipeline().ensure("likelihood", cfg)
     m = result.metrics
-    lines = likelihood.read_likelihoods(result.run.path)
+    lines = tag_use.read_likelihoods(result.run.path)
     assert m["labels"] == LABELS and len(lines) == m["examples"] > 0
     assert all(len(line["nll"]) == 4 and line["tokens"] > 0 and line["gold_label"] in LABELS for line in lines)
     assert 0 <= m["metrics"]["tag_discrimination"]["low"] <= m["metrics"]["tag_discrimination"]["value"] \

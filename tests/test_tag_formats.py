@@ -17,9 +17,9 @@ from mhsupport.errors import MhsError
 from mhsupport.modeling.formatting import (IGNORE_INDEX, SETTINGS_FILE, TAG_FORMATS, ChatTemplateFormatter, EosJoinedFormatter,
                                   FormatterSettings)
 from mhsupport.modeling.decoding import generate, read_opening
-from mhsupport.generations_io import read_generations, scores_from_generations
+from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 from mhsupport.modeling.loading import train_bpe_tokenizer
-from mhsupport.sampling import choose_tags
+from mhsupport.evaluation.sampling import choose_tags
 from mhsupport.modeling.scoring import shared_prefix_length
 from test_formatting import CHATML, CONTEXT, EXAMPLE
 from test_likelihood import CONTEXTS, LABELS, REPLIES, WORDS, toy_examples, trained

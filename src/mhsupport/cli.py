@@ -175,8 +175,8 @@ def _run_likelihood(cfg, args):
 def _run_compare(args) -> None:
     from statsmodels.stats.multitest import multipletests
 
-    from mhsupport.generations_io import read_generations, scores_from_generations
-    from mhsupport.metrics import paired_bootstrap, paired_randomisation
+    from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
+    from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
 
     a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
@@ -251,14 +251,14 @@ def _chat_flags(parser):
 
 
 def _run_human_export(args) -> None:
-    from mhsupport import humaneval
+    from mhsupport.evaluation import humaneval
 
     study, key = humaneval.export(args.run_a, args.run_b, args.n, args.out, args.seed)
     print(f"study page (give to raters): {study}\nkey (keep from raters): {key}")
 
 
 def _run_human_score(args) -> None:
-    from mhsupport import humaneval
+    from mhsupport.evaluation import humaneval
 
     result = humaneval.score(args.key, args.answers)
     print(humaneval.score_markdown(result), end="")

@@ -16,7 +16,7 @@ from mhsupport.errors import MhsError
 from mhsupport.modeling.formatting import SETTINGS_FILE, FormatterSettings
 from mhsupport.modeling.decoding import generate
 from mhsupport.modeling.tag_likelihood import opening_probabilities
-from mhsupport.sampling import choose_tags
+from mhsupport.evaluation.sampling import choose_tags
 
 SPEAKERS = ("seeker", "supporter")
 

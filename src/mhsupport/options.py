@@ -14,6 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mhsupport.errors import MhsError
+from mhsupport.evaluation.sampling import SAMPLERS
 from mhsupport.modeling.formatting import FORMATTERS, TAG_FORMATS
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -21,7 +22,6 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DATASETS = ("esconv", "unified")
 TAG_SETS = ("category", "strategy")
 MODES = ("next_category", "response")
-SAMPLERS = ("none", "random", "random_prior", "classifier", "oracle")
 CHAT_DEFAULT_SAMPLER = "classifier if_tagged"  # chat: classifier for a tagged generator, none otherwise
 CLASSIFIER_SAMPLING = ("argmax", "sample")
 OWN_STRATEGY = ("sample", "argmax")

@@ -11,7 +11,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import artifacts, llm, sampling
+from mhsupport import artifacts
+from mhsupport.evaluation import llm, sampling
 from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
 from mhsupport.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
@@ -19,9 +20,10 @@ from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.modeling.formatting import build_formatter, generator_tags
 from mhsupport.modeling.decoding import generate
-from mhsupport.generations_io import GENERATIONS
-from mhsupport.metric_protocols import PROTOCOLS
-from mhsupport.metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores
+from mhsupport.evaluation.generations_io import GENERATIONS
+from mhsupport.evaluation.metric_protocols import PROTOCOLS
+from mhsupport.evaluation.classification import classification_scores
+from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds
 from mhsupport.modeling.scoring import sequence_nll
 from mhsupport.data.taxonomy import Taxonomy
 

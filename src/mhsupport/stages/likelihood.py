@@ -9,7 +9,8 @@ import logging
 
 from omegaconf import DictConfig
 
-from mhsupport import artifacts, likelihood
+from mhsupport import artifacts
+from mhsupport.evaluation import tag_use
 from mhsupport.modeling import devices, loading, tag_likelihood
 from mhsupport.config import generator_config, prepare_data_config
 from mhsupport.errors import MhsError
@@ -60,7 +61,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     batch_size = cfg.runtime.batch_size_by_profile[cfg.generator.profile]
     nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
     gold = [e[key] for e in examples]
-    scores = likelihood.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    scores = tag_use.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
     run_.metrics = {"system": system_name(cfg), "profile": cfg.generator.profile, "dataset": cfg.dataset,
                     "strategy_tag": bool(cfg.strategy_tag), "generator_source": cfg.generator_source,
                     "examples": len(examples), "tokens": int(tokens.sum()), "labels": labels, **scores}
@@ -69,5 +70,5 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
               "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
              for e, g, row, n in zip(examples, gold, nll, tokens)]
     with run_.build(seed=cfg.seed) as out:
-        (out / likelihood.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
     log.info("likelihood wrote %s", run_.path)

@@ -16,12 +16,13 @@ from scipy import stats
 from sklearn.metrics import ConfusionMatrixDisplay
 from statsmodels.stats.multitest import multipletests
 
-from mhsupport import artifacts, likelihood
+from mhsupport import artifacts
+from mhsupport.evaluation import tag_use
 from mhsupport.config import eval_config, likelihood_config, prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations, scores_from_generations
-from mhsupport.metric_protocols import metric_names
-from mhsupport.metrics import paired_bootstrap, paired_randomisation
+from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
+from mhsupport.evaluation.metric_protocols import metric_names
+from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -250,7 +251,7 @@ def pooled_generations(runs: list[artifacts.Run]) -> list[dict]:
 def pooled_likelihoods(runs: list[artifacts.Run]) -> dict:
     """One system's likelihood runs over every training seed as one set of examples (each seed scores
     the same test examples, so two systems pair row by row): nll[i, tag], tokens[i], gold[i]."""
-    lines = [line for run in runs for line in likelihood.read_likelihoods(run.path)]
+    lines = [line for run in runs for line in tag_use.read_likelihoods(run.path)]
     first = runs[0].read_metrics()
     return {"nll": np.array([line["nll"] for line in lines]), "tokens": np.array([line["tokens"] for line in lines]),
             "gold": [line["gold_label"] for line in lines], "labels": first["labels"],
@@ -264,7 +265,7 @@ def perplexity(scored: dict, cfg) -> tuple[float, str]:
         nll = scored["nll"][np.arange(len(gold)), gold]
     else:
         nll = scored["nll"][:, 0]
-    value = likelihood.tag_use_scores(nll[:, None], scored["tokens"], None, None, cfg.bootstrap.resamples,
+    value = tag_use.tag_use_scores(nll[:, None], scored["tokens"], None, None, cfg.bootstrap.resamples,
                                       cfg.bootstrap.seed)["metrics"]["ppl"]
     return round(value["value"], 3), f"[{value['low']:.2f}, {value['high']:.2f}]"
 
@@ -281,12 +282,12 @@ def tag_use_rows(likelihoods: dict, cfg, oracle_evals: dict | None = None) -> li
         if t["keys"] != u["keys"]:
             raise MhsError(f"likelihood runs of {tagged} and {untagged} scored different test examples; they must "
                            "share test_subset_seed and test_subset")
-        scores = likelihood.tag_use_scores(t["nll"], t["tokens"], t["gold"], t["labels"], cfg.bootstrap.resamples,
+        scores = tag_use.tag_use_scores(t["nll"], t["tokens"], t["gold"], t["labels"], cfg.bootstrap.resamples,
                                            cfg.bootstrap.seed)
         m = scores["metrics"]
         gold = [t["labels"].index(g) for g in t["gold"]]
         gold_nll = t["nll"][np.arange(len(gold)), gold]
-        versus = likelihood.paired_nll_test(gold_nll, u["nll"][:, 0], t["tokens"], cfg.significance_resamples,
+        versus = tag_use.paired_nll_test(gold_nll, u["nll"][:, 0], t["tokens"], cfg.significance_resamples,
                                             cfg.bootstrap.seed)
         untagged_ppl = perplexity(u, cfg)
         hits = int(round(m["tag_discrimination"]["value"] * len(gold)))

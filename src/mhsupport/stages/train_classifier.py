@@ -17,12 +17,12 @@ from transformers import DataCollatorWithPadding, Trainer, set_seed
 from mhsupport import artifacts, cards
 from mhsupport.modeling import devices, loading
 from mhsupport.training import curves, loop, processes, validation
-from mhsupport.modeling.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
-                                  majority_label, previous_supporter_label, tfidf_logistic_regression)
+from mhsupport.evaluation.baselines import majority_label, previous_supporter_label, tfidf_logistic_regression
+from mhsupport.evaluation.classification import bootstrap_systems, calibration, classification_scores
+from mhsupport.modeling.classifier import Classifier, ClassifierSettings, context_text
 from mhsupport.config import prepare_data_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
-from mhsupport.metrics import classification_scores
 from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)

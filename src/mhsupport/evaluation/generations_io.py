@@ -9,8 +9,8 @@ import shlex
 from pathlib import Path
 
 from mhsupport.errors import MhsError
-from mhsupport.metric_protocols import PROTOCOLS
-from mhsupport.metrics import GenerationScores
+from mhsupport.evaluation.metric_protocols import PROTOCOLS
+from mhsupport.evaluation.generation_metrics import GenerationScores
 
 GENERATIONS = "generations.jsonl"
 # What compare, report and human-eval read from each line.

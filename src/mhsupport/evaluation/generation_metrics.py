@@ -1,72 +1,18 @@
-"""Scores: classification (accuracy, F1 (Q), per-class, confusion matrix, preference bias B) and
-generation (the two metric protocols of `metric_protocols`, perplexity, length, strategy accuracy,
-tag adherence) with bootstrap intervals, paired bootstrap and paired approximate-randomisation tests."""
+"""Generation metrics (DESIGN.md section 8): the two metric protocols of `metric_protocols`,
+perplexity, length, strategy accuracy and tag adherence, with bootstrap intervals and paired tests.
+
+Every metric is a function of per-example statistics (summed rows, or per-response n-gram ids for
+Distinct-n), so a bootstrap resample or a paired permutation re-sums rows: intervals and paired
+tests stay exact and fast."""
 
 from __future__ import annotations
 
 import math
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import expit, logsumexp
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from mhsupport.metric_protocols import PROTOCOLS, metric_value, per_example_statistics, signatures
+from mhsupport.evaluation.metric_protocols import PROTOCOLS, metric_value, per_example_statistics, signatures
 
-
-def classification_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
-    precision, recall, f1, support = precision_recall_fscore_support(gold, predicted, labels=labels, zero_division=0)
-    confusion = confusion_matrix(gold, predicted, labels=labels)
-    preferences, bias = preference_bias(confusion)
-    return {
-        "n": len(gold),
-        "accuracy": accuracy_score(gold, predicted),
-        "macro_f1": f1_score(gold, predicted, labels=labels, average="macro", zero_division=0),
-        "weighted_f1": f1_score(gold, predicted, labels=labels, average="weighted", zero_division=0),
-        "per_class": {label: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for label, p, r, f, s in zip(labels, precision, recall, f1, support)},
-        "confusion": {"labels": labels, "rows_gold_cols_predicted": confusion.tolist()},
-        # Kang et al. 2024 (arXiv:2402.13211): proficiency Q is the macro-F1 above.
-        "preference": dict(zip(labels, preferences)),
-        "preference_bias": bias,
-    }
-
-
-def preference_bias(confusion: np.ndarray) -> tuple[list[float], float]:
-    """Each class's Bradley-Terry preference and the preference bias B (Kang et al. 2024, "Can
-    Large Language Models be Good Emotional Supporter?", arXiv:2402.13211, section 3): predicting
-    class i where the gold is j counts as i winning over j (confusion[j, i] wins, rows gold); the
-    strengths p are the Bradley-Terry maximum-likelihood fit of these wins, scaled to mean 1; B is
-    their standard deviation (population). The authors' code reaches the same fit by 20 rounds of
-    Newman's (2023) fixed-point update; we maximise the likelihood with scipy to convergence.
-    Diagonal counts do not enter the likelihood. A perfect predictor gives every class p = 1 and
-    B = 0; one that always predicts the same class gives p -> (K, 0, ..., 0) and B -> sqrt(K - 1)."""
-    confusion = np.asarray(confusion, dtype=np.float64)
-    k = confusion.shape[0]
-    wins = confusion.T.copy()  # wins[i, j]: i predicted, j gold
-    np.fill_diagonal(wins, 0.0)
-    games = wins + wins.T
-
-    def negative_log_likelihood(theta):
-        diff = theta[:, None] - theta[None, :]
-        nll = float((wins * np.logaddexp(0.0, -diff)).sum())
-        # d/dtheta_i of sum_ij wins_ij log(1 + exp(theta_j - theta_i))
-        loss_share = wins * expit(-diff)
-        return nll, loss_share.T.sum(axis=1) - loss_share.sum(axis=1)
-
-    theta = np.zeros(k)
-    if games.sum() > 0:
-        theta = minimize(negative_log_likelihood, theta, jac=True, method="L-BFGS-B",
-                         options={"gtol": 1e-10, "ftol": 1e-15, "maxiter": 10_000}).x
-    preferences = k * np.exp(theta - logsumexp(theta))
-    return [float(p) for p in preferences], float(np.std(preferences))
-
-
-# --- generation metrics (DESIGN.md section 8) --------------------------------------------
-#
-# Every metric is a function of per-example statistics (summed rows, or per-response n-gram
-# ids for Distinct-n), so a bootstrap resample or a paired permutation re-sums rows: intervals
-# and paired tests stay exact and fast.
 
 class GenerationScores:
     """Per-example statistics of one system's outputs, and every corpus metric over any

@@ -14,7 +14,7 @@ from scipy.stats import binomtest
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations
+from mhsupport.evaluation.generations_io import read_generations
 
 CHOICES = ("A", "B", "tie")
 

@@ -1,7 +1,7 @@
-"""Does a generator use its tag? The reference response's NLL under every tag (DESIGN.md section 8,
-"Tag use, by likelihood"), computed with the context encoded once per example and its KV cache
-shared by the tags; for untagged generators, the reference's NLL on the same examples. Also a
-tagged model's own distribution over its tags (the "none" sampler draws from it).
+"""Does a generator use its tag? The metrics of a likelihood run (DESIGN.md section 8, "Tag use, by
+likelihood") from the reference reply's NLL under every tag (`modeling.tag_likelihood`): tag
+discrimination, the most-chosen tag, NLL under the gold and the wrong tags, perplexity; and the
+paired test of a tagged generator against the untagged one of the same data.
 
 A tag carries at most log2(4) = 2 bits about a reply, so its effect is read where it is cheapest
 and least noisy: in how likely the human reference becomes under the gold tag versus the others.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from mhsupport.metrics import classification_scores
+from mhsupport.evaluation.classification import classification_scores
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
 

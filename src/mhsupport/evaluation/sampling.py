@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from mhsupport.errors import MhsError
-from mhsupport.options import SAMPLERS
+
+SAMPLERS = ("none", "random", "random_prior", "classifier", "oracle")
 
 
 def check_sampler(sampler: str, tagged: bool) -> None:
