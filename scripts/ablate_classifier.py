@@ -28,7 +28,7 @@ from pathlib import Path
 from mhsupport import pipeline
 from mhsupport.evaluation.baselines import tfidf_logistic_regression
 from mhsupport.modeling.classifier import context_text
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.evaluation.classification import classification_scores
 from mhsupport.stages import train_classifier

@@ -22,7 +22,7 @@ import torch
 from mhsupport import pipeline
 from mhsupport.modeling import classifier, devices
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import classifier_config, load_config, prepare_data_config
+from mhsupport.settings.config import classifier_config, load_config, prepare_data_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import FormatterSettings
 from mhsupport.modeling.decoding import generate

@@ -21,7 +21,7 @@ import torch
 
 from mhsupport.modeling import devices, loading
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import generator_config, load_config, prepare_data_config
+from mhsupport.settings.config import generator_config, load_config, prepare_data_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import build_formatter
 from mhsupport.modeling.decoding import generate

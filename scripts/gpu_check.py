@@ -36,7 +36,7 @@ from mhsupport import cli, pipeline
 from mhsupport.modeling import devices, loading
 from mhsupport.training import loop, validation
 from mhsupport.modeling.classifier import Classifier, ClassifierSettings
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import IGNORE_INDEX, build_formatter
 from mhsupport.modeling.decoding import generate

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EPITOME_FILES = ("emotional-reactions-reddit.csv", "explorations-reddit.csv", "interpretations-reddit.csv")

@@ -221,7 +221,7 @@ def test_rerun_is_skipped_and_options_are_checked(make_cfg, prepared, capsys):
 
 
 def test_previous_category_falls_back_to_the_commonest_opening_of_training_conversations():
-    from mhsupport.config import load_config
+    from mhsupport.settings.config import load_config
 
     cfg = load_config("train_classifier")
     settings = train_classifier.settings_for(cfg)

@@ -23,10 +23,10 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, write_raw_slice
 from mhsupport import pipeline
-from mhsupport import artifacts
+from mhsupport.runs import artifacts
 from mhsupport.modeling import classifier as classifier_api, devices, loading
 from mhsupport.training import loop, validation
-from mhsupport.config import classifier_config, eval_config, generator_config, load_config
+from mhsupport.settings.config import classifier_config, eval_config, generator_config, load_config
 from mhsupport.errors import MhsError
 from mhsupport.modeling.decoding import generate
 from mhsupport.modeling.formatting import build_formatter

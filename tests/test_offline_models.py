@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 
 from mhsupport.modeling import devices, loading, offline_cache
 from mhsupport.cli import main
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport.modeling.decoding import generate
 from mhsupport.modeling.loading import load_saved_causal_lm
 from mhsupport import pipeline

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mhsupport.cli import main
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport import pipeline
 

@@ -22,7 +22,7 @@ TRAIN = ["train", "dialogpt", "--profile", "tiny", "generator.train_subset=64", 
 # sends itself SIGKILL there, as a power cut or the OOM killer would.
 KILL_SWITCH = """
 import os, pathlib, signal, sys
-from mhsupport import artifacts
+from mhsupport.runs import artifacts
 point = os.environ["KILL_AT"]
 real_rename = pathlib.Path.rename
 

@@ -1,6 +1,6 @@
 import pytest
 
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport.errors import MhsError
 from mhsupport.data.taxonomy import Taxonomy
 

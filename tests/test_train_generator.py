@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mhsupport.cli import main
 from mhsupport import pipeline
-from mhsupport.config import prepare_data_config
+from mhsupport.settings.config import prepare_data_config
 
 BIN = Path(sys.executable).parent
 TINY = ["generator=tiny", "generator.train_subset=96", "generator.valid_subset=24", "generator.batch_size=8"]

@@ -9,10 +9,10 @@ import sys
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import options
+from mhsupport.settings import options
 from mhsupport.evaluation import sampling
 from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
-from mhsupport.config import classifier_config, generator_config
+from mhsupport.settings.config import classifier_config, generator_config
 from mhsupport.errors import MhsError
 from mhsupport.modeling.formatting import build_formatter, generator_tags
 from mhsupport.modeling.decoding import generate

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mhsupport import options
-from mhsupport.config import load_config
+from mhsupport.settings import options
+from mhsupport.settings.config import load_config
 from mhsupport.errors import MhsError
 
 
@@ -278,7 +278,7 @@ def _write_out(path: Path, text: str) -> None:
 
 
 def _run_export(args) -> None:
-    from mhsupport import cards
+    from mhsupport.runs import cards
 
     folder = cards.export(args.run, args.to)
     print(f"exported {args.run / 'model'} with its model card to {folder}")
@@ -299,7 +299,7 @@ def _clean_flags(parser):
 
 
 def _run_clean(cfg, args):
-    from mhsupport.cleanup import clean
+    from mhsupport.runs.cleanup import clean
 
     leftovers = clean(Path(cfg.paths.artifacts_dir), dry_run=args.dry_run, partial=args.partial)
     for leftover in leftovers:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mhsupport import artifacts, options
-from mhsupport.artifacts import Run, StageResult
-from mhsupport.config import eval_config, generator_config, load_config, prepare_data_config
+from mhsupport.runs import artifacts
+from mhsupport.settings import options
+from mhsupport.runs.artifacts import Run, StageResult
+from mhsupport.settings.config import eval_config, generator_config, load_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
 from mhsupport.training.processes import is_main_process

@@ -11,10 +11,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import artifacts
+from mhsupport.runs import artifacts
 from mhsupport.evaluation import llm, sampling
 from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
-from mhsupport.config import classifier_config, generator_config, prepare_data_config
+from mhsupport.settings.config import classifier_config, generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset

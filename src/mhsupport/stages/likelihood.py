@@ -9,10 +9,10 @@ import logging
 
 from omegaconf import DictConfig
 
-from mhsupport import artifacts
+from mhsupport.runs import artifacts
 from mhsupport.evaluation import tag_use
 from mhsupport.modeling import devices, loading, tag_likelihood
-from mhsupport.config import generator_config, prepare_data_config
+from mhsupport.settings.config import generator_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset

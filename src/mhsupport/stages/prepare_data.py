@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mhsupport import artifacts, cards
+from mhsupport.runs import artifacts, cards
 from mhsupport.data import download
 from mhsupport.data.examples import epitome_example, esconv_examples
 from mhsupport.data.examples_io import write_examples

@@ -16,9 +16,9 @@ from scipy import stats
 from sklearn.metrics import ConfusionMatrixDisplay
 from statsmodels.stats.multitest import multipletests
 
-from mhsupport import artifacts
+from mhsupport.runs import artifacts
 from mhsupport.evaluation import tag_use
-from mhsupport.config import eval_config, likelihood_config, prepare_data_config
+from mhsupport.settings.config import eval_config, likelihood_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 from mhsupport.evaluation.metric_protocols import metric_names

@@ -14,13 +14,13 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, cards
+from mhsupport.runs import artifacts, cards
 from mhsupport.modeling import devices, loading
 from mhsupport.training import curves, loop, processes, validation
 from mhsupport.evaluation.baselines import majority_label, previous_supporter_label, tfidf_logistic_regression
 from mhsupport.evaluation.classification import bootstrap_systems, calibration, classification_scores
 from mhsupport.modeling.classifier import Classifier, ClassifierSettings, context_text
-from mhsupport.config import prepare_data_config
+from mhsupport.settings.config import prepare_data_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy

@@ -10,10 +10,10 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from mhsupport import artifacts, cards
+from mhsupport.runs import artifacts, cards
 from mhsupport.modeling import devices, edits, loading
 from mhsupport.training import curves, loop, processes, trainers, validation
-from mhsupport.config import prepare_data_config
+from mhsupport.settings.config import prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from mhsupport.errors import MhsError
+from mhsupport.settings.config import CONFIG_DIR
 from mhsupport.evaluation.sampling import SAMPLERS
 from mhsupport.modeling.formatting import FORMATTERS, TAG_FORMATS
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DATASETS = ("esconv", "unified")
 TAG_SETS = ("category", "strategy")

@@ -17,7 +17,7 @@ from mhsupport.errors import MhsError
 # paths.<key> -> the environment variable that sets it (configs/paths/default.yaml)
 PATH_VARIABLES = {"raw_dir": "MHS_RAW_DIR", "artifacts_dir": "MHS_ARTIFACTS_DIR", "models_dir": "MHS_MODELS_DIR"}
 # In a checkout this is a link to the top-level configs/; in a wheel, a copy of it.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
