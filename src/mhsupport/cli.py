@@ -173,10 +173,9 @@ def _run_likelihood(cfg, args):
 
 
 def _run_compare(args) -> None:
-    from statsmodels.stats.multitest import multipletests
-
-    from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
     from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
+    from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
+    from mhsupport.evaluation.statistics import holm
 
     a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
@@ -186,11 +185,10 @@ def _run_compare(args) -> None:
     result = paired_bootstrap(a_scores, b_scores, args.resamples, args.seed)
     randomised = paired_randomisation(a_scores, b_scores, args.resamples, args.seed)
     names = list(result)
-    holm_bootstrap = multipletests([result[n]["p_value"] for n in names], method="holm")[1]
-    holm_randomised = multipletests([randomised[n]["p_value"] for n in names], method="holm")[1]
+    holm_bootstrap = holm([result[n]["p_value"] for n in names])
+    holm_randomised = holm([randomised[n]["p_value"] for n in names])
     for name, p_b, p_r in zip(names, holm_bootstrap, holm_randomised):
-        result[name].update(p_value_holm=float(p_b), p_randomisation=randomised[name]["p_value"],
-                            p_randomisation_holm=float(p_r))
+        result[name].update(p_value_holm=p_b, p_randomisation=randomised[name]["p_value"], p_randomisation_holm=p_r)
     print(f"A = {args.run_a}\nB = {args.run_b}\n{len(key)} paired examples, {args.resamples} bootstrap resamples "
           f"and approximate-randomisation trials; Holm over the {len(names)} metrics; esconv_* metrics are the "
           f"esconv protocol, the others the default protocol\n")

@@ -10,6 +10,8 @@ from scipy.special import expit, logsumexp
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
+from mhsupport.evaluation.statistics import bootstrap_p, bootstrap_rows, percentile_interval
+
 
 def classification_scores(gold: list[str], predicted: list[str], labels: list[str]) -> dict:
     precision, recall, f1, support = precision_recall_fscore_support(gold, predicted, labels=labels, zero_division=0)
@@ -74,24 +76,21 @@ def bootstrap_systems(gold: list[str], systems: dict[str, list[str]], labels: li
                       resamples: int, seed: int) -> dict:
     """95% percentile bootstrap intervals of accuracy and macro-F1 for every system, and the paired
     bootstrap of `reference` against each other system (the same resampled examples for all): the
-    difference reference - other, its interval and the two-sided p-value of 'no difference' (share
-    of resampled differences on the other side of zero, doubled; the rule of
-    metrics.paired_bootstrap)."""
+    difference reference - other, its interval and the two-sided p-value of 'no difference'
+    (statistics.bootstrap_p)."""
     index = {label: i for i, label in enumerate(labels)}
     k = len(labels)
     gold_ids = np.array([index[g] for g in gold])
     predicted = {name: np.array([index[p] for p in preds]) for name, preds in systems.items()}
     point = {name: _accuracy_and_macro_f1(gold_ids, p, k) for name, p in predicted.items()}
-    rng = np.random.default_rng(seed)
     samples = {name: [] for name in systems}
-    for _ in range(resamples):
-        rows = rng.integers(0, len(gold_ids), len(gold_ids))
+    for rows in bootstrap_rows(len(gold_ids), resamples, seed):
         for name, p in predicted.items():
             samples[name].append(_accuracy_and_macro_f1(gold_ids[rows], p[rows], k))
     samples = {name: np.array(values) for name, values in samples.items()}
     metric_names = ("accuracy", "macro_f1")
-    intervals = {name: {metric: {"value": point[name][m], "ci_low": float(np.percentile(samples[name][:, m], 2.5)),
-                                 "ci_high": float(np.percentile(samples[name][:, m], 97.5))}
+    intervals = {name: {metric: dict(zip(("value", "ci_low", "ci_high"),
+                                         (point[name][m], *percentile_interval(samples[name][:, m]))))
                         for m, metric in enumerate(metric_names)} for name in systems}
     paired = {}
     for name in systems:
@@ -101,10 +100,9 @@ def bootstrap_systems(gold: list[str], systems: dict[str, list[str]], labels: li
         for m, metric in enumerate(metric_names):
             deltas = samples[reference][:, m] - samples[name][:, m]
             observed = point[reference][m] - point[name][m]
-            other_side = (deltas <= 0).sum() if observed > 0 else (deltas >= 0).sum()
-            paired[name][metric] = {"delta": observed, "ci_low": float(np.percentile(deltas, 2.5)),
-                                    "ci_high": float(np.percentile(deltas, 97.5)),
-                                    "p_value": float(min(1.0, 2 * (other_side + 1) / (resamples + 1)))}
+            low, high = percentile_interval(deltas)
+            paired[name][metric] = {"delta": observed, "ci_low": low, "ci_high": high,
+                                    "p_value": bootstrap_p(observed, deltas)}
     return {"resamples": resamples, "seed": seed, "intervals": intervals, "reference": reference,
             "paired_vs_reference": paired}
 

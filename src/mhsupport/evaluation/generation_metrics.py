@@ -12,6 +12,7 @@ import math
 import numpy as np
 
 from mhsupport.evaluation.metric_protocols import PROTOCOLS, metric_value, per_example_statistics, signatures
+from mhsupport.evaluation import statistics
 
 
 class GenerationScores:
@@ -103,17 +104,12 @@ def no_interval(name: str) -> bool:
 def bootstrap_intervals(scores: GenerationScores, resamples: int, seed: int) -> dict[str, dict]:
     """Each metric's value with a 95% percentile bootstrap interval over examples."""
     point = scores.scores()
-    rng = np.random.default_rng(seed)
     with_interval = [name for name in point if not no_interval(name)]
-    samples = [scores.scores(rng.integers(0, scores.n, scores.n), with_interval) for _ in range(resamples)]
+    samples = [scores.scores(rows, with_interval) for rows in statistics.bootstrap_rows(scores.n, resamples, seed)]
     out = {}
     for name, value in point.items():
-        if no_interval(name):
-            out[name] = {"value": value, "ci_low": None, "ci_high": None}
-        else:
-            values = [s[name] for s in samples]
-            out[name] = {"value": value, "ci_low": float(np.percentile(values, 2.5)),
-                         "ci_high": float(np.percentile(values, 97.5))}
+        low, high = (None, None) if no_interval(name) else statistics.percentile_interval([s[name] for s in samples])
+        out[name] = {"value": value, "ci_low": low, "ci_high": high}
     return out
 
 
@@ -122,11 +118,9 @@ def bootstrap_mean_over_seeds(scores: list[GenerationScores], resamples: int, se
     resamples that draw the same examples for every seed and average the seeds' scores on them."""
     points = [s.scores() for s in scores]
     names = list(points[0])
-    rng = np.random.default_rng(seed)
     with_interval = [name for name in names if not no_interval(name) and all(p[name] is not None for p in points)]
     samples = []
-    for _ in range(resamples):
-        rows = rng.integers(0, scores[0].n, scores[0].n)
+    for rows in statistics.bootstrap_rows(scores[0].n, resamples, seed):
         drawn = [s.scores(rows, with_interval) for s in scores]
         samples.append({name: float(np.mean([d[name] for d in drawn])) for name in with_interval})
     out = {}
@@ -135,60 +129,35 @@ def bootstrap_mean_over_seeds(scores: list[GenerationScores], resamples: int, se
         if any(v is None for v in values):
             out[name] = {"value": None, "ci_low": None, "ci_high": None, "sd": None}
             continue
-        interval = ([float(np.percentile([s[name] for s in samples], q)) for q in (2.5, 97.5)]
-                    if name in with_interval else [None, None])
-        out[name] = {"value": float(np.mean(values)), "ci_low": interval[0], "ci_high": interval[1],
+        low, high = statistics.percentile_interval([s[name] for s in samples]) if name in with_interval else (None, None)
+        out[name] = {"value": float(np.mean(values)), "ci_low": low, "ci_high": high,
                      "sd": float(np.std(values, ddof=1))}
     return out
 
 
-def _paired_points(a: GenerationScores, b: GenerationScores, names) -> tuple[dict, dict, list[str]]:
-    """Both systems' scores and the metrics they share (of `names`, if given)."""
+def shared_metrics(a: GenerationScores, b: GenerationScores, names=None) -> list[str]:
+    """The metrics both systems score (of `names`, if given), for a paired test over the same examples."""
     if a.n != b.n:
         raise ValueError(f"paired test needs the same examples: {a.n} vs {b.n}")
-    point_a, point_b = a.scores(names=names), b.scores(names=names)
-    return point_a, point_b, [name for name in point_a if name in point_b]
+    point_b = b.scores(names=names)
+    return [name for name in a.scores(names=names) if name in point_b]
 
 
 def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, seed: int,
                      metrics=None) -> dict[str, dict]:
-    """Paired bootstrap over the same examples: for each metric (all shared, or `metrics`), B - A
-    and the two-sided p-value of 'no difference' (share of resampled differences on the other side
-    of zero, doubled)."""
-    point_a, point_b, names = _paired_points(a, b, metrics)
-    rng = np.random.default_rng(seed)
-    deltas: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(resamples):
-        rows = rng.integers(0, a.n, a.n)
-        sa, sb = a.scores(rows, names), b.scores(rows, names)
-        for name in deltas:
-            deltas[name].append(sb[name] - sa[name])
-    out = {}
-    for name, values in deltas.items():
-        values = np.array(values)
-        observed = point_b[name] - point_a[name]
-        other_side = (values <= 0).sum() if observed > 0 else (values >= 0).sum()
-        out[name] = {"a": point_a[name], "b": point_b[name], "delta": observed,
-                     "ci_low": float(np.percentile(values, 2.5)), "ci_high": float(np.percentile(values, 97.5)),
-                     "p_value": float(min(1.0, 2 * (other_side + 1) / (resamples + 1)))}
-    return out
+    """Paired bootstrap over the same examples (statistics.paired_bootstrap): for each metric (all
+    shared, or `metrics`), A, B, B - A, its interval and two-sided p."""
+    names = shared_metrics(a, b, metrics)
+    return statistics.paired_bootstrap(lambda rows: a.scores(rows, names), lambda rows: b.scores(rows, names), a.n,
+                                       resamples, seed)
 
 
 def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, seed: int,
                          metrics=None) -> dict[str, dict]:
-    """Paired approximate randomisation (Noreen 1989; sacrebleu's `--paired-ar` for BLEU): each
-    trial swaps A's and B's outputs on a random half of the examples and recomputes every metric
-    (all shared, or `metrics`); the two-sided p-value is (1 + #trials with |B' - A'| >= |B - A|)
-    / (1 + trials)."""
-    point_a, point_b, names = _paired_points(a, b, metrics)
-    observed = {name: abs(point_b[name] - point_a[name]) for name in names}
-    rng = np.random.default_rng(seed)
-    at_least = dict.fromkeys(names, 0)
-    for _ in range(trials):
-        swap = rng.random(a.n) < 0.5
-        sa, sb = a.mixed_scores(b, swap, names), b.mixed_scores(a, swap, names)
-        for name in names:
-            # a tolerance, so that float noise in re-summed statistics does not count as a difference
-            at_least[name] += abs(sb[name] - sa[name]) >= observed[name] - 1e-9
-    return {name: {"a": point_a[name], "b": point_b[name], "delta": point_b[name] - point_a[name],
-                   "p_value": (at_least[name] + 1) / (trials + 1)} for name in names}
+    """Paired approximate randomisation over the same examples (statistics.paired_randomisation): each
+    trial swaps A's and B's outputs on a random half of the examples and recomputes every metric (all
+    shared, or `metrics`)."""
+    names = shared_metrics(a, b, metrics)
+    return statistics.paired_randomisation(lambda: a.scores(names=names), lambda: b.scores(names=names),
+                                           lambda swap: (a.mixed_scores(b, swap, names), b.mixed_scores(a, swap, names)),
+                                           a.n, trials, seed)

@@ -10,11 +10,11 @@ import random
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import binomtest
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
 from mhsupport.errors import MhsError
 from mhsupport.evaluation.generations_io import read_generations
+from mhsupport.evaluation.statistics import binomial_p
 
 CHOICES = ("A", "B", "tie")
 
@@ -148,7 +148,7 @@ def _tally(outcomes: list[str]) -> dict:
     wins, losses, ties = outcomes.count("b"), outcomes.count("a"), outcomes.count("tie")
     total = len(outcomes)
     decided = wins + losses
-    p = binomtest(wins, decided, 0.5).pvalue if decided else 1.0
+    p = binomial_p(wins, decided) if decided else 1.0
     return {"n": total, "win": wins, "lose": losses, "tie": ties,
             "win_pct": 100 * wins / total if total else 0.0, "lose_pct": 100 * losses / total if total else 0.0,
             "tie_pct": 100 * ties / total if total else 0.0, "sign_test_p": float(p)}

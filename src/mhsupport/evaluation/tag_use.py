@@ -14,9 +14,9 @@ import math
 from pathlib import Path
 
 import numpy as np
-from scipy import stats
 
 from mhsupport.evaluation.classification import classification_scores
+from mhsupport.evaluation.statistics import bootstrap_interval, paired_permutation_p
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
 
@@ -30,17 +30,6 @@ def _per_token(nll_sum, tokens, axis=-1):
     return np.sum(nll_sum, axis=axis) / np.sum(tokens, axis=axis)
 
 
-def _interval(statistic, data: tuple, resamples: int, seed: int) -> dict:
-    """The statistic on the examples, with a 95% percentile bootstrap interval over examples."""
-    value = float(statistic(*data))
-    if len(data[0]) < 2:
-        return {"value": value, "low": value, "high": value}
-    result = stats.bootstrap(data, statistic, paired=True, vectorized=True, n_resamples=resamples,
-                             method="percentile", random_state=np.random.default_rng(seed))
-    low, high = result.confidence_interval
-    return {"value": value, "low": float(low), "high": float(high)}
-
-
 def tag_use_scores(nll: np.ndarray, tokens: np.ndarray, gold: list[str] | None, labels: list[str] | None,
                    resamples: int, seed: int) -> dict:
     """Metrics of a likelihood run. Tagged (labels given): tag_discrimination (gold tag lowest NLL),
@@ -49,7 +38,7 @@ def tag_use_scores(nll: np.ndarray, tokens: np.ndarray, gold: list[str] | None, 
     tokens = tokens.astype(np.float64)
     if not labels:
         column = nll[:, 0]
-        scores = {"nll": _interval(_per_token, (column, tokens), resamples, seed)}
+        scores = {"nll": bootstrap_interval(_per_token, (column, tokens), resamples, seed)}
         scores["ppl"] = {key: math.exp(value) for key, value in scores["nll"].items()}
         return {"metrics": scores}
     gold_index = np.array([labels.index(g) for g in gold])
@@ -63,13 +52,13 @@ def tag_use_scores(nll: np.ndarray, tokens: np.ndarray, gold: list[str] | None, 
         return counts.max(axis=0) / choice.shape[axis]
 
     scores = {
-        "tag_discrimination": _interval(lambda hit, axis=-1: np.mean(hit, axis=axis),
-                                        ((lowest == gold_index).astype(np.float64),), resamples, seed),
-        "most_chosen_share": _interval(most_chosen_share, (lowest,), resamples, seed),
-        "nll_gold_tag": _interval(_per_token, (gold_nll, tokens), resamples, seed),
-        "nll_wrong_tags": _interval(_per_token, (wrong_nll, tokens), resamples, seed),
-        "nll_gold_minus_wrong": _interval(lambda a, b, t, axis=-1: _per_token(a - b, t, axis),
-                                          (gold_nll, wrong_nll, tokens), resamples, seed),
+        "tag_discrimination": bootstrap_interval(lambda hit, axis=-1: np.mean(hit, axis=axis),
+                                                 ((lowest == gold_index).astype(np.float64),), resamples, seed),
+        "most_chosen_share": bootstrap_interval(most_chosen_share, (lowest,), resamples, seed),
+        "nll_gold_tag": bootstrap_interval(_per_token, (gold_nll, tokens), resamples, seed),
+        "nll_wrong_tags": bootstrap_interval(_per_token, (wrong_nll, tokens), resamples, seed),
+        "nll_gold_minus_wrong": bootstrap_interval(lambda a, b, t, axis=-1: _per_token(a - b, t, axis),
+                                                   (gold_nll, wrong_nll, tokens), resamples, seed),
     }
     scores["ppl_gold_tag"] = {key: math.exp(value) for key, value in scores["nll_gold_tag"].items()}
     chosen = classification_scores(list(gold), [labels[j] for j in lowest], labels)
@@ -87,8 +76,6 @@ def paired_nll_test(a_nll: np.ndarray, b_nll: np.ndarray, tokens: np.ndarray, re
     def difference(a, b, t, axis=-1):
         return _per_token(a - b, t, axis)
 
-    interval = _interval(difference, (a_nll, b_nll, tokens), resamples, seed)
-    test = stats.permutation_test((a_nll, b_nll), lambda a, b, axis=-1: np.sum(a - b, axis=axis),
-                                  permutation_type="samples", vectorized=True, n_resamples=resamples,
-                                  alternative="two-sided", random_state=np.random.default_rng(seed))
-    return {**interval, "p": float(test.pvalue)}
+    interval = bootstrap_interval(difference, (a_nll, b_nll, tokens), resamples, seed)
+    p = paired_permutation_p(a_nll, b_nll, lambda a, b, axis=-1: np.sum(a - b, axis=axis), resamples, seed)
+    return {**interval, "p": p}

@@ -12,9 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from omegaconf import DictConfig
-from scipy import stats
 from sklearn.metrics import ConfusionMatrixDisplay
-from statsmodels.stats.multitest import multipletests
 
 from mhsupport.runs import artifacts
 from mhsupport.evaluation import tag_use
@@ -23,6 +21,7 @@ from mhsupport.errors import MhsError
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 from mhsupport.evaluation.metric_protocols import metric_names
 from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
+from mhsupport.evaluation.statistics import binomial_p, holm
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -207,10 +206,8 @@ def significance(cfg: DictConfig, evals: dict[str, list[artifacts.Run]]) -> list
                           "delta": round(r["delta"], 3), "ci": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
                           "p_bootstrap": r["p_value"], "p_randomisation": randomised[metric]["p_value"]})
     for kind in ("bootstrap", "randomisation"):
-        if tests:
-            adjusted = multipletests([t[f"p_{kind}"] for t in tests], method="holm")[1]
-            for t, p in zip(tests, adjusted):
-                t[f"p_{kind}_holm"] = float(p)
+        for t, p in zip(tests, holm([t[f"p_{kind}"] for t in tests])):
+            t[f"p_{kind}_holm"] = p
     for t in tests:
         decided = t["p_bootstrap_holm"] < 0.05 and t["p_randomisation_holm"] < 0.05
         t["holds"] = bool(decided and t["delta"] > 0)
@@ -291,7 +288,7 @@ def tag_use_rows(likelihoods: dict, cfg, oracle_evals: dict | None = None) -> li
                                             cfg.bootstrap.seed)
         untagged_ppl = perplexity(u, cfg)
         hits = int(round(m["tag_discrimination"]["value"] * len(gold)))
-        above_chance = stats.binomtest(hits, len(gold), scores["chance"], alternative="greater").pvalue
+        above_chance = binomial_p(hits, len(gold), scores["chance"], alternative="greater")
 
         def interval(value):
             return f"[{value['low']:.3f}, {value['high']:.3f}]"
