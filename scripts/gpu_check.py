@@ -190,7 +190,7 @@ def counting_tokenizer(models_dir: Path, train_texts: list[str], vocab: int) -> 
 def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Path, work: Path) -> dict:
     paper = load_config("train_generator", ["generator=paper", f"runtime.device={device}"])
     classifier_paper = load_config("train_classifier", ["classifier=paper", f"runtime.device={device}"])
-    eval_paper = load_config("report", ["generator=paper", "classifier=paper"])
+    eval_paper = load_config("report", ["profile=paper"])
     # Unified train is ESConv train plus the Reddit pairs: one pass counts both.
     split = {name: read_examples(data_run, dataset, name) for dataset, name in
              (("unified", "train"), ("esconv", "valid"), ("esconv", "test"))}

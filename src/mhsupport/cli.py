@@ -49,7 +49,6 @@ def _generator_flags(parser):
     _model_flags(parser, "esconv")
     parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
                         help="train with a category tag before each response")
-    parser.set_defaults(profile_groups=("generator",))
 
 
 def _classifier_flags(parser):
@@ -61,7 +60,6 @@ def _classifier_flags(parser):
                         help="give the classifier the categories of earlier supporter turns")
     parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
                         help="inverse-frequency class weights in the loss")
-    parser.set_defaults(profile_groups=("classifier",))
 
 
 def _eval_flags(parser):
@@ -75,7 +73,6 @@ def _eval_flags(parser):
                         help="finetuned (default), base (= --base) or llm (prompting a chat model, no fine-tuning)")
     parser.add_argument("--prompt", choices=options.PROMPTS,
                         help="with --generator llm: the prompt (strategy: the classifier's category)")
-    parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
 def _likelihood_flags(parser):
@@ -83,7 +80,6 @@ def _likelihood_flags(parser):
     parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
                         help="score the tagged generator")
     parser.add_argument("--base", action="store_true", help="score the model without fine-tuning")
-    parser.set_defaults(profile_groups=("generator",))
 
 
 def flag_overrides(args) -> list[str]:
@@ -91,7 +87,7 @@ def flag_overrides(args) -> list[str]:
     if getattr(args, "raw_dir", None):
         overrides.append(f"paths.raw_dir={args.raw_dir}")
     if getattr(args, "profile", None):
-        overrides += [f"{group}={args.profile}" for group in args.profile_groups]
+        overrides.append(f"profile={args.profile}")
     if getattr(args, "base", False):
         overrides.append("generator_source=base")
     if getattr(args, "generator_source", None):
@@ -226,7 +222,6 @@ def _profile_flags(parser):
     parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
     parser.add_argument("--seeds", type=_seed_list, help="training seeds, e.g. 1,2,3: every system is trained and "
                         "evaluated once per seed; tables give mean and sd, paired tests pool the seeds")
-    parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
 def _seed_list(text: str) -> str:
@@ -245,7 +240,6 @@ def _chat_flags(parser):
                         help="how each reply's category is chosen (default: classifier if tagged)")
     parser.add_argument("--json", action="store_true",
                         help="read one seeker message per stdin line, write one JSON object per reply")
-    parser.set_defaults(profile_groups=("generator", "classifier"))
 
 
 def _run_human_export(args) -> None:

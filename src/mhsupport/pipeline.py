@@ -187,9 +187,11 @@ def command(stage: str, cfg: DictConfig) -> str:
     parts, overrides = [module.COMMAND], []
     if groups and len(set(chosen.values())) == 1:
         parts.append(f"--profile {next(iter(chosen.values()))}")
+        choices = [f"profile={next(iter(chosen.values()))}"]
     else:
-        overrides += [f"{group}={profile}" for group, profile in chosen.items()]
-    defaults = load_config(stage, [f"{group}={profile}" for group, profile in chosen.items()])
+        choices = [f"{group}={profile}" for group, profile in chosen.items()]
+        overrides += choices
+    defaults = load_config(stage, choices)
     current = _leaves(OmegaConf.to_container(cfg, resolve=True))
     default = _leaves(OmegaConf.to_container(defaults, resolve=True))
     flags = CLI_FLAGS.get(stage, {})

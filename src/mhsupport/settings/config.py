@@ -47,15 +47,16 @@ def _composed(stage: str, overrides: tuple[str, ...], environment: tuple) -> Dic
 #
 # A downstream config (eval, report, chat) implies the configs of the runs it builds on: the
 # upstream stage's defaults with the shared keys and the choices below put in, so they plan the
-# same runs as the upstream stage's own command with the same options.
+# same runs as the upstream stage's own command with the same options. A derived config whose
+# stage has budgets (eval, likelihood) is composed with the profile of the generator it scores.
 
 SHARED_KEYS = ("paths", "taxonomy", "strategy_words", "data", "download", "seed", "subset_seed")
 
 
-def derive(stage: str, cfg: DictConfig, values: dict | None = None) -> DictConfig:
-    """`stage`'s config with this config's shared keys and runtime settings and `values`
-    (dotted key -> value or node) put in; never forced."""
-    derived = load_config(stage)
+def derive(stage: str, cfg: DictConfig, values: dict | None = None, profile: str | None = None) -> DictConfig:
+    """`stage`'s config (of `profile`, or its default one) with this config's shared keys and runtime
+    settings and `values` (dotted key -> value or node) put in; never forced."""
+    derived = load_config(stage, [f"profile={profile}"] if profile else [])
     OmegaConf.set_struct(derived, False)
     for key in SHARED_KEYS:
         if key in derived and key in cfg:
@@ -96,30 +97,22 @@ def classifier_config(cfg: DictConfig, mode: str) -> DictConfig:
 
 def likelihood_config(cfg: DictConfig) -> DictConfig:
     """The `mhs likelihood` config of the generator an eval config scores (its sampler plays no part:
-    the reference is scored under every tag)."""
-    derived = derive("likelihood", cfg, {
+    the reference is scored under every tag), with the likelihood budgets of its generator's profile."""
+    return derive("likelihood", cfg, {
         "generator": cfg.generator, "dataset": cfg.dataset, "strategy_tag": cfg.strategy_tag, "tag_set": cfg.tag_set,
         "tags_in_history": cfg.tags_in_history, "generator_source": cfg.generator_source,
-        "test_subset_seed": cfg.test_subset_seed, "bootstrap": cfg.bootstrap})
-    # test_subset was resolved for the default profile: take this generator profile's.
-    OmegaConf.update(derived, "test_subset", derived.test_subset_by_profile[cfg.generator.profile], merge=False)
-    return derived
-
-
-REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples", "significance_metrics", "seeds")
+        "test_subset_seed": cfg.test_subset_seed, "bootstrap": cfg.bootstrap}, profile=cfg.generator.profile)
 
 
 def eval_config(report_cfg: DictConfig, values: dict) -> DictConfig:
-    """The eval config of one system of the report: the report's config less its own keys, with
-    the system's generator, dataset, tag and sampler choices put in."""
-    derived = OmegaConf.masked_copy(report_cfg, [k for k in report_cfg if k not in REPORT_ONLY_KEYS])
-    OmegaConf.set_struct(derived, False)
-    derived.generator_source = "finetuned"
-    for key, value in values.items():
-        derived[key] = value
-    derived.force = False
-    OmegaConf.set_struct(derived, True)
-    return derived
+    """The eval config of one system of the report: the eval config of the report's generator profile
+    with every setting the report shares with it (models, scoring, seeds, paths, runtime) and the
+    system's generator, dataset, tag and sampler choices put in."""
+    shared = load_config("eval", [f"profile={report_cfg.generator.profile}"])
+    return derive("eval", report_cfg, {**{key: report_cfg[key] for key in shared if key in report_cfg and key != "force"},
+                                       **values}, profile=report_cfg.generator.profile)
+
+
 def check_paths(cfg: DictConfig) -> None:
     """An empty folder setting would mean the working directory (runs written beside the code):
     refused, naming the variable or key that is empty."""

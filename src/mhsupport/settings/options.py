@@ -33,8 +33,8 @@ MODEL_SOURCES = {"generator": ("scratch", "pretrained", "gguf"), "classifier": (
 
 
 def profiles() -> tuple[str, ...]:
-    """The model profiles: the generator config group's files (paper, offline, cpu, tiny)."""
-    return tuple(sorted(p.stem for p in (CONFIG_DIR / "generator").glob("*.yaml")))
+    """The profiles: the profile config group's files (paper, offline, cpu, tiny)."""
+    return tuple(sorted(p.stem for p in (CONFIG_DIR / "profile").glob("*.yaml")))
 
 
 def _choice(values):

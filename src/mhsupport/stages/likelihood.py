@@ -58,7 +58,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     formatter = build_formatter(generator_config(cfg), tokenizer)
     labels = generator_tags(cfg)
     key = Taxonomy.label_key(cfg.tag_set)
-    batch_size = cfg.runtime.batch_size_by_profile[cfg.generator.profile]
+    batch_size = cfg.runtime.batch_size
     nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
     gold = [e[key] for e in examples]
     scores = tag_use.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
