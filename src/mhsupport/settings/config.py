@@ -43,6 +43,13 @@ def _composed(stage: str, overrides: tuple[str, ...], environment: tuple) -> Dic
     return cfg
 
 
+@functools.lru_cache(maxsize=32)
+def default_choice(stage: str, group: str) -> str:
+    """The option a stage's config picks for a config group by default (e.g. its profile)."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name=stage, return_hydra_config=True).hydra.runtime.choices[group]
+
+
 # --- the configs of upstream stages -------------------------------------------------------
 #
 # A downstream config (eval, report, chat) implies the configs of the runs it builds on: the
