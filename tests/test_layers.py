@@ -11,7 +11,7 @@ import mhsupport
 SRC = Path(mhsupport.__file__).resolve().parent
 # Bottom to top; a top-level module or sub-package by its first name under mhsupport.
 LAYERS = [
-    {"__init__", "errors"},
+    {"__init__", "errors", "preemption"},
     {"data"},
     {"modeling"},
     {"training"},
@@ -21,7 +21,7 @@ LAYERS = [
     {"settings"},
     {"stages"},
     {"pipeline"},
-    {"cli", "chat", "safety", "generator", "classifier"},
+    {"cli", "sweeps", "chat", "safety", "generator", "classifier"},
 ]
 
 

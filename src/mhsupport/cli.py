@@ -13,6 +13,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from mhsupport import preemption
 from mhsupport.errors import MhsError
 from mhsupport.settings import flags
 from mhsupport.settings.config import load_config
@@ -199,7 +200,8 @@ def _chat_flags(parser):
 def _clean_flags(parser):
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     parser.add_argument("--partial", action="store_true",
-                        help="also remove resumable training checkpoints (.<run_id>.partial); only when no training runs")
+                        help="also remove resumable work (.<run_id>.partial: training checkpoints, the finished batches "
+                             "of an eval or likelihood); only when none of those runs")
 
 
 def _run_clean(cfg, args):
@@ -318,14 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
-        if args.stage is None:
-            args.handler(args)
-            return 0
-        cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
-        if args.print_config:
-            print(OmegaConf.to_yaml(cfg), end="")
-            return 0
-        args.runner(cfg, args)
+        with preemption.handling():
+            return _execute(args)
     except MhsError as err:
         close_progress_bars()
         print(f"mhs {name}: error: {err}", file=sys.stderr)
@@ -334,6 +330,11 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print(f"mhs {name}: interrupted; the same command resumes", file=sys.stderr)
         return 130
+    except preemption.Preempted as stop:
+        close_progress_bars()
+        print(f"mhs {name}: {stop}; work so far is kept (checkpoint, finished batches): the same command "
+              f"resumes (exit {preemption.EXIT_CODE})", file=sys.stderr)
+        return preemption.EXIT_CODE
     except (OSError, RuntimeError) as err:
         message = storage_error(err)
         if message is None:
@@ -341,6 +342,17 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print(f"mhs {name}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _execute(args) -> int:
+    if args.stage is None:
+        args.handler(args)
+        return 0
+    cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    args.runner(cfg, args)
     return 0
 
 

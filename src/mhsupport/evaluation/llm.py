@@ -37,12 +37,14 @@ def final_answer(text: str) -> str:
 
 
 class LocalChatBackend:
-    """A local chat model: batched greedy generation under each distinct system prompt."""
+    """A local chat model: batched greedy generation under each distinct system prompt (each finished
+    batch kept in `batches`, a run's finished batches, when given)."""
 
-    def __init__(self, model, tokenizer, max_context_tokens: int):
+    def __init__(self, model, tokenizer, max_context_tokens: int, batches=None):
         if tokenizer.chat_template is None:
             raise MhsError("the local LLM backend needs a chat model (its tokenizer has no chat template)")
         self.model, self.tokenizer, self.max_context_tokens = model, tokenizer, max_context_tokens
+        self.batches = batches
 
     def formatter(self, prompt: str) -> ChatTemplateFormatter:
         return ChatTemplateFormatter(self.tokenizer, self.max_context_tokens, 10_000, None, system_prompt=prompt)
@@ -50,11 +52,11 @@ class LocalChatBackend:
     def respond(self, contexts: list[list[dict]], prompts: list[str], max_new_tokens: int, batch_size: int,
                 progress: bool) -> list[str]:
         replies: list[str | None] = [None] * len(contexts)
-        for prompt in sorted(set(prompts)):
+        for number, prompt in enumerate(sorted(set(prompts))):
             rows = [i for i, p in enumerate(prompts) if p == prompt]
             outputs = generate(self.model, self.tokenizer, self.formatter(prompt), [contexts[i] for i in rows],
                                [None] * len(rows), batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               progress=progress)
+                               progress=progress, batches=self.batches, name=f"generate-prompt{number}")
             for i, output in zip(rows, outputs):
                 replies[i] = output["response"]
         return replies

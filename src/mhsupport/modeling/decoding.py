@@ -20,10 +20,13 @@ from mhsupport.modeling.scoring import can_share_prefix, continue_prefix, encode
 @torch.no_grad()
 def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tags: list[str | None],
              batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
-             temperature: float = 0.7, seed: int = 0, progress: bool = True) -> list[dict]:
+             temperature: float = 0.7, seed: int = 0, progress: bool = True, batches=None,
+             name: str = "generate") -> list[dict]:
     """One {"tag", "response"} per context. A forced tag is given in the model's tag format (its
     instruction in the prompt, or its opening forced after the prompt: the reply is what follows).
-    Without one, a model whose tag opens the reply writes its own, read back from its opening."""
+    Without one, a model whose tag opens the reply writes its own, read back from its opening.
+    With `batches` (a run's finished batches: get/put by name), a batch stored under `name` is read
+    back instead of generated, and each generated batch is stored."""
     model.eval()
     prompts = [formatter.prompt_ids(context, tag) + formatter.opening_ids(tag)
                for context, tag in zip(contexts, forced_tags)]
@@ -37,6 +40,12 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
     generator_seed = torch.Generator().manual_seed(seed)
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         batch = order[start:start + batch_size]
+        batch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)) if do_sample else None
+        stored = batches.get(f"{name}-{start}") if batches is not None else None
+        if stored is not None:
+            for i, result in zip(batch, stored):
+                results[i] = result
+            continue
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
@@ -44,13 +53,15 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
             input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attention[row, width - len(prompts[i]):] = 1
         if do_sample:
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
+            torch.manual_seed(batch_seed)
         new_tokens = decode(model, input_ids.to(model.device), attention.to(model.device), max_new_tokens,
                             tokenizer.eos_token_id, warpers, prefix)
         for row, i in enumerate(batch):
             written, text = read_opening(formatter, new_tokens[row])
             tag = forced_tags[i] if forced_tags[i] is not None else written
             results[i] = {"tag": tag, "response": " ".join(text.split())}
+        if batches is not None:
+            batches.put(f"{name}-{start}", [results[i] for i in batch])
     return results
 
 

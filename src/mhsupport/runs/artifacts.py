@@ -27,6 +27,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import mhsupport
+from mhsupport import preemption
 from mhsupport.errors import MhsError
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hy
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 LOCKS = ".locks"  # <artifacts>/.locks/<stage>-<run_id>.lock: one per run, held while it is checked and built
-CHECKPOINTS = "checkpoints"  # a training run's resumable state: kept until the run is in place, never an output
+CHECKPOINTS = "checkpoints"  # a run's resumable state (training checkpoints, finished batches): never an output
+BATCHES = "batches"  # under CHECKPOINTS: the finished batches of an eval or likelihood run
 
 
 def file_sha256(path: Path) -> str:
@@ -144,6 +146,19 @@ class Run:
         return self.partial_path / CHECKPOINTS
 
     @contextmanager
+    def finished_batches(self, fresh: bool = False):
+        """The store of this run's finished batches (eval, likelihood), kept in its temporary folder
+        until the run is in place, so an interrupted run resumes from them (`fresh` discards them:
+        --force). Within the block SIGTERM and SIGUSR1 stop the run after the batch in progress."""
+        store = FinishedBatches(self.checkpoints_path / BATCHES)
+        if fresh:
+            shutil.rmtree(store.folder, ignore_errors=True)
+        if store.count():
+            log.info("resuming from %d finished batches in %s", store.count(), store.folder)
+        with preemption.deferred():
+            yield store
+
+    @contextmanager
     def lock(self, is_main: bool = True):
         """Hold the run's lock while checking and building it, so two identical commands do not
         build it twice; a second one waits and then finds the run complete. Before yielding, put
@@ -244,6 +259,31 @@ class Run:
             shutil.rmtree(old)
         else:
             tmp.rename(self.path)
+
+
+class FinishedBatches:
+    """Finished batches by name (`<computation>-<first row>`), one JSON file each, written atomically;
+    storing one is a safe point at which a requested stop happens (`preemption.check`)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def count(self) -> int:
+        return len(list(self.folder.glob("*.json"))) if self.folder.is_dir() else 0
+
+    def get(self, name: str):
+        """The stored value, or None when the batch is not finished (or its file is damaged)."""
+        try:
+            return json.loads((self.folder / f"{name}.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def put(self, name: str, value) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, self.folder / f"{name}.json")
+        preemption.check()
 
 
 @dataclass

@@ -73,13 +73,34 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     examples = seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset,
                                         cfg.test_subset_seed)
 
+    with run_.finished_batches(fresh=cfg.force) as batches:
+        lines, loaded = generations(cfg, gcfg, run_, inputs, data_run, examples, labels, label_key, batches)
+    run_.device = devices.describe(cfg.runtime, loaded)
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    try:
+        with run_.build(seed=cfg.seed, resumable=True) as out:
+            (out / GENERATIONS).write_text(text)
+    except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
+        kept = Path(tempfile.gettempdir()) / f"mhs-eval-{run_.run_id}-{GENERATIONS}"
+        try:
+            kept.write_text(text)
+        except OSError:
+            raise err from None
+        raise MhsError(f"could not write eval run {run_.path} ({err.strerror or err}); its {len(lines)} "
+                       f"generations are kept in {kept}. Free space and rerun `{run_.command}`") from None
+    log.info("eval wrote %s", run_.path)
+
+
+def generations(cfg, gcfg, run_, inputs, data_run, examples, labels, label_key, batches) -> tuple[list[dict], dict]:
+    """Generate and score every example (each finished batch kept in `batches`) and fill run_.metrics;
+    (the lines of the generations file, the models loaded by name)."""
     set_seed(cfg.seed)
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     if cfg.generator_source == "llm":
         examples = seeded_subset(examples, cfg.llm.test_subset, cfg.test_subset_seed)
-        respond, tags, labels, loaded = llm_responder(cfg, inputs, examples)
+        respond, tags, labels, loaded = llm_responder(cfg, inputs, examples, batches)
     else:
-        respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
+        respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key, batches)
     reference_check = None
     if recogniser:
         loaded["recogniser"] = recogniser.model
@@ -139,20 +160,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     if any(empty_per_seed.values()):
         log.warning("%s: %d of %d replies are empty (scored as empty strings, never judged by the recogniser)",
                     system_name(cfg), sum(empty_per_seed.values()), len(examples) * len(seeds))
-    run_.device = devices.describe(cfg.runtime, loaded)
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    try:
-        with run_.build(seed=cfg.seed) as out:
-            (out / GENERATIONS).write_text(text)
-    except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
-        kept = Path(tempfile.gettempdir()) / f"mhs-eval-{run_.run_id}-{GENERATIONS}"
-        try:
-            kept.write_text(text)
-        except OSError:
-            raise err from None
-        raise MhsError(f"could not write eval run {run_.path} ({err.strerror or err}); its {len(lines)} "
-                       f"generations are kept in {kept}. Free space and rerun `{run_.command}`") from None
-    log.info("eval wrote %s", run_.path)
+    return lines, loaded
 
 
 def judge(recogniser, responses: list[str], empty: list[bool]) -> list[str | None]:
@@ -170,7 +178,7 @@ def empty_replies(per_seed: dict[str, int], examples: int) -> dict:
     return {"count": count, "share": count / (examples * len(per_seed)), "per_seed": per_seed}
 
 
-def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
+def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key, batches):
     """Responses of a fine-tuned (or base) generator under the configured tag sampler; the
     models it loaded (name -> model)."""
     generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
@@ -186,7 +194,7 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     own = None
     if cfg.sampler == "none" and formatter.model_writes_tag:
         own = tag_likelihood.opening_probabilities(model, formatter, [e["context"] for e in examples], d.batch_size,
-                                               cfg.runtime.progress)
+                                                   cfg.runtime.progress, batches)
     tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
                                 classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
                                 own_probabilities=own, own_strategy=cfg.own_strategy)
@@ -194,7 +202,8 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     def respond(seed):
         outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], tags,
                            batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
-                           top_p=d.top_p, temperature=d.temperature, seed=seed, progress=cfg.runtime.progress)
+                           top_p=d.top_p, temperature=d.temperature, seed=seed, progress=cfg.runtime.progress,
+                           batches=batches, name=f"generate-seed{seed}")
         # No reference NLL here: a generator's perplexity is computed once, not per sampler, by the
         # likelihood stage, on more examples than are generated for.
         return outputs, None, None
@@ -202,7 +211,7 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
     return respond, tags, loaded
 
 
-def llm_responder(cfg, inputs, examples):
+def llm_responder(cfg, inputs, examples, batches):
     """Responses of an instruction-tuned chat model prompted (optionally) with a category; the
     local models it loaded (name -> model)."""
     c = cfg.llm
@@ -223,7 +232,7 @@ def llm_responder(cfg, inputs, examples):
         backend = llm.OpenAICompatibleBackend(c)
     else:
         model, tokenizer = loading.load_causal_lm(cfg.generator, devices.inference(cfg.runtime))
-        backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens)
+        backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens, batches)
         loaded["generator"] = model
 
     def respond(seed):
@@ -234,7 +243,8 @@ def llm_responder(cfg, inputs, examples):
             return outputs, None, None  # an HTTP endpoint gives no token probabilities here
         groups = [[backend.formatter(prompt).scored_reply(example["context"], None, example["response"])]
                   for prompt, example in zip(prompts, examples)]
-        sums, tokens = sequence_nll(backend.model, groups, d.batch_size, pad=backend.tokenizer.pad_token_id or 0)
+        sums, tokens = sequence_nll(backend.model, groups, d.batch_size, pad=backend.tokenizer.pad_token_id or 0,
+                                    desc="reference nll", batches=batches)
         return outputs, [float(s[0]) for s in sums], [int(t[0]) for t in tokens]
 
     return respond, categories, labels, loaded

@@ -59,7 +59,9 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     labels = generator_tags(cfg)
     key = Taxonomy.label_key(cfg.tag_set)
     batch_size = cfg.runtime.batch_size
-    nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
+    with run_.finished_batches(fresh=cfg.force) as batches:
+        nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, labels, batch_size,
+                                                   cfg.runtime.progress, batches)
     gold = [e[key] for e in examples]
     scores = tag_use.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
     run_.metrics = {"system": system_name(cfg), "profile": cfg.generator.profile, "dataset": cfg.dataset,
@@ -69,6 +71,6 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     lines = [{"conversation_id": e["conversation_id"], "turn_index": e["turn_index"], "gold_label": g,
               "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
              for e, g, row, n in zip(examples, gold, nll, tokens)]
-    with run_.build(seed=cfg.seed) as out:
+    with run_.build(seed=cfg.seed, resumable=True) as out:
         (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
     log.info("likelihood wrote %s", run_.path)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 import zipfile
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
-from transformers import TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.integrations import TensorBoardCallback
 
+from mhsupport import preemption
 from mhsupport.modeling import devices
 from mhsupport.training import curves
 from mhsupport.training.processes import is_main_process, world_size
@@ -118,13 +121,34 @@ def train_resumable(run, seed: int, fresh: bool, make_trainer, finish, before_sa
         if resume:
             log.info("resuming from %s", resume)
         started = time.time()
-        output = trainer.train(resume_from_checkpoint=resume)
+        trainer.add_callback(PreemptionCallback())
+        with preemption.deferred():  # a SIGTERM or SIGUSR1 saves a checkpoint at the next step and stops
+            output = trainer.train(resume_from_checkpoint=resume)
         train_seconds = time.time() - started
         if before_save:
             before_save(trainer)
         trainer.save_model(str(out / "model"))
         finish(trainer, out, output, resume, train_seconds)
         trainer.accelerator.wait_for_everyone()
+
+
+class PreemptionCallback(TrainerCallback):
+    """After the step in progress when SIGTERM or SIGUSR1 came: save a checkpoint and stop training
+    (`train_resumable` then raises preemption.Preempted). Under torchrun the processes agree first,
+    so that all of them stop after the same step."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = preemption.requested()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+            if stop and not preemption.requested():  # a peer was signalled: this process stops as well
+                preemption.request(signal.SIGTERM)
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def connect_loggers(trainer, run_dir: Path) -> None:

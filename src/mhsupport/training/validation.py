@@ -42,6 +42,8 @@ class ValidationCallback(TrainerCallback):
         self.trainer = None
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_training_stop and state.global_step < state.max_steps:
+            return control  # stopped inside the epoch (a preemption): the resumed run validates at its end
         result = self.evaluate(model)
         self.trainer.log({f"{self.prefix}_{k}": v for k, v in result.items()})
         return self.trainer.control
