@@ -1,10 +1,12 @@
-"""The `mhs` command. Typed flags become config overrides; any KEY=VALUE after them is a
-Hydra override (e.g. `data.max_context_turns=5`); --print-config shows the resolved config."""
+"""The `mhs` command. Typed flags become config overrides; any KEY=VALUE, anywhere on the line, is
+a Hydra override (e.g. `data.max_context_turns=5`); --print-config shows the resolved config, and
+-m/--multirun sweeps the overrides with Hydra's sweeper and launchers (docs/sweeps.md)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
@@ -21,13 +23,21 @@ from mhsupport.settings.config import load_config
 
 def _command(commands, name: str, command: str, help: str, runner, extra=None):
     """A command that composes a config: its flags from the table (settings/flags.py), then any
-    runner-only flags, --print-config and Hydra overrides."""
+    runner-only flags, -m for a command a sweep can run, --print-config and Hydra overrides."""
     parser = commands.add_parser(name, help=help, description=help, formatter_class=flags.HelpFormatter)
     flags.add_flags(parser, command)
     if extra:
         extra(parser)
+    if command in SWEEPABLE:
+        parser.add_argument("-m", "--multirun", action="store_true",
+                            help="sweep the overrides (a=1,2 range() choice() glob()) with Hydra, one run per job, "
+                                 "launched by hydra/launcher=basic|joblib|submitit_local|submitit_slurm; ends with "
+                                 "a table of the jobs (docs/sweeps.md)")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra config overrides")
+    overrides = parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                                    help="Hydra overrides, anywhere on the line, of the config keys {default} "
+                                         "(--print-config prints every key with its value)")
+    overrides.config_default = lambda: flags.config_keys(flags.STAGE_OF[command])
     parser.set_defaults(stage=flags.STAGE_OF[command], command_name=command, runner=runner)
     return parser
 
@@ -39,30 +49,73 @@ def flag_overrides(args) -> list[str]:
 
 # --- runners ----------------------------------------------------------------------------
 
-def _run_prepare_data(cfg, args):
+# Each command that builds one run has a build function (config -> StageResult), which a sweep's jobs
+# call too, and a headline of the run's metrics for the sweep's table; both module-level, so that a
+# launcher can pickle them into another process.
+
+def _build(stage: str, cfg):
     from mhsupport import pipeline
 
-    result = pipeline.run("prepare_data", cfg)
+    return pipeline.run(stage, cfg)
+
+
+def _build_reproduce(cfg):
+    from mhsupport import pipeline
+
+    return pipeline.reproduce(cfg).report
+
+
+def _no_headline(result) -> str:
+    return ""
+
+
+def _generator_headline(result) -> str:
+    return f"valid loss {result.metrics['valid_loss']:.4f}, valid ppl {result.metrics['valid_ppl']:.2f}"
+
+
+def _classifier_headline(result) -> str:
+    name, scores = next(iter(result.metrics["test"].items()))
+    return f"{name} accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
+
+
+def _eval_headline(result) -> str:
+    return ", ".join(f"{name} {m['value']:.3f}" for name, m in list(result.metrics["metrics"].items())[:4])
+
+
+def _likelihood_headline(result) -> str:
+    return ", ".join(f"{name} {m['value']:.3f}" for name, m in result.metrics["metrics"].items())
+
+
+SWEEPABLE = {  # command -> (build(cfg) -> StageResult, headline(result) -> str)
+    "prepare-data": (functools.partial(_build, "prepare_data"), _no_headline),
+    "train dialogpt": (functools.partial(_build, "train_generator"), _generator_headline),
+    "train classifier": (functools.partial(_build, "train_classifier"), _classifier_headline),
+    "eval": (functools.partial(_build, "eval"), _eval_headline),
+    "likelihood": (functools.partial(_build, "likelihood"), _likelihood_headline),
+    "report": (functools.partial(_build, "report"), _no_headline),
+    "reproduce": (_build_reproduce, _no_headline),
+}
+
+
+def _run_prepare_data(cfg, args):
+    result = _build("prepare_data", cfg)
     print(f"prepare-data run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  examples: {result.run.path / 'examples'}  counts: {result.run.path / 'stats.md'}")
 
 
 def _run_train_generator(cfg, args):
-    from mhsupport import pipeline
     from mhsupport.training.processes import is_main_process
 
-    result = pipeline.run("train_generator", cfg)
+    result = _build("train_generator", cfg)
     if is_main_process():
-        m = result.metrics
         print(f"train dialogpt run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
-        print(f"  model: {result.run.path / 'model'}  valid loss {m['valid_loss']:.4f}  valid ppl {m['valid_ppl']:.2f}")
+        print(f"  model: {result.run.path / 'model'}  {_generator_headline(result)}")
 
 
 def _run_train_classifier(cfg, args):
-    from mhsupport import pipeline
     from mhsupport.training.processes import is_main_process
 
-    result = pipeline.run("train_classifier", cfg)
+    result = _build("train_classifier", cfg)
     if is_main_process():
         test = result.metrics["test"]
         print(f"train classifier run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
@@ -77,9 +130,7 @@ def _print_generation_metrics(metrics: dict) -> None:
 
 
 def _run_eval(cfg, args):
-    from mhsupport import pipeline
-
-    result = pipeline.run("eval", cfg)
+    result = _build("eval", cfg)
     m = result.metrics
     print(f"eval run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['decoding']}"
@@ -88,9 +139,7 @@ def _run_eval(cfg, args):
 
 
 def _run_likelihood(cfg, args):
-    from mhsupport import pipeline
-
-    result = pipeline.run("likelihood", cfg)
+    result = _build("likelihood", cfg)
     m = result.metrics
     print(f"likelihood run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['tokens']} reference tokens")
@@ -131,10 +180,9 @@ def _run_compare(args) -> None:
 
 
 def _run_report(cfg, args):
-    from mhsupport import pipeline
     from mhsupport.stages.report import REPORT
 
-    result = pipeline.run("report", cfg)
+    result = _build("report", cfg)
     print(f"report run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print((result.run.path / REPORT).read_text())
 
@@ -315,9 +363,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with Hydra overrides anywhere on it: argparse gives a positional list only the
+    items before the first flag, so the overrides after a flag are collected from what is left."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flagged = [item for item in extra if item.startswith("-")]
+    if flagged or (extra and getattr(args, "stage", None) is None):
+        parser.error(f"unrecognized arguments: {' '.join(flagged or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
         with preemption.handling():
@@ -348,12 +409,27 @@ def _execute(args) -> int:
     if args.stage is None:
         args.handler(args)
         return 0
-    cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
+    overrides = flag_overrides(args) + list(args.overrides)
+    if getattr(args, "multirun", False):
+        return _sweep(args, overrides)
+    cfg = load_config(args.stage, overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg), end="")
         return 0
     args.runner(cfg, args)
     return 0
+
+
+def _sweep(args, overrides: list[str]) -> int:
+    """`-m`: every job of the sweep, then the table of jobs; non-zero when a job failed."""
+    from mhsupport import sweeps
+
+    if args.print_config:
+        raise MhsError("--print-config shows one config: drop -m, and give one value per key")
+    build, headline = SWEEPABLE[args.command_name]
+    jobs = sweeps.multirun(args.stage, overrides, build, headline)
+    print(sweeps.table(jobs))
+    return sweeps.exit_code(jobs)
 
 
 def close_progress_bars() -> None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from mhsupport.runs import artifacts
 from mhsupport.settings import options
 from mhsupport.runs.artifacts import Run, StageResult
-from mhsupport.settings.config import eval_config, generator_config, load_config, prepare_data_config
+from mhsupport.settings.config import eval_config, generator_config, load_config, prepare_data_config, searchpath_overrides
 from mhsupport.settings.flags import hint_flags
 from mhsupport.errors import MhsError
 from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
@@ -192,7 +192,9 @@ def command(stage: str, cfg: DictConfig) -> str:
     else:
         choices = [f"{group}={profile}" for group, profile in chosen.items()]
         overrides += choices
-    defaults = load_config(stage, choices)
+    # a config composed from more folders than the packaged ones names them (before its choices)
+    overrides = [shlex.quote(override) for override in searchpath_overrides(cfg)] + overrides
+    defaults = load_config(stage, choices + searchpath_overrides(cfg))
     current = _leaves(OmegaConf.to_container(cfg, resolve=True))
     default = _leaves(OmegaConf.to_container(defaults, resolve=True))
     hinted = hint_flags(module.COMMAND.removeprefix("mhs "))

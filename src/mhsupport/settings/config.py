@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import functools
 import os
+import re
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mhsupport.errors import MhsError
@@ -23,10 +25,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The stage's config with Hydra overrides applied, every interpolation resolved (a fresh copy
     the caller may change)."""
+    check_overrides(overrides, multirun=False)
     environment = tuple(os.environ.get(name) for name in (*PATH_VARIABLES.values(), "HOME"))
-    cfg = copy.deepcopy(_composed(stage, tuple(overrides), environment))
-    check_paths(cfg)
-    return cfg
+    return copy.deepcopy(_composed(stage, tuple(overrides), environment))
 
 
 @functools.lru_cache(maxsize=256)
@@ -35,12 +36,60 @@ def _composed(stage: str, overrides: tuple[str, ...], environment: tuple) -> Dic
     report derives about fifty configs, and each compose takes a fifth of a second."""
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            cfg = compose(config_name=stage, overrides=list(overrides))
-        OmegaConf.resolve(cfg)
+            cfg = compose(config_name=stage, overrides=list(overrides), return_hydra_config=True)
+        searchpath = list(cfg.hydra.searchpath)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return finish_config(cfg, searchpath)
+    except MissingConfigException as err:
+        options = f" (options: {', '.join(err.options)})" if err.options else ""
+        raise MhsError(f"config for '{stage}': {str(err).splitlines()[0]}{options}; a folder of your own configs "
+                       "joins the packaged ones with hydra.searchpath=[file:///abs/folder]") from None
     except (HydraException, OmegaConfBaseException) as err:
         raise MhsError(f"config for '{stage}': {err}".replace("\n", " ")) from None
+
+
+def finish_config(cfg: DictConfig, searchpath: list[str]) -> DictConfig:
+    """A composed config (without its hydra node) made ready for a stage: every interpolation
+    resolved, the config folders it was composed from (`hydra.searchpath`) kept in paths.searchpath
+    so that the configs derived from it and the commands in hints find them, and then read-only in
+    its structure; its folder settings checked. Raises omegaconf's errors."""
+    OmegaConf.resolve(cfg)
+    if "paths" in cfg:
+        cfg.paths.searchpath = searchpath
     OmegaConf.set_struct(cfg, True)
+    check_paths(cfg)
     return cfg
+
+
+def searchpath_overrides(cfg: DictConfig) -> list[str]:
+    """The override that composes a config from the same config folders as `cfg` (none if only the
+    packaged ones)."""
+    folders = list(cfg.get("paths", {}).get("searchpath") or [])
+    quoted = [folder if re.fullmatch(r"[\w\-./:]+", folder) else "'" + folder.replace("'", "\\'") + "'"
+              for folder in folders]
+    return [f"hydra.searchpath=[{','.join(quoted)}]"] if folders else []
+
+
+def check_overrides(overrides, multirun: bool) -> None:
+    """Refuse, in one line, the overrides that would be read and then ignored: Hydra's own settings
+    outside a sweep (except hydra.searchpath), hydra.run.* (runs go to content-addressed folders) and
+    paths.searchpath (which hydra.searchpath sets)."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise MhsError(f"{err}".replace("\n", " ")) from None
+    for override in parsed:
+        key, line = override.key_or_group, override.input_line
+        if key == "paths.searchpath":
+            raise MhsError(f"{line}: the config folders are given with hydra.searchpath, e.g. "
+                           "hydra.searchpath=[file:///abs/my_configs]")
+        if key.startswith("hydra.run.") or key == "hydra.run":
+            raise MhsError(f"{line}: every run is written to its own content-addressed folder under "
+                           "paths.artifacts_dir; to put runs elsewhere set paths.artifacts_dir=DIR (or MHS_ARTIFACTS_DIR)")
+        if (key == "hydra" or key.startswith(("hydra.", "hydra/"))) and key != "hydra.searchpath" and not multirun:
+            raise MhsError(f"{line}: Hydra's own settings (launcher, sweep dir) apply to a sweep: add -m "
+                           "(without it only hydra.searchpath is read)")
 
 
 @functools.lru_cache(maxsize=32)
@@ -63,7 +112,7 @@ SHARED_KEYS = ("paths", "taxonomy", "strategy_words", "data", "download", "seed"
 def derive(stage: str, cfg: DictConfig, values: dict | None = None, profile: str | None = None) -> DictConfig:
     """`stage`'s config (of `profile`, or its default one) with this config's shared keys and runtime
     settings and `values` (dotted key -> value or node) put in; never forced."""
-    derived = load_config(stage, [f"profile={profile}"] if profile else [])
+    derived = load_config(stage, ([f"profile={profile}"] if profile else []) + searchpath_overrides(cfg))
     OmegaConf.set_struct(derived, False)
     for key in SHARED_KEYS:
         if key in derived and key in cfg:
@@ -115,7 +164,7 @@ def eval_config(report_cfg: DictConfig, values: dict) -> DictConfig:
     """The eval config of one system of the report: the eval config of the report's generator profile
     with every setting the report shares with it (models, scoring, seeds, paths, runtime) and the
     system's generator, dataset, tag and sampler choices put in."""
-    shared = load_config("eval", [f"profile={report_cfg.generator.profile}"])
+    shared = load_config("eval", [f"profile={report_cfg.generator.profile}", *searchpath_overrides(report_cfg)])
     return derive("eval", report_cfg, {**{key: report_cfg[key] for key in shared if key in report_cfg and key != "force"},
                                        **values}, profile=report_cfg.generator.profile)
 

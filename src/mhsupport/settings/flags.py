@@ -10,6 +10,8 @@ import argparse
 import shlex
 from dataclasses import dataclass
 
+from omegaconf import DictConfig
+
 from mhsupport.settings import options
 from mhsupport.settings.config import default_choice, load_config
 
@@ -71,9 +73,9 @@ _TAG_FORMAT_HELP = ("how the tag reaches the generator: a special token opening 
 FLAGS = (
     Flag("--raw-dir", "paths.raw_dir", {"prepare-data": "raw data root holding esconv/ and epitome/ (default: "
                                                         "$MHS_RAW_DIR, else data/raw)"}, in_hints=False),
-    Flag("--profile", "profile", {command: "the models, their sizes and the eval budgets (default: {default})"
-                                  for command in (*_MODEL_COMMANDS, "report", "reproduce")},
-         choices=options.profiles()),
+    Flag("--profile", "profile", {command: "the models, their sizes and the eval budgets: " + ", ".join(options.profiles())
+                                  + " or one of yours in a hydra.searchpath folder (default: {default})"
+                                  for command in (*_MODEL_COMMANDS, "report", "reproduce")}, metavar="NAME"),
     Flag("--dataset", "dataset", {**{command: "training data (default: {default})"
                                      for command in ("train dialogpt", "train classifier")},
                                   **{command: "the generator's training data (default: {default})"
@@ -130,6 +132,12 @@ def default_text(stage: str, key: str) -> str:
     for part in key.split("."):
         value = value[part]
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_keys(stage: str) -> str:
+    """The stage config's top-level keys, a node's as `key.*`, as help lists them."""
+    cfg = load_config(stage)
+    return ", ".join(f"{key}.*" if isinstance(cfg[key], DictConfig) else key for key in cfg)
 
 
 def add_flags(parser: argparse.ArgumentParser, command: str) -> None:
