@@ -267,6 +267,7 @@ class FinishedBatches:
 
     def __init__(self, folder: Path):
         self.folder = folder
+        self.unwritable = False
 
     def count(self) -> int:
         return len(list(self.folder.glob("*.json"))) if self.folder.is_dir() else 0
@@ -279,10 +280,19 @@ class FinishedBatches:
             return None
 
     def put(self, name: str, value) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Keep a finished batch. One that cannot be written (e.g. a full disk) is only not kept for a
+        resume: the run goes on, and its outputs meet the disk at the end."""
         tmp = self.folder / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(value))
-        os.replace(tmp, self.folder / f"{name}.json")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, self.folder / f"{name}.json")
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            if not self.unwritable:
+                log.warning("cannot keep finished batches in %s (%s): an interrupted run will redo them",
+                            self.folder, err.strerror or err)
+            self.unwritable = True
         preemption.check()
 
 
