@@ -117,6 +117,7 @@ RULES = {
     "data.max_context_turns": _int(1), "data.esconv_split_seed": _int(0),
     "llm.prompt": _choice(PROMPTS), "llm.backend": _choice(LLM_BACKENDS), "llm.test_subset": _int(1, optional=True),
     "llm.max_new_tokens": _int(1), "llm.timeout_s": _number(0, inclusive=False),
+    "runtime.llm.concurrency": _int(1), "runtime.llm.max_retries": _int(0),
     "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
     "decoding.temperature": _number(0, inclusive=False), "decoding.max_new_tokens": _int(1),
     "decoding.batch_size": _int(1),
