@@ -6,15 +6,12 @@ the endpoint; a real SIGKILL of a judge run and a rerun that asks only what was 
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,6 +22,7 @@ from mhsupport import humaneval, judge, pipeline
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport.generations_io import read_generations
+from judge_server import ScriptedJudge, serve, stop
 
 GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=12", "strategy_tag=true"]
 EVAL = [*GEN, "test_subset=12", "bootstrap.resamples=20", "decoding.max_new_tokens=8", "tag_adherence=false",
@@ -33,83 +31,11 @@ JUDGE = ["generator=tiny", "classifier=tiny", "judge.backend=openai", "runtime.p
          "runtime.judge.max_retries=3", "runtime.judge.timeout_s=20"]
 
 
-class ScriptedJudge(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions answered by `behaviour`; every request is remembered."""
-    behaviour = "longer"
-    status = None  # an HTTP status to answer every request with instead (401, 404, ...)
-    answer_limit = None  # answer this many requests, then hold every later one until `release` is set
-    release = threading.Event()
-    requests: list = []
-    lock = threading.Lock()
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        user = body["messages"][-1]["content"]
-        with ScriptedJudge.lock:
-            ScriptedJudge.requests.append(body)
-            attempt = sum(r["messages"][-1]["content"] == user for r in ScriptedJudge.requests)
-            answered = len(ScriptedJudge.requests)
-        if self.status is not None:
-            return self._send(self.status, {"error": {"message": "scripted failure", "type": "invalid_request_error"}})
-        if self.answer_limit is not None and answered > self.answer_limit:
-            ScriptedJudge.release.wait(60)
-            return
-        if self.behaviour == "flaky" and attempt <= 2:
-            return self._send(503, {"error": {"message": "overloaded"}}, retry_after="0.05")
-        if self.behaviour == "slow":
-            time.sleep(3)
-        self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": "scripted-judge",
-                         "choices": [{"index": 0, "finish_reason": "stop",
-                                      "message": {"role": "assistant", "content": self.verdict(user)}}]})
-
-    def verdict(self, user: str) -> str:
-        if self.behaviour == "first":
-            return "Reply A is warmer.\n[[A]]"
-        if self.behaviour == "garbage":
-            return "I think both are fine, really."
-        reply_a, reply_b = replies(user)
-        longer = len(reply_a.split()) - len(reply_b.split())
-        return "Reasons.\n" + ("[[A]]" if longer > 0 else "[[B]]" if longer < 0 else "[[C]]")
-
-    def _send(self, status, payload, retry_after=None):
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if retry_after:
-                self.send_header("Retry-After", retry_after)
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-
-    def do_GET(self):  # GET /v1/models: what the server serves
-        self._send(200, {"object": "list", "data": [{"id": "scripted-judge", "object": "model", "created": 0,
-                                                     "owned_by": "test"}]})
-
-    def log_message(self, *args):
-        pass
-
-
-def replies(user: str) -> tuple[str, str]:
-    """Reply A and Reply B as the judge prompt shows them (an empty reply is shown as "(no reply)")."""
-    found = re.search(r"### Reply A\n(.*?)\n\n### Reply B\n(.*?)\n\n### Question", user, re.S)
-    return tuple("" if reply == "(no reply)" else reply for reply in found.groups())
-
-
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedJudge)
-    httpd.daemon_threads = True
-    ScriptedJudge.behaviour, ScriptedJudge.status, ScriptedJudge.answer_limit = "longer", None, None
-    ScriptedJudge.requests.clear()
-    ScriptedJudge.release.clear()
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    ScriptedJudge.release.set()
-    httpd.shutdown()
-    httpd.server_close()
+    httpd, url = serve()
+    yield url
+    stop(httpd)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +71,26 @@ def test_verdict_parsing_and_the_two_order_rule():
     assert judge.combine("tie", "tie") == ("tie", True)
     assert judge.combine("a", "b") == ("tie", False) and judge.combine("b", "tie") == ("tie", False)
     assert judge.combine(None, "b") == ("unparseable", None)
+
+
+def test_the_adherence_question_names_each_replys_strategy(make_cfg):
+    prompts = judge.Prompts.from_config(make_cfg("judge"))
+    pair = judge.Pair(("c1", 3), [{"speaker": "seeker", "text": "I feel so alone."}], {"a": "How so?", "b": ""},
+                      {"a": None, "b": "Comforting"})
+    shown = prompts.messages(pair, "adherence", "ab")[1]["content"]
+    # a system given no tag is judged against the other's (ESConv-SRA's "which follows strategy S better?")
+    assert "Reply A: Comforting (show empathy" in shown and "Reply B: Comforting (show empathy" in shown
+    assert "Seeker: I feel so alone." in shown and "### Reply A\nHow so?" in shown and "### Reply B\n(no reply)" in shown
+    pair.tag["a"] = "Action"
+    swapped = prompts.messages(pair, "adherence", "ba")[1]["content"]
+    assert "Reply A: Comforting (" in swapped and "Reply B: Action (" in swapped
+    assert "### Reply A\n(no reply)" in swapped and "### Reply B\nHow so?" in swapped
+    assert judge.applies("overall", judge.Pair(("c", 1), [], {"a": "x", "b": "y"}, {"a": None, "b": None}))
+    assert not judge.applies("adherence", judge.Pair(("c", 1), [], {"a": "x", "b": "y"}, {"a": None, "b": None}))
+    key = judge.request_key("m", {"temperature": 0.0}, prompts.messages(pair, "overall", "ab"))
+    assert key != judge.request_key("m", {"temperature": 0.0}, prompts.messages(pair, "overall", "ba"))
+    assert key != judge.request_key("m2", {"temperature": 0.0}, prompts.messages(pair, "overall", "ab"))
+    assert key != judge.request_key("m", {"temperature": 0.7}, prompts.messages(pair, "overall", "ab"))
 
 
 def test_a_judge_that_prefers_the_first_position_gives_only_ties(make_cfg, two_runs, server):
@@ -235,9 +181,6 @@ def test_a_killed_judge_run_pays_for_nothing_twice(two_runs, server, mhs_env, pr
             "--base-url", server, "judge.dimensions=[overall,exploration]", "runtime.judge.concurrency=2",
             "runtime.progress=false"]
     env = mhs_env()
-    probe = subprocess.run([sys.executable, "-m", "mhsupport.cli", *args, "--print-config"], env=env,
-                           capture_output=True, text=True, check=True)
-    assert "scripted-judge" in probe.stdout
     ScriptedJudge.answer_limit = 5
     process = subprocess.Popen([sys.executable, "-m", "mhsupport.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
