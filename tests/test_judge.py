@@ -304,3 +304,30 @@ def test_judge_human_agreement_on_shared_items(make_cfg, two_runs, server, tmp_p
     kappa = cohen_kappa_score(humans, judges, labels=["a", "b", "tie"])
     assert agreement["cohen_kappa"] == pytest.approx(kappa)
     assert "Agreement with human raters" in (result.run.path / "judge.md").read_text()
+
+
+def test_the_command_line_takes_relative_runs_and_overrides_anywhere(two_runs, server, tmp_path, prepared,
+                                                                     monkeypatch, capsys):
+    raw, artifacts = prepared
+    a, b = two_runs
+    _, key_path = humaneval.export(a, b, 4, tmp_path / "study")
+    key = json.loads(key_path.read_text())
+    answers = tmp_path / "rater.json"
+    answers.write_text(json.dumps({"study_id": key["study_id"], "rater": "r", "answers": {i: "tie" for i in key["items"]}}))
+    monkeypatch.chdir(a.parent)
+    code = main(["judge", a.name, b.name, "--backend", "openai", "--model", "scripted-cli", "--base-url", server,
+                 "--human", str(key_path), str(answers), "judge.dimensions=[overall]", "--profile", "tiny",
+                 f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}", "runtime.progress=false"])
+    out = capsys.readouterr().out
+    assert code == 0 and "Agreement with human raters" in out and "| esconv+tag / oracle vs esconv+tag / random |" in out
+    run_dir = Path(out.split("judge run (written): ")[1].split()[0])
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["judge"]["dimensions"] == ["overall"] and metrics["rows"][0]["run_a"] == a.name
+    agreement = metrics["rows"][0]["human_agreement"]
+    ties = sum(r["outcome"] == "tie" for r in (json.loads(l) for l in (run_dir / judge.JUDGEMENTS).read_text().splitlines())
+               if (r["conversation_id"], r["turn_index"]) in {(i["conversation_id"], i["turn_index"])
+                                                              for i in key["items"].values()})
+    assert agreement["items"] == 4 and agreement["accuracy"] == pytest.approx(ties / 4)
+    assert main(["judge", a.name, a.name, "--backend", "openai", "--model", "m", f"paths.raw_dir={raw}",
+                 f"paths.artifacts_dir={artifacts}"]) == 2
+    assert "RUN_A and RUN_B are the same eval run" in capsys.readouterr().err

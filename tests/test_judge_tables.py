@@ -60,8 +60,9 @@ def test_a_table_judges_each_row_on_the_evals_its_config_names(table3):
 
 def test_the_report_shows_the_judges_tables_beside_the_papers(table3, tmp_path):
     metrics = {"table3": table3.metrics}
-    section = judge_stats.report_section(metrics)
+    section = judge_stats.report_section(metrics, 42)
     assert "## An LLM judge's Tables 3, 5 and 6" in section and "### Table 3" in section
+    assert "(training seed 42)" in section
     assert section.count("| not available |") == 4  # no per-row figures of the paper are at hand
     for row in table3.metrics["rows"]:
         said = "agrees with the paper" if row["dimensions"]["overall"]["preferred"] == "b" else \

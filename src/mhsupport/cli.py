@@ -107,7 +107,7 @@ def _judge_flags(parser):
 
 # A Hydra override (key=value, +key=value, ~key): anything else among `mhs judge`'s positional
 # arguments is one of the two eval runs it compares.
-HYDRA_OVERRIDE = re.compile(r"^(~|\+{1,2})?[A-Za-z_][\w.\[\]@/-]*(=|$)")
+HYDRA_OVERRIDE = re.compile(r"^(\+{0,2}[A-Za-z_][\w.\[\]@/-]*=|~[A-Za-z_])")
 
 
 def _judge_overrides(args) -> list[str]:
@@ -128,7 +128,10 @@ def _judge_overrides(args) -> list[str]:
             overrides.append(f"{key}={_override_value(getattr(args, flag))}")
     if args.human:
         studies = []
-        for study in args.human:
+        for given in args.human:
+            # `--human KEY ANSWERS... key=value`: the list takes the overrides after it too; give them back.
+            study = [item for item in given if not HYDRA_OVERRIDE.match(item)]
+            args.overrides += [item for item in given if HYDRA_OVERRIDE.match(item)]
             if len(study) < 2:
                 raise MhsError(f"--human {' '.join(study)}: expected a study's key.json followed by its answer files")
             studies.append({"key": str(Path(study[0]).resolve()), "answers": [str(Path(a).resolve()) for a in study[1:]]})

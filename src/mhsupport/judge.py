@@ -197,7 +197,7 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
                cache: RequestCache, max_tokens: int, batch_size: int, progress: bool) -> list[dict]:
     """Every (row, example, dimension) judged in both orders: one record each, with both answers, both
     verdicts, the outcome and the replies' lengths. Answers come from the cache where it has them."""
-    planned, requests, keys = [], [], []
+    planned, requests, keys, pending = [], [], [], set()
     for row in rows:
         for pair in row.pairs:
             for dimension in dimensions:
@@ -211,7 +211,8 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
                     messages = prompts.messages(pair, dimension, order)
                     key = request_key(model_id, parameters, messages)
                     order_keys[order] = key
-                    if cache.get(key) is None and key not in keys:
+                    if cache.get(key) is None and key not in pending:
+                        pending.add(key)
                         keys.append(key)
                         requests.append(messages)
                 planned.append((row, pair, dimension, order_keys))

@@ -164,14 +164,14 @@ def verdict_sentence(row: dict, dimension: str = "overall") -> str:
 
 
 def overall_table(rows: list[dict]) -> str:
-    lines = ["| B vs A | n | Win % [95% CI] | Loss % [95% CI] | Tie % | Unparseable % | sign test p "
+    lines = ["| B vs A | n | Win % [95% CI] | Loss % [95% CI] | Tie % | identical | Unparseable % | sign test p "
              "| position-consistent % | Paper win / loss % |",
-             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | --- |"]
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in rows:
         s = row["dimensions"]["overall"]
         lines.append(f"| {row['name']} | {s['n']} | {_pct(s['win'], True)} | {_pct(s['loss'], True)} | {_pct(s['tie'])} "
-                     f"| {_pct(s['unparseable'])} | {_p(s['sign_test_p'])} | {_pct(s['position_consistent'])} "
-                     f"| {_paper(row)} |")
+                     f"| {s['identical_pairs']} | {_pct(s['unparseable'])} | {_p(s['sign_test_p'])} "
+                     f"| {_pct(s['position_consistent'])} | {_paper(row)} |")
     return "\n".join(lines)
 
 
@@ -232,10 +232,11 @@ def run_markdown(metrics: dict, heading: str = "##") -> str:
     agreement = agreement_table(rows)
     parts = [f"{heading} {metrics['title']}", "",
              f"Judge: `{metrics['signature']}`.", "",
-             f"{metrics['note']}" if metrics.get("note") else "",
+             *([metrics["note"], ""] if metrics.get("note") else []),
              "Each pair was judged in both orders; a verdict counts only when both orders agree, otherwise it is "
              "a tie. Win / loss are system B's against system A; intervals are Wilson 95%; the sign test is "
-             "two-sided with ties left out. Pairs with an unparseable answer are counted, not dropped. "
+             "two-sided with ties left out. Pairs with an unparseable answer are counted, not dropped; identical "
+             "replies are ties without asking (counted under \"identical\"). "
              f"Requests: {metrics['requests']['asked']} ({metrics['requests']['from_cache']} from the cache); "
              f"unparseable answers: {metrics['requests']['unparseable']}.", "",
              f"{heading}# Which reply is more helpful and supportive for this seeker?", "", overall_table(rows), "",
@@ -292,8 +293,8 @@ def figure(metrics_list: list[dict], stem: Path) -> None:
     """For each judge run (a table), two panels: system B's win / tie / loss / unparseable shares per
     row on the paper's question (whiskers: the win share's 95% interval; a black mark: the paper's win
     rate where known), and B's win rate by the length difference of the two replies. PNG and PDF."""
-    figure_, axes = plt.subplots(len(metrics_list), 2, figsize=(12, 1.2 + 1.1 * sum(
-        max(len(m["rows"]), 2) for m in metrics_list)), squeeze=False)
+    figure_, axes = plt.subplots(len(metrics_list), 2, figsize=(12, sum(1.8 + 0.9 * max(len(m["rows"]), 2)
+                                                                        for m in metrics_list)), squeeze=False)
     for (bars, lengths), metrics in zip(axes, metrics_list):
         rows = metrics["rows"]
         names = [row["name"] for row in rows]
@@ -313,13 +314,15 @@ def figure(metrics_list: list[dict], stem: Path) -> None:
                 bars.plot(row["paper_win_pct"], i, marker="|", markersize=18, color="black")
         bars.set_xlim(0, 100)
         bars.invert_yaxis()
-        bars.set_xlabel("% of pairs (B against A)")
+        bars.set_xlabel("% of pairs, system B against system A (the paper's question)")
         bars.set_title(metrics["title"], fontsize=9)
-        bars.legend(fontsize=7, loc="lower right")
+        bars.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False)
         for i, row in enumerate(rows):
             bins = row["dimensions"]["overall"]["win_rate_by_length"]
             rates = [bins[b]["win"]["pct"] if bins[b]["n"] else np.nan for b in LENGTH_BINS]
-            lengths.plot(LENGTH_BINS, rates, marker="o", label=row["name"])
+            lengths.plot(range(len(LENGTH_BINS)), rates, marker="o", label=row["name"])
+        lengths.set_xticks(range(len(LENGTH_BINS)), LENGTH_BINS)
+        lengths.set_xlim(-0.3, len(LENGTH_BINS) - 0.7)
         lengths.set_ylim(-2, 102)
         lengths.set_ylabel("B win %")
         lengths.set_title("B's win rate by reply length difference", fontsize=9)
@@ -330,11 +333,12 @@ def figure(metrics_list: list[dict], stem: Path) -> None:
     plt.close(figure_)
 
 
-def report_section(runs: dict[str, dict]) -> str:
-    """The report's section of the judge's Tables 3, 5 and 6 (table name -> judge run metrics)."""
+def report_section(runs: dict[str, dict], seed: int) -> str:
+    """The report's section of the judge's Tables 3, 5 and 6 (table name -> judge run metrics), judged
+    on the evals of training seed `seed`."""
     intro = ("## An LLM judge's Tables 3, 5 and 6\n\n"
              "The paper's human preference tables, answered by an LLM judge (`mhs judge --table`) on the same "
-             "eval runs as the tables above, beside the paper's figures. The paper's per-row win / loss % are not "
+             f"eval runs as the tables above (training seed {seed}), beside the paper's figures. The paper's per-row win / loss % are not "
              "available to this project (DESIGN.md gives only \"human pairwise wins of 63-77% for tag + classifier "
              "sampling\"), so the comparison is of directions: the paper prefers system B in every row. "
              "An LLM judge is not a human rater: its figures are evidence only as far as its agreement with humans "

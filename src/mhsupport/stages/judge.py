@@ -75,6 +75,8 @@ def given_inputs(cfg: DictConfig) -> dict:
     if cfg.judge.pair is not None:
         inputs["a"] = artifacts.open_run(cfg.judge.pair[0], "eval", "RUN_A")
         inputs["b"] = artifacts.open_run(cfg.judge.pair[1], "eval", "RUN_B")
+        if inputs["a"].path == inputs["b"].path:
+            raise MhsError(f"RUN_A and RUN_B are the same eval run ({inputs['a'].path}): give two systems' runs")
     for i, study in enumerate(cfg.judge.human_studies):
         for j, path in enumerate([study.key, *study.answers]):
             if not Path(path).is_file():
@@ -202,6 +204,9 @@ def human_agreements(cfg: DictConfig, rows: list[judge.Row], records: list[dict]
         key, per_rater = humaneval.rater_outcomes(Path(study.key), [Path(p) for p in study.answers])
         runs = (Path(key.get("run_a", "")).name, Path(key.get("run_b", "")).name)
         row = next((r for r in rows if {r.run_a, r.run_b} == set(runs)), None)
+        if row is None and cfg.judge.table is not None:  # a study of another table's pair (the report passes all)
+            log.info("human study %s compares no row of %s; not used here", study.key, cfg.judge.table)
+            continue
         if row is None:
             raise MhsError(f"judge.human_studies[{i}] ({study.key}): its runs {runs[0]} and {runs[1]} are not "
                            f"a pair this judge run compares ({', '.join(f'{r.run_a} / {r.run_b}' for r in rows)})")

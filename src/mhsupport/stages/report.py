@@ -136,7 +136,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         if judged:
             judge_stats.write_csv(out / "judge_tables.csv", [r for m in judged.values() for r in judge_stats.csv_rows(m)])
             judge_stats.figure(list(judged.values()), out / "judge_tables")
-            judge_section = judge_stats.report_section(judged)
+            judge_section = judge_stats.report_section(judged, training_seeds(cfg)[0])
         (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use)
                                   + ("\n" + judge_section if judge_section else ""))
     log.info("report wrote %s", run_.path)
