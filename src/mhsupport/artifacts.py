@@ -31,8 +31,9 @@ from mhsupport.errors import MhsError
 
 log = logging.getLogger(__name__)
 
-# Config keys that say where or how a stage runs, not what it computes.
-NON_RESULT_KEYS = ("force", "paths", "runtime", "download")  # raw inputs are hashed by content
+# Config keys that say where or how a stage runs, not what it computes (`endpoint`: where a judge's
+# server is; the model it serves is named in the config).
+NON_RESULT_KEYS = ("force", "paths", "runtime", "download", "endpoint")  # raw inputs are hashed by content
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
             "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
@@ -262,6 +263,28 @@ def plan_run(stage: str, cfg: DictConfig, inputs: dict[str, Path | Run]) -> Run:
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(cfg.paths.artifacts_dir).resolve() / stage / run_id
     return Run(stage, run_id, path, cfg, described)
+
+
+def open_run(path: Path, stage: str, given_as: str) -> Run:
+    """A complete run that a user names by its folder (e.g. the two evals `mhs judge` compares), or
+    one line naming `given_as`, the folder and what was expected."""
+    path = Path(path).expanduser().resolve()
+    expected = f"expected a complete `mhs {stage}` run folder, {Path('artifacts') / stage / '<run_id>'}"
+    if not path.is_dir():
+        raise MhsError(f"{given_as} {path}: no such folder ({expected})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        cfg = OmegaConf.load(path / CONFIG)
+    except (OSError, ValueError) as err:
+        raise MhsError(f"{given_as} {path}: not a complete run ({type(err).__name__}: {err}; {expected})") from None
+    if not isinstance(manifest, dict) or manifest.get("stage") != stage:
+        made_by = manifest.get("stage") if isinstance(manifest, dict) else None
+        raise MhsError(f"{given_as} {path}: a {made_by or 'unknown'} run ({expected})")
+    argv = manifest.get("command")
+    command = " ".join(["mhs", *map(str, argv[1:])]) if isinstance(argv, list) and argv and \
+        Path(str(argv[0])).name == "mhs" else ""
+    return Run(stage, manifest.get("run_id", path.name), path, cfg, manifest.get("inputs", {}),
+               command=command.replace(" --force", ""))
 
 
 @functools.lru_cache(maxsize=1)

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -86,8 +87,60 @@ def _likelihood_flags(parser):
     parser.set_defaults(profile_groups=("generator",))
 
 
-def flag_overrides(args) -> list[str]:
+def _judge_flags(parser):
+    parser.add_argument("--profile", choices=options.profiles(),
+                        help="model profile of the eval runs a --table judges (default: cpu)")
+    parser.add_argument("--table", choices=options.JUDGE_TABLES,
+                        help="judge one of the paper's human-evaluation tables on this profile's eval runs")
+    parser.add_argument("--backend", choices=options.JUDGE_BACKENDS[1:],
+                        help="openai (any OpenAI-compatible server: vLLM, llama.cpp, Ollama, hosted) or local "
+                             "(a transformers chat model)")
+    parser.add_argument("--model", help="openai: the model name the server serves; local: a model folder, Hub id "
+                                        "or .gguf file (default: the offline SmolLM2-135M-Instruct)")
+    parser.add_argument("--base-url", help="the server's OpenAI-compatible base URL (default http://127.0.0.1:8000/v1)")
+    parser.add_argument("--examples", type=int, help="examples judged per pair (a seeded subset; default by profile)")
+    parser.add_argument("--human", nargs="+", action="append", metavar="KEY ANSWERS",
+                        help="a human study of the same two runs (`mhs human-eval export`): its key.json, then the "
+                             "raters' answer files; judge-human agreement is reported (repeatable)")
+    parser.set_defaults(profile_groups=("generator", "classifier"), runs_in_overrides=True)
+
+
+# A Hydra override (key=value, +key=value, ~key): anything else among `mhs judge`'s positional
+# arguments is one of the two eval runs it compares.
+HYDRA_OVERRIDE = re.compile(r"^(\+{0,2}[A-Za-z_][\w.\[\]@/-]*=|~[A-Za-z_])")
+
+
+def _judge_overrides(args) -> list[str]:
+    """`mhs judge RUN_A RUN_B ...`: the runs out of the positional arguments (which become Hydra's
+    overrides), and the judge's flags, as overrides."""
+    from mhsupport.pipeline import _override_value
+
+    runs = [item for item in args.overrides if not HYDRA_OVERRIDE.match(item)]
+    args.overrides = [item for item in args.overrides if HYDRA_OVERRIDE.match(item)]
     overrides = []
+    if runs:
+        if len(runs) != 2:
+            raise MhsError(f"mhs judge takes two eval run folders, RUN_A RUN_B; got {len(runs)}: {' '.join(runs)}")
+        overrides.append("judge.pair=" + _override_value([str(Path(run).expanduser().resolve()) for run in runs]))
+    for flag, key in (("table", "judge.table"), ("backend", "judge.backend"), ("model", "judge.model"),
+                      ("base_url", "endpoint.base_url"), ("examples", "judge.examples")):
+        if getattr(args, flag, None) is not None:
+            overrides.append(f"{key}={_override_value(getattr(args, flag))}")
+    if args.human:
+        studies = []
+        for given in args.human:
+            # `--human KEY ANSWERS... key=value`: the list takes the overrides after it too; give them back.
+            study = [item for item in given if not HYDRA_OVERRIDE.match(item)]
+            args.overrides += [item for item in given if HYDRA_OVERRIDE.match(item)]
+            if len(study) < 2:
+                raise MhsError(f"--human {' '.join(study)}: expected a study's key.json followed by its answer files")
+            studies.append({"key": str(Path(study[0]).resolve()), "answers": [str(Path(a).resolve()) for a in study[1:]]})
+        overrides.append("judge.human_studies=" + _override_value(studies))
+    return overrides
+
+
+def flag_overrides(args) -> list[str]:
+    overrides = _judge_overrides(args) if getattr(args, "runs_in_overrides", False) else []
     if getattr(args, "raw_dir", None):
         overrides.append(f"paths.raw_dir={args.raw_dir}")
     if getattr(args, "profile", None):
@@ -202,6 +255,15 @@ def _run_compare(args) -> None:
               f"| {r['p_randomisation_holm']:.4f} |")
     if args.out:
         _write_out(Path(args.out), json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
+
+
+def _run_judge(cfg, args):
+    from mhsupport import pipeline
+    from mhsupport.stages.judge import REPORT
+
+    result = pipeline.run("judge", cfg)
+    print(f"judge run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print((result.run.path / REPORT).read_text())
 
 
 def _run_report(cfg, args):
@@ -342,6 +404,14 @@ def build_parser() -> argparse.ArgumentParser:
              "without one): tag discrimination, NLL and perplexity under the gold and the wrong tags, with 95%% "
              "bootstrap intervals.", _likelihood_flags, _run_likelihood)
 
+    judge_parser = _command(
+        commands, "judge", "judge",
+        "Ask an LLM judge which of two systems' replies is better, on the same seeded test examples: two eval runs "
+        "(mhs judge RUN_A RUN_B) or one of the paper's human-evaluation tables (--table). Each pair is judged in both "
+        "orders on the paper's question, the Exploration / Insight / Action skills and strategy adherence: win / loss "
+        "/ tie with 95%% intervals, a sign test, position consistency and length bias.", _judge_flags, _run_judge)
+    judge_parser.usage = "mhs judge [RUN_A RUN_B | --table TABLE] [options] [KEY=VALUE ...]"
+
     _command(commands, "report", "report",
              "Write the paper's Tables 1, 2 and 4 (Markdown, CSV, figures) from this profile's eval runs, "
              "with paired tests of the paper's orderings.", _profile_flags, _run_report)
@@ -411,7 +481,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse gives a positional list only the items before the first flag: `mhs judge RUN_A RUN_B
+        # --backend openai key=value` leaves the overrides after the flags over.
+        if not getattr(args, "runs_in_overrides", False) or any(item.startswith("-") for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
         if args.stage is None:

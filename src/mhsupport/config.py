@@ -107,19 +107,33 @@ def likelihood_config(cfg: DictConfig) -> DictConfig:
 
 
 REPORT_ONLY_KEYS = ("table4_samplers", "significance_resamples", "significance_metrics", "seeds")
+JUDGE_ONLY_KEYS = ("judge", "endpoint")
 
 
 def eval_config(report_cfg: DictConfig, values: dict) -> DictConfig:
-    """The eval config of one system of the report: the report's config less its own keys, with
-    the system's generator, dataset, tag and sampler choices put in."""
-    derived = OmegaConf.masked_copy(report_cfg, [k for k in report_cfg if k not in REPORT_ONLY_KEYS])
+    """The eval config of one system of the report or of a judge table: that config less its own keys,
+    with the system's choices (dotted key -> value, e.g. "llm.prompt") put in."""
+    own = REPORT_ONLY_KEYS + JUDGE_ONLY_KEYS
+    derived = OmegaConf.masked_copy(report_cfg, [k for k in report_cfg if k not in own])
     OmegaConf.set_struct(derived, False)
     derived.generator_source = "finetuned"
     for key, value in values.items():
-        derived[key] = value
+        OmegaConf.update(derived, key, value, merge=False)
     derived.force = False
     OmegaConf.set_struct(derived, True)
     return derived
+
+
+def judge_config(report_cfg: DictConfig, table: str, seed: int) -> DictConfig:
+    """The `mhs judge --table` config of one of the paper's human-evaluation tables that a report
+    shows: the report's config less its own keys, judging the evals of one training seed."""
+    derived = OmegaConf.masked_copy(report_cfg, [k for k in report_cfg if k not in REPORT_ONLY_KEYS])
+    OmegaConf.set_struct(derived, False)
+    derived.judge.table, derived.judge.pair, derived.seed, derived.force = table, None, seed, False
+    OmegaConf.set_struct(derived, True)
+    return derived
+
+
 def check_paths(cfg: DictConfig) -> None:
     """An empty folder setting would mean the working directory (runs written beside the code):
     refused, naming the variable or key that is empty."""

@@ -28,6 +28,8 @@ OWN_STRATEGY = ("sample", "argmax")
 GENERATOR_SOURCES = ("finetuned", "base", "llm")
 PROMPTS = ("vanilla", "cot", "strategy", "oracle")
 LLM_BACKENDS = ("local", "openai")
+JUDGE_BACKENDS = ("none", "openai", "local")
+JUDGE_TABLES = ("table3", "table5", "table6")
 TRAINABLE = ("all", "top_layers", "lora")
 _ABSENT = object()
 MODEL_SOURCES = {"generator": ("scratch", "pretrained", "gguf"), "classifier": ("scratch", "pretrained", "local")}
@@ -119,6 +121,12 @@ RULES = {
     "data.max_context_turns": _int(1), "data.esconv_split_seed": _int(0),
     "llm.prompt": _choice(PROMPTS), "llm.backend": _choice(LLM_BACKENDS), "llm.test_subset": _int(1, optional=True),
     "llm.max_new_tokens": _int(1), "llm.timeout_s": _number(0, inclusive=False),
+    "runtime.llm.concurrency": _int(1), "runtime.llm.max_retries": _int(0),
+    "judge.backend": _choice(JUDGE_BACKENDS), "judge.temperature": _number(0), "judge.max_tokens": _int(1),
+    "judge.seed": _int(0), "judge.examples": _int(1, optional=True), "judge.example_seed": _int(0),
+    "judge.length_match_ratio": _number(0, high=1.0, high_inclusive=False),
+    "runtime.judge.concurrency": _int(1), "runtime.judge.timeout_s": _number(0, inclusive=False),
+    "runtime.judge.max_retries": _int(0),
     "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
     "decoding.temperature": _number(0, inclusive=False), "decoding.max_new_tokens": _int(1),
     "decoding.batch_size": _int(1),

@@ -25,12 +25,12 @@ from mhsupport import artifacts, options
 from mhsupport.artifacts import Run, StageResult
 from mhsupport.config import eval_config, generator_config, load_config, prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
+from mhsupport.stages import evaluate, judge, likelihood, prepare_data, report, train_classifier, train_generator
 from mhsupport.training import is_main_process
 
 log = logging.getLogger(__name__)
 STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, evaluate,
-                                                  report)}
+                                                  judge, report)}
 Requirement = tuple[str, DictConfig]
 
 
@@ -90,6 +90,11 @@ class Pipeline:
         inputs = self._upstream_runs(requirements, missing)
         if len(inputs) < len(requirements):
             return None  # not cached: planned again once its upstream runs exist
+        # Runs and files a user names by path (`mhs judge RUN_A RUN_B`): checked like upstream runs.
+        for name, given in (module.given_inputs(cfg) if hasattr(module, "given_inputs") else {}).items():
+            if isinstance(given, Run):
+                self._verify(given)
+            inputs[name] = given
         if hasattr(module, "file_inputs"):
             try:
                 inputs.update(module.file_inputs(cfg))
@@ -216,6 +221,8 @@ CLI_FLAGS = {
     "likelihood": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "generator_source": "--generator"},
     "eval": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "sampler": "--sampler",
              "generator_source": "--generator", "llm.prompt": "--prompt"},
+    "judge": {"judge.table": "--table", "judge.backend": "--backend", "judge.model": "--model",
+              "endpoint.base_url": "--base-url", "judge.examples": "--examples"},
 }
 
 
