@@ -104,7 +104,7 @@ class Prompts:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Prompts:
         p = cfg.judge.prompts
-        return cls(p.system.strip(), p.user, p.empty_reply, dict(p.questions), dict(cfg.llm.category_descriptions))
+        return cls(p.system.strip(), p.user, p.empty_reply, dict(p.questions), dict(cfg.strategy_words))
 
     def sha256(self) -> str:
         """A hash of everything a judge is shown besides the data: in the signature (the run id covers

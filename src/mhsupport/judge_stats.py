@@ -307,7 +307,8 @@ def figure(metrics_list: list[dict], stem: Path) -> None:
                        for i, row in enumerate(rows)]
                 high = [(row["dimensions"]["overall"]["win"]["ci"] or [0, values[i]])[1] - values[i]
                         for i, row in enumerate(rows)]
-                bars.errorbar(values, names, xerr=[low, high], fmt="none", ecolor="black", capsize=3)
+                # clipped at 0: the shares and their intervals are rounded separately
+                bars.errorbar(values, names, xerr=np.clip([low, high], 0, None), fmt="none", ecolor="black", capsize=3)
             left += values
         for i, row in enumerate(rows):
             if row.get("paper_win_pct") is not None:

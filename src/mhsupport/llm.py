@@ -27,13 +27,13 @@ SPEAKERS = {role: speaker for speaker, role in ROLES.items()}
 AnswerCallback = Callable[[int, str], None]
 
 
-def system_prompt(llm_cfg, category: str | None) -> str:
+def system_prompt(llm_cfg, category: str | None, strategy_words=None) -> str:
+    """The system prompt of a prompting style, with a category and its words (`strategy_words`) when given one."""
     parts = [llm_cfg.system_prompt.strip()]
     if llm_cfg.prompt == "cot":
         parts.append(llm_cfg.cot_instruction.strip())
     if category is not None:
-        parts.append(llm_cfg.strategy_instruction.format(category=category,
-                                                         description=llm_cfg.category_descriptions[category]))
+        parts.append(llm_cfg.strategy_instruction.format(category=category, description=strategy_words[category]))
     return " ".join(parts)
 
 

@@ -215,7 +215,7 @@ def llm_responder(cfg, inputs, examples):
         if next_classifier:
             loaded["classifier"] = next_classifier.model
         categories = sampling.choose_tags(sampler, examples, labels, "category", cfg.seed, classifier=next_classifier)
-    prompts = [llm.system_prompt(c, category) for category in categories]
+    prompts = [llm.system_prompt(c, category, cfg.strategy_words) for category in categories]
     max_new = c.max_new_tokens * (3 if c.prompt == "cot" else 1)
     d = cfg.decoding
     requests = [llm.messages(prompt, e["context"]) for prompt, e in zip(prompts, examples)]
