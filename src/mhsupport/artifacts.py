@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 
 # Config keys that say where or how a stage runs, not what it computes.
 NON_RESULT_KEYS = ("force", "paths", "runtime", "download")  # raw inputs are hashed by content
+# Arguments of the `trainer` node (the Trainer's TrainingArguments) that say how a training logs, keeps
+# checkpoints or is spread over processes, like `runtime`, not what it computes; so do the arguments whose
+# names start with TRAINER_NON_RESULT_PREFIXES. Every other argument is part of the run id.
+TRAINER_NON_RESULT_KEYS = ("report_to", "run_name", "project", "disable_tqdm", "log_level", "log_level_replica",
+                           "log_on_each_node", "skip_memory_metrics", "include_num_input_tokens_seen", "push_to_hub",
+                           "use_cpu", "ddp_backend", "fsdp", "dataloader_num_workers", "dataloader_pin_memory",
+                           "dataloader_persistent_workers", "dataloader_prefetch_factor")
+TRAINER_NON_RESULT_PREFIXES = ("logging_", "save_", "hub_", "trackio_")
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
             "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
@@ -56,12 +64,21 @@ def file_sha256(path: Path) -> str:
 
 def result_config(cfg: DictConfig) -> dict:
     """What a run's id is made of: the config less where it runs, but with its numeric precision
-    setting (`runtime.bf16`), because bf16 and fp32 give different numbers."""
+    setting (`runtime.bf16`), because bf16 and fp32 give different numbers, and with the Trainer
+    arguments of the `trainer` node less the non-result ones (none left: no node, as before it existed)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     result = {k: v for k, v in container.items() if k not in NON_RESULT_KEYS}
     if "bf16" in (container.get("runtime") or {}):
         result["runtime.bf16"] = container["runtime"]["bf16"]
+    if "trainer" in result:
+        trainer = {k: v for k, v in (result.pop("trainer") or {}).items() if not is_trainer_non_result_key(k)}
+        if trainer:
+            result["trainer"] = trainer
     return result
+
+
+def is_trainer_non_result_key(key: str) -> bool:
+    return key in TRAINER_NON_RESULT_KEYS or key.startswith(TRAINER_NON_RESULT_PREFIXES)
 
 
 @dataclass

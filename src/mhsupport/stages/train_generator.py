@@ -30,9 +30,14 @@ def label(cfg: DictConfig) -> str:
     return f"train dialogpt {cfg.dataset}{'+tag' if cfg.strategy_tag else ''} (seed {cfg.seed})"
 
 
+def check(cfg: DictConfig) -> None:
+    training.check_trainer(cfg, "generator")
+
+
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     g = cfg.generator
+    args = training.run_arguments(run_, cfg, g, label(cfg))  # before any work: a refused argument stops here
     train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
     valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
 
@@ -72,8 +77,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         contrast = {"tag_ids": [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels],
                     "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
 
-    def make_trainer(checkpoints):
-        args = training.training_arguments(checkpoints, g, cfg.runtime, cfg.seed, g.save_steps)
+    def make_trainer():
         trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
         return trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
                              processing_class=tokenizer, callbacks=callbacks, **contrast)
@@ -89,6 +93,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset,
                                                                                  cfg.subset_seed), collator, g.eval_batch_size)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
+        tokens_seen = round(tokens_per_epoch * trainer.state.epoch)  # epochs done, a fraction under trainer.max_steps
         padded = padded_tokens(trainer)
         run_.metrics = {
             "profile": g.profile, "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag),
@@ -96,15 +101,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "train_loss": final_train["loss"], "valid_loss": final_valid["loss"], "valid_ppl": final_valid["ppl"],
             "epochs": training.epoch_history(trainer.state.log_history),
             "checkpoint": "last (the model after the final epoch)",
-            "tokens_seen": tokens_per_epoch * g.epochs,
+            "tokens_seen": tokens_seen,
             "parameters": parameters,
             "trainable_parameters": trainable_parameters,
             "padding_share": padded / (padded + tokens_per_epoch),
             # What differs between an uninterrupted and a resumed run, or between machines.
             "session": {
                 "train_seconds": round(train_seconds, 2),
-                "tokens_per_s": round(tokens_per_epoch * g.epochs * steps_this_session
-                                      / max(trainer.state.max_steps, 1) / max(train_seconds, 1e-9), 1),
+                "tokens_per_s": round(tokens_seen * steps_this_session / max(trainer.state.max_steps, 1)
+                                      / max(train_seconds, 1e-9), 1),
                 "resumed_from": resume,
                 "processes": training.world_size(),
                 "trainer_train_loss": result.training_loss,
