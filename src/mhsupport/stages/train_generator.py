@@ -3,7 +3,10 @@ variants ({esconv, unified} x strategy tag on/off), with the Hugging Face Traine
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -50,6 +53,10 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     if g.trainable == "top_layers":
         models.freeze_all_but_top(model, g.top_layers)
     parameters = sum(p.numel() for p in model.parameters())
+    adapter = g.trainable == "lora" and g.lora.save == "adapter"
+    if adapter:
+        base_record = models.adapter_base_record(g, model.get_input_embeddings().num_embeddings)
+        scratch_base = copy.deepcopy(model) if g.source == "scratch" else None  # before peft changes it in place
     if g.trainable == "lora":
         tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels or ()]
         model = models.add_lora(model, g.lora, tag_ids)
@@ -82,10 +89,23 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         return trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
                              processing_class=tokenizer, callbacks=callbacks, **contrast)
 
-    def merge_lora(trainer):  # scored and saved as a plain model, loadable with from_pretrained
+    def merge_lora(trainer):  # generator.lora.save=merged: scored and saved as a plain model
         nonlocal model
-        if g.trainable == "lora":
+        if g.trainable == "lora" and not adapter:
             model = trainer.model = models.merge_lora(model)
+
+    def save_adapter(trainer, folder):
+        """Save as peft keeps a LoRA run: adapter_config.json and adapter_model.safetensors (the adapters and
+        the tag tokens' trained rows), with base_model.json naming the base to load them over."""
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            trainer.save_model(folder)  # sharded weights: the Trainer gathers them first
+        elif trainer.args.should_save:
+            # Every other embedding row is the base model's: only the trainable tokens' rows are saved.
+            trainer.model.save_pretrained(folder, save_embedding_layers=False)
+        if trainer.args.should_save:
+            (Path(folder) / models.ADAPTER_BASE).write_text(json.dumps(base_record, indent=2) + "\n")
+            if scratch_base is not None:
+                scratch_base.save_pretrained(Path(folder) / models.SCRATCH_BASE_DIR)
 
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
@@ -123,7 +143,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
                         f"{', tagged' if labels else ''})")
 
-    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora)
+    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora,
+                             save_model=save_adapter if adapter else None)
     if training.is_main_process():
         log.info("train dialogpt wrote %s", run_.path)
 
