@@ -43,7 +43,7 @@ TRAINER_NON_RESULT_KEYS = ("report_to", "run_name", "project", "disable_tqdm", "
                            "dataloader_persistent_workers", "dataloader_prefetch_factor")
 TRAINER_NON_RESULT_PREFIXES = ("logging_", "save_", "hub_", "trackio_")
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
-            "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
+            "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 LOCKS = ".locks"  # <artifacts>/.locks/<stage>-<run_id>.lock: one per run, held while it is checked and built

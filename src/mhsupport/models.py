@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from tokenizers.processors import TemplateProcessing
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           GPT2Config, PreTrainedTokenizerFast)
@@ -135,9 +135,9 @@ def train_bpe_tokenizer(texts, vocab_size: int, min_frequency: int, bert_inputs:
                             show_progress=False)
     if bert_inputs:
         cls, sep = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
-        bpe._tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+        bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
 
