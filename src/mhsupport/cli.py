@@ -357,7 +357,7 @@ def _run_chat(cfg, args):
 def _clean_flags(parser):
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     parser.add_argument("--partial", action="store_true",
-                        help="also remove resumable training checkpoints (.<run_id>.partial); only when no training runs")
+                        help="also remove resumable training checkpoints (.<run_id>.partial) of runs no process is building")
 
 
 def _run_clean(cfg, args):
@@ -426,9 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
              "professional help.", _chat_flags, _run_chat)
 
     _command(commands, "clean", "clean",
-             "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that processes which "
-             "no longer exist left in the artifacts dir, and say what was removed; list resumable training "
-             "checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
+             "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that killed builds "
+             "left in the artifacts dir (those of runs whose lock no process holds), and say what was removed; list "
+             "resumable training checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
 
     compare = commands.add_parser("compare", help="paired tests between two eval runs",
                                   description="Paired bootstrap and paired approximate-randomisation tests of every "

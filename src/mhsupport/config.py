@@ -20,11 +20,17 @@ PATH_VARIABLES = {"raw_dir": "MHS_RAW_DIR", "artifacts_dir": "MHS_ARTIFACTS_DIR"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
+# Nodes that take keys the config files do not list (`trainer`: any TrainingArguments argument), so
+# `trainer.max_steps=3` adds the key as Hydra's `++trainer.max_steps=3` would.
+OPEN_NODES = ("trainer",)
+
+
 def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The stage's config with Hydra overrides applied, every interpolation resolved (a fresh copy
     the caller may change)."""
     environment = tuple(os.environ.get(name) for name in (*PATH_VARIABLES.values(), "HOME"))
-    cfg = copy.deepcopy(_composed(stage, tuple(overrides), environment))
+    overrides = tuple(f"++{o}" if o.startswith(tuple(f"{node}." for node in OPEN_NODES)) else o for o in overrides)
+    cfg = copy.deepcopy(_composed(stage, overrides, environment))
     check_paths(cfg)
     return cfg
 

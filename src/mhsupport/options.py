@@ -31,6 +31,7 @@ LLM_BACKENDS = ("local", "openai")
 JUDGE_BACKENDS = ("none", "openai", "local")
 JUDGE_TABLES = ("table3", "table5", "table6")
 TRAINABLE = ("all", "top_layers", "lora")
+LORA_SAVES = ("adapter", "merged")
 _ABSENT = object()
 MODEL_SOURCES = {"generator": ("scratch", "pretrained", "gguf"), "classifier": ("scratch", "pretrained", "local")}
 
@@ -92,6 +93,12 @@ def _report_to(value):
     return True, ""
 
 
+def _target_modules(value):
+    ok = value == "all-linear" or (isinstance(value, (list, ListConfig)) and len(value) > 0
+                                   and all(isinstance(v, str) and v for v in value))
+    return ok, "all-linear or a non-empty list of module names, e.g. [q_proj,v_proj]"
+
+
 def _samplers(value):
     ok = isinstance(value, (list, ListConfig)) and len(value) > 0 and all(v in SAMPLERS for v in value) \
         and len(set(value)) == len(value)
@@ -142,6 +149,7 @@ RULES = {
     "generator.tag_contrast_weight": _number(0), "generator.tag_contrast_negatives": _int(1),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
     "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),
+    "generator.lora.target_modules": _target_modules, "generator.lora.save": _choice(LORA_SAVES),
     "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
     "generator.valid_subset": _int(1, optional=True), "generator.train_eval_subset": _int(1, optional=True),
     **{f"classifier.{k}": rule for k, rule in _MODEL_RULES.items()},

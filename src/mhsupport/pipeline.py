@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mhsupport import artifacts, options
 from mhsupport.artifacts import Run, StageResult
-from mhsupport.config import eval_config, generator_config, load_config, prepare_data_config
+from mhsupport.config import OPEN_NODES, eval_config, generator_config, load_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.stages import evaluate, judge, likelihood, prepare_data, report, train_classifier, train_generator
 from mhsupport.training import is_main_process
@@ -206,7 +206,8 @@ def command(stage: str, cfg: DictConfig) -> str:
             parts.append((flag if value else flag.replace("--", "--no-", 1)) if isinstance(value, bool)
                          else f"{flag} {shlex.quote(str(value))}")
             continue
-        overrides.append(shlex.quote(f"{'' if key in default else '+'}{key}={_override_value(value)}"))
+        added = key not in default and not key.startswith(tuple(f"{node}." for node in OPEN_NODES))
+        overrides.append(shlex.quote(f"{'+' if added else ''}{key}={_override_value(value)}"))
     # Where runs live (usually set by MHS_* variables) last, after what the run computes.
     overrides.sort(key=lambda override: override.lstrip("'+").startswith("paths."))
     return " ".join(parts + overrides)
