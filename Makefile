@@ -5,6 +5,8 @@ MHS := $(VENV)/bin/mhs
 export MHS_RAW_DIR ?= $(abspath ../shared/data)
 
 PROFILE ?= cpu
+# Overrides for `mhs reproduce`, e.g. ARGS="judge.backend=openai judge.model=NAME endpoint.base_url=URL"
+ARGS ?=
 
 .PHONY: setup test test-fast prepare-data models reproduce-paper bench gpu-check clean
 
@@ -34,7 +36,7 @@ models: setup
 # Raw data -> the paper's tables for one profile (PROFILE=cpu|tiny|offline|paper), skipping
 # stages that are up to date; prints the tables, the report's path and each stage's time.
 reproduce-paper: setup
-	$(MHS) reproduce --profile $(PROFILE)
+	$(MHS) reproduce --profile $(PROFILE) $(ARGS)
 
 # Training benchmarks (tiny on the full unified split; cpu profile with FLOP/s vs matmul peak).
 bench: setup

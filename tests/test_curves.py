@@ -46,7 +46,7 @@ def test_report_to_none_writes_no_event_files(make_cfg, prepared):
 
 
 def test_report_to_values():
-    assert curves.report_to("auto") == ["tensorboard"]  # tensorboard is a dev dependency
+    assert curves.report_to("auto") == ["tensorboard"]  # the tensorboard extra, which dev installs
     assert curves.report_to("none") == [] and curves.report_to("tensorboard") == ["tensorboard"]
     with pytest.raises(MhsError, match="unknown logger 'tensorbored'"):
         curves.report_to("tensorbored")

@@ -91,8 +91,9 @@ def test_unreachable_endpoint_is_a_clear_error(classifiers, capsys):
     raw, artifacts = classifiers
     code = main(["eval", "--generator", "llm", "--prompt", "vanilla", "--profile", "tiny", f"paths.raw_dir={raw}",
                  f"paths.artifacts_dir={artifacts}", "llm.backend=openai", "llm.model_name=m",
-                 "llm.base_url=http://127.0.0.1:9/v1", "llm.test_subset=2"])
-    assert code == 2 and "LLM endpoint http://127.0.0.1:9/v1/chat/completions" in capsys.readouterr().err
+                 "llm.base_url=http://127.0.0.1:9/v1", "llm.test_subset=2", "runtime.llm.max_retries=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "LLM endpoint http://127.0.0.1:9/v1: unreachable" in err and "llm.base_url" in err
 
 
 @pytest.mark.slow

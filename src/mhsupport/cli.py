@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -42,9 +43,47 @@ def _command(commands, name: str, command: str, help: str, runner, extra=None):
     return parser
 
 
+def _judge_flags(parser):
+    parser.add_argument("--human", nargs="+", action="append", metavar="KEY ANSWERS",
+                        help="a human study of the same two runs (`mhs human-eval export`): its key.json, then the "
+                             "raters' answer files; judge-human agreement is reported (repeatable)")
+    parser.set_defaults(runs_in_overrides=True)
+
+
+# A Hydra override (key=value, +key=value, ~key): anything else among `mhs judge`'s positional
+# arguments is one of the two eval runs it compares.
+HYDRA_OVERRIDE = re.compile(r"^(\+{0,2}[A-Za-z_][\w.\[\]@/-]*=|~[A-Za-z_])")
+
+
+def _judge_overrides(args) -> list[str]:
+    """`mhs judge RUN_A RUN_B ... --human KEY ANSWERS...`: the runs out of the positional arguments
+    (which become Hydra's overrides) and the human studies, as overrides."""
+    from mhsupport.pipeline import _override_value
+
+    runs = [item for item in args.overrides if not HYDRA_OVERRIDE.match(item)]
+    args.overrides = [item for item in args.overrides if HYDRA_OVERRIDE.match(item)]
+    overrides = []
+    if runs:
+        if len(runs) != 2:
+            raise MhsError(f"mhs judge takes two eval run folders, RUN_A RUN_B; got {len(runs)}: {' '.join(runs)}")
+        overrides.append("judge.pair=" + _override_value([str(Path(run).expanduser().resolve()) for run in runs]))
+    if args.human:
+        studies = []
+        for given in args.human:
+            # `--human KEY ANSWERS... key=value`: the list takes the overrides after it too; give them back.
+            study = [item for item in given if not HYDRA_OVERRIDE.match(item)]
+            args.overrides += [item for item in given if HYDRA_OVERRIDE.match(item)]
+            if len(study) < 2:
+                raise MhsError(f"--human {' '.join(study)}: expected a study's key.json followed by its answer files")
+            studies.append({"key": str(Path(study[0]).resolve()), "answers": [str(Path(a).resolve()) for a in study[1:]]})
+        overrides.append("judge.human_studies=" + _override_value(studies))
+    return overrides
+
+
 def flag_overrides(args) -> list[str]:
-    """The Hydra overrides a command's typed flags stand for."""
-    return flags.overrides(args, args.command_name)
+    """The Hydra overrides a command's typed flags stand for (and `mhs judge`'s runs and studies)."""
+    judged = _judge_overrides(args) if getattr(args, "runs_in_overrides", False) else []
+    return judged + flags.overrides(args, args.command_name)
 
 
 # --- runners ----------------------------------------------------------------------------
@@ -92,6 +131,7 @@ SWEEPABLE = {  # command -> (build(cfg) -> StageResult, headline(result) -> str)
     "train classifier": (functools.partial(_build, "train_classifier"), _classifier_headline),
     "eval": (functools.partial(_build, "eval"), _eval_headline),
     "likelihood": (functools.partial(_build, "likelihood"), _likelihood_headline),
+    "judge": (functools.partial(_build, "judge"), _no_headline),
     "report": (functools.partial(_build, "report"), _no_headline),
     "reproduce": (_build_reproduce, _no_headline),
 }
@@ -179,6 +219,14 @@ def _run_compare(args) -> None:
         _write_out(Path(args.out), json.dumps({"a": str(args.run_a), "b": str(args.run_b), "tests": result}, indent=2))
 
 
+def _run_judge(cfg, args):
+    from mhsupport.stages.judge import REPORT
+
+    result = _build("judge", cfg)
+    print(f"judge run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print((result.run.path / REPORT).read_text())
+
+
 def _run_report(cfg, args):
     from mhsupport.stages.report import REPORT
 
@@ -248,8 +296,8 @@ def _chat_flags(parser):
 def _clean_flags(parser):
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     parser.add_argument("--partial", action="store_true",
-                        help="also remove resumable work (.<run_id>.partial: training checkpoints, the finished batches "
-                             "of an eval or likelihood); only when none of those runs")
+                        help="also remove resumable work (.<run_id>.partial: training checkpoints, the finished "
+                             "batches of an eval or likelihood) of runs no process is building")
 
 
 def _run_clean(cfg, args):
@@ -296,6 +344,14 @@ def build_parser() -> argparse.ArgumentParser:
              "without one): tag discrimination, NLL and perplexity under the gold and the wrong tags, with 95%% "
              "bootstrap intervals.", _run_likelihood)
 
+    judge_parser = _command(
+        commands, "judge", "judge",
+        "Ask an LLM judge which of two systems' replies is better, on the same seeded test examples: two eval runs "
+        "(mhs judge RUN_A RUN_B) or one of the paper's human-evaluation tables (--table). Each pair is judged in both "
+        "orders on the paper's question, the Exploration / Insight / Action skills and strategy adherence: win / loss "
+        "/ tie with 95%% intervals, a sign test, position consistency and length bias.", _run_judge, _judge_flags)
+    judge_parser.usage = "mhs judge [RUN_A RUN_B | --table TABLE] [options] [KEY=VALUE ...]"
+
     _command(commands, "report", "report",
              "Write the paper's Tables 1, 2 and 4 (Markdown, CSV, figures) from this profile's eval runs, "
              "with paired tests of the paper's orderings.", _run_report)
@@ -310,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
              "professional help.", _run_chat, _chat_flags)
 
     _command(commands, "clean", "clean",
-             "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that processes which "
-             "no longer exist left in the artifacts dir, and say what was removed; list resumable training "
-             "checkpoints (.<run_id>.partial), removed only with --partial.", _run_clean, _clean_flags)
+             "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that killed builds "
+             "left in the artifacts dir (those of runs whose lock no process holds), and say what was removed; list "
+             "resumable training checkpoints (.<run_id>.partial), removed only with --partial.", _run_clean, _clean_flags)
 
     compare = commands.add_parser("compare", help="paired tests between two eval runs",
                                   description="Paired bootstrap and paired approximate-randomisation tests of every "

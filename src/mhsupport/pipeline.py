@@ -24,15 +24,16 @@ from omegaconf import DictConfig, OmegaConf
 from mhsupport.runs import artifacts
 from mhsupport.settings import options
 from mhsupport.runs.artifacts import Run, StageResult
-from mhsupport.settings.config import eval_config, generator_config, load_config, prepare_data_config, searchpath_overrides
+from mhsupport.settings.config import (OPEN_NODES, eval_config, generator_config, load_config, prepare_data_config,
+                                      searchpath_overrides)
 from mhsupport.settings.flags import hint_flags
 from mhsupport.errors import MhsError
-from mhsupport.stages import evaluate, likelihood, prepare_data, report, train_classifier, train_generator
+from mhsupport.stages import evaluate, judge, likelihood, prepare_data, report, train_classifier, train_generator
 from mhsupport.training.processes import is_main_process
 
 log = logging.getLogger(__name__)
 STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, evaluate,
-                                                  report)}
+                                                  judge, report)}
 Requirement = tuple[str, DictConfig]
 
 
@@ -92,6 +93,11 @@ class Pipeline:
         inputs = self._upstream_runs(requirements, missing)
         if len(inputs) < len(requirements):
             return None  # not cached: planned again once its upstream runs exist
+        # Runs and files a user names by path (`mhs judge RUN_A RUN_B`): checked like upstream runs.
+        for name, given in (module.given_inputs(cfg) if hasattr(module, "given_inputs") else {}).items():
+            if isinstance(given, Run):
+                self._verify(given)
+            inputs[name] = given
         if hasattr(module, "file_inputs"):
             try:
                 inputs.update(module.file_inputs(cfg))
@@ -206,7 +212,8 @@ def command(stage: str, cfg: DictConfig) -> str:
         if flag is not None:
             parts.append(flag.hint(value))
             continue
-        overrides.append(shlex.quote(f"{'' if key in default else '+'}{key}={_override_value(value)}"))
+        added = key not in default and not key.startswith(tuple(f"{node}." for node in OPEN_NODES))
+        overrides.append(shlex.quote(f"{'+' if added else ''}{key}={_override_value(value)}"))
     # Where runs live (usually set by MHS_* variables) last, after what the run computes.
     overrides.sort(key=lambda override: override.lstrip("'+").startswith("paths."))
     return " ".join(parts + overrides)

@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mhsupport import preemption
 from mhsupport.errors import MhsError
-from mhsupport.settings.config import CONFIG_DIR, check_overrides, finish_config
+from mhsupport.settings.config import CONFIG_DIR, check_overrides, finish_config, open_node_overrides
 
 log = logging.getLogger(__name__)
 # Hydra's per-job folders (.hydra/ configs, job logs, submitit's logs) go beside the runs, not into
@@ -48,6 +48,7 @@ def multirun(stage: str, overrides: list[str], execute, headline) -> list[Job]:
     execute(cfg) -> StageResult and headline(result) -> str must be module-level functions (a
     launcher may pickle them into another process)."""
     check_overrides(overrides, multirun=True)
+    overrides = open_node_overrides(overrides)
     if not any(o.lstrip("+").startswith("hydra.sweep.dir=") for o in overrides):
         overrides = [SWEEP_DIR, *overrides]
     task = functools.partial(run_one, execute, headline)

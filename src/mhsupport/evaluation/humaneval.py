@@ -64,9 +64,22 @@ def score(key_path: Path, answer_paths: list[Path]) -> dict:
     """Un-blinded wins/losses/ties of system B against system A, per rater and pooled, with a
     two-sided sign test (ties left out) and Fleiss' kappa between raters. Each rater counts
     once: a file given twice, or two files with the same rater id, is refused."""
+    key, per_rater = rater_outcomes(key_path, answer_paths)
+    outcomes_by_item = {}
+    for outcomes in per_rater.values():
+        for item_id, outcome in outcomes.items():
+            outcomes_by_item.setdefault(item_id, []).append(outcome)
+    pooled = _tally([o for values in outcomes_by_item.values() for o in values])
+    return {"system_a": key["system_a"], "system_b": key["system_b"], "pooled": pooled,
+            "raters": {rater: _tally(list(outcomes.values())) for rater, outcomes in per_rater.items()},
+            "fleiss_kappa": _agreement(outcomes_by_item, len(per_rater))}
+
+
+def rater_outcomes(key_path: Path, answer_paths: list[Path]) -> tuple[dict, dict[str, dict[str, str]]]:
+    """The study's key and each rater's un-blinded answers: rater -> item id -> "a", "b" or "tie"
+    (the key's system a or b, whichever side it was shown on). Each rater counts once."""
     key = read_key(Path(key_path))
-    per_rater, outcomes_by_item = {}, {}
-    seen_files, seen_raters = {}, {}
+    per_rater, seen_files, seen_raters = {}, {}, {}
     for path in map(Path, answer_paths):
         if path.resolve() in seen_files:
             raise MhsError(f"{path} is given twice (each rater counts once): drop the repeat")
@@ -76,14 +89,9 @@ def score(key_path: Path, answer_paths: list[Path]) -> dict:
             raise MhsError(f"{path}: rater {answers['rater']!r} already answered in {seen_raters[rater]} (each rater "
                            "counts once): drop one file, or give each rater their own id")
         seen_files[path.resolve()], seen_raters[rater] = path, path
-        outcomes = {}
-        for item_id, choice in answers["answers"].items():
-            outcomes[item_id] = "tie" if choice == "tie" else key["items"][item_id][choice]
-            outcomes_by_item.setdefault(item_id, []).append(outcomes[item_id])
-        per_rater[answers["rater"]] = _tally(list(outcomes.values()))
-    pooled = _tally([o for values in outcomes_by_item.values() for o in values])
-    return {"system_a": key["system_a"], "system_b": key["system_b"], "pooled": pooled, "raters": per_rater,
-            "fleiss_kappa": _agreement(outcomes_by_item, len(per_rater))}
+        per_rater[answers["rater"]] = {item_id: "tie" if choice == "tie" else key["items"][item_id][choice]
+                                       for item_id, choice in answers["answers"].items()}
+    return key, per_rater
 
 
 def _read_json(path: Path, what: str):

@@ -1,7 +1,7 @@
 """The statistics of every interval and comparison in the pipeline: percentile bootstrap intervals,
 the paired bootstrap and paired approximate-randomisation tests, the paired permutation test,
-binomial tests and Holm's adjustment. Metrics, the classifier's baselines, tag use, the report and
-`mhs compare` call these; none computes a p-value of its own.
+binomial tests, Wilson intervals and Holm's adjustment. Metrics, the classifier's baselines, tag use,
+the LLM judge, the report and `mhs compare` call these; none computes a p-value of its own.
 
 Two kinds of bootstrap. A statistic that numpy can compute on a batch of resamples (a mean, a ratio
 of sums: the likelihood runs' metrics) goes through `scipy.stats.bootstrap`. Corpus metrics (BLEU,
@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
 
 Scores = dict[str, float]  # metric name -> value
 
@@ -107,6 +108,12 @@ def binomial_p(successes: int, trials: int, p: float = 0.5, alternative: str = "
     """The exact binomial test's p (scipy.stats.binomtest): a sign test at p = 0.5, or a share
     against chance."""
     return float(stats.binomtest(successes, trials, p, alternative=alternative).pvalue)
+
+
+def wilson_interval(count: int, total: int) -> tuple[float, float]:
+    """The Wilson 95% interval of a proportion count / total (statsmodels `proportion_confint`)."""
+    low, high = proportion_confint(count, total, alpha=0.05, method="wilson")
+    return float(low), float(high)
 
 
 def holm(p_values: list[float]) -> list[float]:

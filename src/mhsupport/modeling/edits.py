@@ -50,8 +50,9 @@ def add_lora(model, lora_cfg, tag_ids: list[int]):
     embeddings are tied), so a new tag can be learnt while the rest of the vocabulary stays frozen."""
     from peft import LoraConfig, get_peft_model
 
+    targets = lora_cfg.target_modules  # "all-linear" (peft: every linear layer but the output head) or names
     config = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                        target_modules=list(lora_cfg.target_modules), task_type="CAUSAL_LM",
+                        target_modules=targets if isinstance(targets, str) else list(targets), task_type="CAUSAL_LM",
                         trainable_token_indices=list(tag_ids) or None)
     try:
         return get_peft_model(model, config)

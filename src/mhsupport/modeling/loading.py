@@ -4,11 +4,13 @@ de-quantised copy when `mhs models fetch` has written one); placed by the device
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
-from tokenizers import ByteLevelBPETokenizer
+from omegaconf import OmegaConf
+from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from tokenizers.processors import TemplateProcessing
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
                           GPT2Config, PreTrainedTokenizerFast)
@@ -46,9 +48,9 @@ def train_bpe_tokenizer(texts, vocab_size: int, min_frequency: int, bert_inputs:
                             show_progress=False)
     if bert_inputs:
         cls, sep = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
-        bpe._tokenizer.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-                                                           special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>",
+        bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+                                                special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(bpe.to_str()), eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", unk_token="[UNK]", mask_token="[MASK]")
 
@@ -73,30 +75,32 @@ def load_causal_lm(model_cfg, placement: devices.Placement, train_texts=None):
                             n_layer=arch.n_layer, n_head=arch.n_head, bos_token_id=tokenizer.eos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         return devices.place(AutoModelForCausalLM.from_config(config), placement), tokenizer
+    model, tokenizer = _pretrained_causal_lm(model_cfg)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return devices.place(model, placement), tokenizer
+
+
+def _pretrained_causal_lm(model_cfg):
+    """(model, tokenizer) of a pretrained or GGUF generator profile, in fp32 on the CPU."""
+    source = model_cfg.source
     if source == "pretrained":
         name = model_cfg.name_or_path
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32), AutoTokenizer.from_pretrained(name)
         except OSError as err:
             raise MhsError(f"cannot load model {name!r}: {str(err).splitlines()[0]} "
                            "(a Hub id needs the Hub; a local folder must exist)") from None
-    elif source == "gguf":
+    if source == "gguf":
         folder = require_local(Path(model_cfg.model_dir).expanduser(), "offline model folder")
         gguf_path = require_local(folder / model_cfg.gguf_file, "GGUF file")
         copy = dequantised_dir(gguf_path)
         if copy.is_dir():
-            tokenizer = AutoTokenizer.from_pretrained(copy)
-            model = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32)
-        else:
-            log.warning("de-quantising %s on load (about 20 s): run `mhs models fetch` once to keep an fp32 "
-                     "copy that loads in under a second", gguf_path)
-            model, tokenizer = load_gguf(folder, model_cfg.gguf_file)
-    else:
-        raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return devices.place(model, placement), tokenizer
+            return AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32), AutoTokenizer.from_pretrained(copy)
+        log.warning("de-quantising %s on load (about 20 s): run `mhs models fetch` once to keep an fp32 "
+                    "copy that loads in under a second", gguf_path)
+        return load_gguf(folder, model_cfg.gguf_file)
+    raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
 
 
 def load_gguf(folder: Path, gguf_file: str):
@@ -111,8 +115,55 @@ def load_gguf(folder: Path, gguf_file: str):
 
 
 def load_saved_causal_lm(path: Path, placement: devices.Placement):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    """(model, tokenizer) of a trained generator's folder: a plain model, or a LoRA adapter (loaded
+    over its base model by peft and merged, so it is scored and generates as a merged run does)."""
+    path = Path(path)
+    model = _adapter_model(path) if (path / ADAPTER_CONFIG).is_file() else \
+        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return devices.place(model, placement), AutoTokenizer.from_pretrained(path)
+
+
+# --- LoRA adapters: saved as peft keeps them, with a record of the base model to load under them ---
+
+ADAPTER_CONFIG = "adapter_config.json"  # peft's
+ADAPTER_BASE = "base_model.json"
+SCRATCH_BASE_DIR = "base"  # a from-scratch base model exists nowhere else: the run keeps it
+
+
+def adapter_base_record(model_cfg, vocab_size: int) -> dict:
+    """What base_model.json holds: how the profile loads its base model (a from-scratch one: from the
+    run's own base/ folder), its Hub id for reference, and the vocabulary size the adapters were
+    trained with (the tag tokens added)."""
+    keys = {"scratch": (), "pretrained": ("name_or_path",), "gguf": ("model_dir", "gguf_file")}[model_cfg.source]
+    return {"source": model_cfg.source, **{key: str(model_cfg[key]) for key in keys},
+            "base_model": model_cfg.base_model, "vocab_size": vocab_size}
+
+
+def _adapter_model(path: Path):
+    """A LoRA run's adapters loaded with `PeftModel.from_pretrained` over the base model its
+    base_model.json names (resized to the run's vocabulary), then merged into the weights."""
+    from peft import PeftModel
+
+    record_file = path / ADAPTER_BASE
+    try:
+        record = json.loads(record_file.read_text())
+    except (OSError, ValueError) as err:
+        raise MhsError(f"{record_file}: unreadable ({err}); a LoRA adapter folder needs it to find its base model: "
+                       "rebuild the run with `mhs train dialogpt ... --force`") from None
+    if record["source"] == "scratch":
+        try:
+            base = AutoModelForCausalLM.from_pretrained(path / SCRATCH_BASE_DIR, dtype=torch.float32)
+        except OSError as err:
+            raise MhsError(f"{path / SCRATCH_BASE_DIR}: the adapter's base model is unreadable "
+                           f"({str(err).splitlines()[0]}); rebuild the run with --force") from None
+    else:
+        base, _ = _pretrained_causal_lm(OmegaConf.create(record))
+    if base.get_input_embeddings().num_embeddings != record["vocab_size"]:
+        # Rows for the tag tokens; their trained values are the adapter's trainable tokens, which replace them.
+        # Forked: the rows' random initialisation must not move the seeded RNG of the eval that loads this.
+        with torch.random.fork_rng(devices=[]):
+            base.resize_token_embeddings(record["vocab_size"], mean_resizing=False)
+    return PeftModel.from_pretrained(base, path).merge_and_unload()
 
 
 def load_scored_generator(cfg, generator_run: Path | None, data_run: Path, placement: devices.Placement):

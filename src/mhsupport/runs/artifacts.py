@@ -8,7 +8,7 @@ looks like a run; `manifest.json` is written last and marks a run as complete.
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import functools
 import hashlib
 import json
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock, SoftFileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 import mhsupport
@@ -32,13 +33,26 @@ from mhsupport.errors import MhsError
 
 log = logging.getLogger(__name__)
 
-# Config keys that say where or how a stage runs, not what it computes.
-NON_RESULT_KEYS = ("force", "paths", "runtime", "download")  # raw inputs are hashed by content
+# Config keys that say where or how a stage runs, not what it computes (`endpoint`: where a judge's
+# server is; the model it serves is named in the config).
+NON_RESULT_KEYS = ("force", "paths", "runtime", "download", "endpoint")  # raw inputs are hashed by content
+# Arguments of the `trainer` node (the Trainer's TrainingArguments) that say how a training logs, keeps
+# checkpoints or is spread over processes, like `runtime`, not what it computes; so do the arguments whose
+# names start with TRAINER_NON_RESULT_PREFIXES. Every other argument is part of the run id.
+TRAINER_NON_RESULT_KEYS = ("report_to", "run_name", "project", "disable_tqdm", "log_level", "log_level_replica",
+                           "log_on_each_node", "skip_memory_metrics", "include_num_input_tokens_seen", "push_to_hub",
+                           "use_cpu", "ddp_backend", "fsdp", "dataloader_num_workers", "dataloader_pin_memory",
+                           "dataloader_persistent_workers", "dataloader_prefetch_factor")
+TRAINER_NON_RESULT_PREFIXES = ("logging_", "save_", "hub_", "trackio_")
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
-            "pandas", "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
+            "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
 CONFIG = "config.yaml"
 LOCKS = ".locks"  # <artifacts>/.locks/<stage>-<run_id>.lock: one per run, held while it is checked and built
+# What flock answers on a file system that does not do it, as opposed to "another process holds it": NFS
+# mounted with nolock says ENOLCK, some FUSE and parallel file systems EOPNOTSUPP (filelock itself turns
+# ENOSYS into its soft lock).
+FLOCK_UNSUPPORTED = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS})
 CHECKPOINTS = "checkpoints"  # a run's resumable state (training checkpoints, finished batches): never an output
 BATCHES = "batches"  # under CHECKPOINTS: the finished batches of an eval or likelihood run
 
@@ -53,12 +67,21 @@ def file_sha256(path: Path) -> str:
 
 def result_config(cfg: DictConfig) -> dict:
     """What a run's id is made of: the config less where it runs, but with its numeric precision
-    setting (`runtime.bf16`), because bf16 and fp32 give different numbers."""
+    setting (`runtime.bf16`), because bf16 and fp32 give different numbers, and with the Trainer
+    arguments of the `trainer` node less the non-result ones (none left: no node, as before it existed)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     result = {k: v for k, v in container.items() if k not in NON_RESULT_KEYS}
     if "bf16" in (container.get("runtime") or {}):
         result["runtime.bf16"] = container["runtime"]["bf16"]
+    if "trainer" in result:
+        trainer = {k: v for k, v in (result.pop("trainer") or {}).items() if not is_trainer_non_result_key(k)}
+        if trainer:
+            result["trainer"] = trainer
     return result
+
+
+def is_trainer_non_result_key(key: str) -> bool:
+    return key in TRAINER_NON_RESULT_KEYS or key.startswith(TRAINER_NON_RESULT_PREFIXES)
 
 
 @dataclass
@@ -167,19 +190,10 @@ class Run:
         if not is_main:  # torchrun: the main process holds the lock for its whole group
             yield
             return
-        locks = self.path.parent.parent / LOCKS
-        locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / f"{self.stage}-{self.run_id}.lock", "a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("another process is building %s; waiting for it", self.path)
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                self._recover()
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        path = lock_path(self.path.parent.parent, self.stage, self.run_id)
+        with holding(path, waiting=f"another process is building {self.path}; waiting for it"):
+            self._recover()
+            yield
 
     def _recover(self) -> None:
         if self.complete:  # what a kill after the final rename can leave: checkpoints, a replaced run
@@ -261,6 +275,54 @@ class Run:
             tmp.rename(self.path)
 
 
+def lock_path(artifacts_dir: Path, stage: str, run_id: str) -> Path:
+    return Path(artifacts_dir) / LOCKS / f"{stage}-{run_id}.lock"
+
+
+def soft_lock_path(path: Path) -> Path:
+    """Where the lock of `path` lives on a file system without flock: a file that exists while it is held."""
+    return path.with_name(path.name + ".soft")
+
+
+@contextmanager
+def holding(path: Path, wait: bool = True, waiting: str = "", create: bool = True):
+    """Hold the lock at `path` (filelock's flock lock, or where the file system has no flock, its soft lock
+    beside it) and yield True; with wait=False, yield False at once when another process holds it. With
+    create=False a lock that was never made (no file) counts as free and no file is made: what a dry run
+    asks."""
+    soft = soft_lock_path(path)
+    if not create and not path.exists() and not soft.exists():
+        yield True
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(path)
+    try:
+        held = _acquired_now(lock)
+    except OSError as err:
+        if err.errno not in FLOCK_UNSUPPORTED:
+            raise
+        lock = SoftFileLock(soft)
+        held = _acquired_now(lock)
+    if not held and wait:
+        log.info("%s (lock %s; on a file system without flock, a lock left by a process killed on another "
+                 "machine stays until it is deleted)", waiting, lock.lock_file)
+        lock.acquire()
+        held = True
+    try:
+        yield held
+    finally:
+        if held:
+            lock.release()
+
+
+def _acquired_now(lock) -> bool:
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return False
+    return True
+
+
 class FinishedBatches:
     """Finished batches by name (`<computation>-<first row>`), one JSON file each, written atomically;
     storing one is a safe point at which a requested stop happens (`preemption.check`)."""
@@ -318,6 +380,28 @@ def plan_run(stage: str, cfg: DictConfig, inputs: dict[str, Path | Run]) -> Run:
     run_id = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = Path(cfg.paths.artifacts_dir).resolve() / stage / run_id
     return Run(stage, run_id, path, cfg, described)
+
+
+def open_run(path: Path, stage: str, given_as: str) -> Run:
+    """A complete run that a user names by its folder (e.g. the two evals `mhs judge` compares), or
+    one line naming `given_as`, the folder and what was expected."""
+    path = Path(path).expanduser().resolve()
+    expected = f"expected a complete `mhs {stage}` run folder, {Path('artifacts') / stage / '<run_id>'}"
+    if not path.is_dir():
+        raise MhsError(f"{given_as} {path}: no such folder ({expected})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        cfg = OmegaConf.load(path / CONFIG)
+    except (OSError, ValueError) as err:
+        raise MhsError(f"{given_as} {path}: not a complete run ({type(err).__name__}: {err}; {expected})") from None
+    if not isinstance(manifest, dict) or manifest.get("stage") != stage:
+        made_by = manifest.get("stage") if isinstance(manifest, dict) else None
+        raise MhsError(f"{given_as} {path}: a {made_by or 'unknown'} run ({expected})")
+    argv = manifest.get("command")
+    command = " ".join(["mhs", *map(str, argv[1:])]) if isinstance(argv, list) and argv and \
+        Path(str(argv[0])).name == "mhs" else ""
+    return Run(stage, manifest.get("run_id", path.name), path, cfg, manifest.get("inputs", {}),
+               command=command.replace(" --force", ""))
 
 
 @functools.lru_cache(maxsize=1)

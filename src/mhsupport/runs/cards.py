@@ -182,7 +182,8 @@ def generator_card(cfg, metrics: dict, data_run_id: str) -> ModelCard:
     name = f"mhsupport-generator-{g.profile}-{cfg.dataset}{'-tagged' if labels else ''}"
     data = ModelCardData(
         model_name=name, base_model=g.base_model, datasets=_datasets(cfg.dataset), language="en",
-        license="other", license_name="research-only-cc-by-nc-4.0-data", library_name="transformers",
+        license="other", license_name="research-only-cc-by-nc-4.0-data",
+        library_name="peft" if g.trainable == "lora" and g.lora.save == "adapter" else "transformers",
         pipeline_tag="text-generation", metrics=["perplexity"],
         tags=["mhsupport", "emotional-support", "dialogue"] + (["strategy-tags"] if labels else [])
         + (["lora"] if g.trainable == "lora" else []),
@@ -201,9 +202,14 @@ def generator_card(cfg, metrics: dict, data_run_id: str) -> ModelCard:
               "the tokenizer's chat template (seeker = user, supporter = assistant"
               + (", with a system prompt" if g.system_prompt else "") + f") with the generation prompt, "
               f"the oldest turns dropped to fit {g.max_context_tokens} tokens")
+    adapter = g.trainable == "lora" and g.lora.save == "adapter"
+    targets = g.lora.target_modules if isinstance(g.lora.target_modules, str) else ", ".join(g.lora.target_modules)
     trainable = {"all": "all weights", "top_layers": f"the top {g.top_layers} layers and the embeddings",
-                 "lora": f"LoRA (r={g.lora.r}, alpha={g.lora.alpha}, on {', '.join(g.lora.target_modules)}) and "
-                         "the tag embeddings, merged into the weights"}[g.trainable]
+                 "lora": f"LoRA (r={g.lora.r}, alpha={g.lora.alpha}, on {targets}) and the tag embeddings, "
+                         + ("kept as a peft adapter" if adapter else "merged into the weights")}[g.trainable]
+    loading = ("The folder is a peft adapter: `PeftModel.from_pretrained` over the base model that "
+               "`base_model.json` names, its embeddings resized to the tokenizer's vocabulary" if adapter else
+               "The folder loads with `AutoModelForCausalLM.from_pretrained`")
     body = f"""
 # {name}
 {profile_warning(g)}
@@ -223,7 +229,7 @@ g = generator.load("path/to/this/folder")
 g.respond([{{"speaker": "seeker", "text": "I lost my job and I can't sleep."}}]{example_tag})
 ```
 
-Prompt: {prompt}. {tag_text} The folder loads with `AutoModelForCausalLM.from_pretrained`;
+Prompt: {prompt}. {tag_text} {loading};
 `generator.json` holds the prompt settings.
 
 ## Data

@@ -22,12 +22,22 @@ PATH_VARIABLES = {"raw_dir": "MHS_RAW_DIR", "artifacts_dir": "MHS_ARTIFACTS_DIR"
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
+# Nodes that take keys the config files do not list (`trainer`: any TrainingArguments argument), so
+# `trainer.max_steps=3` adds the key as Hydra's `++trainer.max_steps=3` would.
+OPEN_NODES = ("trainer",)
+
+
 def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The stage's config with Hydra overrides applied, every interpolation resolved (a fresh copy
     the caller may change)."""
     check_overrides(overrides, multirun=False)
     environment = tuple(os.environ.get(name) for name in (*PATH_VARIABLES.values(), "HOME"))
-    return copy.deepcopy(_composed(stage, tuple(overrides), environment))
+    return copy.deepcopy(_composed(stage, tuple(open_node_overrides(overrides)), environment))
+
+
+def open_node_overrides(overrides) -> list[str]:
+    """Overrides of an open node (OPEN_NODES, e.g. trainer.*) may add keys: Hydra's `++`."""
+    return [f"++{o}" if o.startswith(tuple(f"{node}." for node in OPEN_NODES)) else o for o in overrides]
 
 
 @functools.lru_cache(maxsize=256)
@@ -160,13 +170,28 @@ def likelihood_config(cfg: DictConfig) -> DictConfig:
         "test_subset_seed": cfg.test_subset_seed, "bootstrap": cfg.bootstrap}, profile=cfg.generator.profile)
 
 
-def eval_config(report_cfg: DictConfig, values: dict) -> DictConfig:
-    """The eval config of one system of the report: the eval config of the report's generator profile
-    with every setting the report shares with it (models, scoring, seeds, paths, runtime) and the
-    system's generator, dataset, tag and sampler choices put in."""
-    shared = load_config("eval", [f"profile={report_cfg.generator.profile}", *searchpath_overrides(report_cfg)])
-    return derive("eval", report_cfg, {**{key: report_cfg[key] for key in shared if key in report_cfg and key != "force"},
-                                       **values}, profile=report_cfg.generator.profile)
+def _shared_with(stage: str, cfg: DictConfig, own: tuple[str, ...]) -> dict:
+    """The keys of `cfg` that `stage`'s config (of cfg's generator profile) also has, less `own`
+    (the keys the derived config's caller chooses)."""
+    shared = load_config(stage, [f"profile={cfg.generator.profile}", *searchpath_overrides(cfg)])
+    return {key: cfg[key] for key in shared if key in cfg and key not in ("force", *own)}
+
+
+def eval_config(cfg: DictConfig, values: dict) -> DictConfig:
+    """The eval config of one system of the report or of a judge table: the eval config of that
+    config's generator profile with every setting the two share (models, scoring, seeds, paths,
+    runtime) and the system's choices (dotted key -> value, e.g. "llm.prompt") put in; the system
+    is a fine-tuned generator unless it says otherwise."""
+    return derive("eval", cfg, {**_shared_with("eval", cfg, own=("generator_source",)), **values},
+                  profile=cfg.generator.profile)
+
+
+def judge_config(report_cfg: DictConfig, table: str, seed: int) -> DictConfig:
+    """The `mhs judge --table` config of one of the paper's human-evaluation tables that a report
+    shows: every setting the report shares with the judge's config, judging the evals of one
+    training seed."""
+    return derive("judge", report_cfg, {**_shared_with("judge", report_cfg, own=()), "judge.table": table,
+                                        "judge.pair": None, "seed": seed}, profile=report_cfg.generator.profile)
 
 
 def check_paths(cfg: DictConfig) -> None:

@@ -17,7 +17,8 @@ from mhsupport.settings.config import default_choice, load_config
 
 # The commands that take config flags, and the stage whose config each one composes.
 STAGE_OF = {"prepare-data": "prepare_data", "train dialogpt": "train_generator",
-            "train classifier": "train_classifier", "eval": "eval", "likelihood": "likelihood", "report": "report",
+            "train classifier": "train_classifier", "eval": "eval", "likelihood": "likelihood", "judge": "judge",
+            "report": "report",
             "reproduce": "report", "chat": "chat", "clean": "clean", "models fetch": "models"}
 GROUPS = ("profile",)  # config groups a flag chooses (not keys of the composed config)
 
@@ -75,7 +76,7 @@ FLAGS = (
                                                         "$MHS_RAW_DIR, else data/raw)"}, in_hints=False),
     Flag("--profile", "profile", {command: "the models, their sizes and the eval budgets: " + ", ".join(options.profiles())
                                   + " or one of yours in a hydra.searchpath folder (default: {default})"
-                                  for command in (*_MODEL_COMMANDS, "report", "reproduce")}, metavar="NAME"),
+                                  for command in (*_MODEL_COMMANDS, "judge", "report", "reproduce")}, metavar="NAME"),
     Flag("--dataset", "dataset", {**{command: "training data (default: {default})"
                                      for command in ("train dialogpt", "train classifier")},
                                   **{command: "the generator's training data (default: {default})"
@@ -111,6 +112,16 @@ FLAGS = (
          choices=options.GENERATOR_SOURCES),
     Flag("--prompt", "llm.prompt", {"eval": "with --generator llm: the prompt (strategy: the classifier's category) "
                                             "(default: {default})"}, choices=options.PROMPTS),
+    Flag("--table", "judge.table", {"judge": "judge one of the paper's human-evaluation tables on this profile's "
+                                             "eval runs"}, choices=options.JUDGE_TABLES),
+    Flag("--backend", "judge.backend", {"judge": "openai (any OpenAI-compatible server: vLLM, llama.cpp, Ollama, "
+                                                 "hosted) or local (a transformers chat model) (default: {default})"},
+         choices=options.JUDGE_BACKENDS[1:]),
+    Flag("--model", "judge.model", {"judge": "openai: the model name the server serves; local: a model folder, Hub "
+                                             "id or .gguf file (default: the offline SmolLM2-135M-Instruct)"}),
+    Flag("--base-url", "endpoint.base_url", {"judge": "the server's OpenAI-compatible base URL (default: {default})"}),
+    Flag("--examples", "judge.examples", {"judge": "examples judged per pair, a seeded subset (default: {default})"},
+         type=int),
     Flag("--seeds", "seeds", {command: "training seeds, e.g. 1,2,3: every system is trained and evaluated once per "
                                        "seed; tables give mean and sd, paired tests pool the seeds (default: one "
                                        "run, of the config's `seed`)" for command in ("report", "reproduce")},

@@ -27,7 +27,10 @@ OWN_STRATEGY = ("sample", "argmax")
 GENERATOR_SOURCES = ("finetuned", "base", "llm")
 PROMPTS = ("vanilla", "cot", "strategy", "oracle")
 LLM_BACKENDS = ("local", "openai")
+JUDGE_BACKENDS = ("none", "openai", "local")
+JUDGE_TABLES = ("table3", "table5", "table6")
 TRAINABLE = ("all", "top_layers", "lora")
+LORA_SAVES = ("adapter", "merged")
 _ABSENT = object()
 MODEL_SOURCES = {"generator": ("scratch", "pretrained", "gguf"), "classifier": ("scratch", "pretrained", "local")}
 
@@ -89,6 +92,12 @@ def _report_to(value):
     return True, ""
 
 
+def _target_modules(value):
+    ok = value == "all-linear" or (isinstance(value, (list, ListConfig)) and len(value) > 0
+                                   and all(isinstance(v, str) and v for v in value))
+    return ok, "all-linear or a non-empty list of module names, e.g. [q_proj,v_proj]"
+
+
 def _samplers(value):
     ok = isinstance(value, (list, ListConfig)) and len(value) > 0 and all(v in SAMPLERS for v in value) \
         and len(set(value)) == len(value)
@@ -118,6 +127,12 @@ RULES = {
     "data.max_context_turns": _int(1), "data.esconv_split_seed": _int(0),
     "llm.prompt": _choice(PROMPTS), "llm.backend": _choice(LLM_BACKENDS), "llm.test_subset": _int(1, optional=True),
     "llm.max_new_tokens": _int(1), "llm.timeout_s": _number(0, inclusive=False),
+    "runtime.llm.concurrency": _int(1), "runtime.llm.max_retries": _int(0),
+    "judge.backend": _choice(JUDGE_BACKENDS), "judge.temperature": _number(0), "judge.max_tokens": _int(1),
+    "judge.seed": _int(0), "judge.examples": _int(1, optional=True), "judge.example_seed": _int(0),
+    "judge.length_match_ratio": _number(0, high=1.0, high_inclusive=False),
+    "runtime.judge.concurrency": _int(1), "runtime.judge.timeout_s": _number(0, inclusive=False),
+    "runtime.judge.max_retries": _int(0),
     "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
     "decoding.temperature": _number(0, inclusive=False), "decoding.max_new_tokens": _int(1),
     "decoding.batch_size": _int(1),
@@ -133,6 +148,7 @@ RULES = {
     "generator.tag_contrast_weight": _number(0), "generator.tag_contrast_negatives": _int(1),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
     "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),
+    "generator.lora.target_modules": _target_modules, "generator.lora.save": _choice(LORA_SAVES),
     "generator.max_context_tokens": _int(1), "generator.max_response_tokens": _int(1),
     "generator.valid_subset": _int(1, optional=True), "generator.train_eval_subset": _int(1, optional=True),
     **{f"classifier.{k}": rule for k, rule in _MODEL_RULES.items()},

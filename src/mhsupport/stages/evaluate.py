@@ -211,6 +211,10 @@ def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key, ba
     return respond, tags, loaded
 
 
+LLM_ENDPOINT_KEYS = llm.EndpointKeys(base_url="llm.base_url", model="llm.model_name", api_key_env="llm.api_key_env",
+                                     timeout="llm.timeout_s", what="LLM endpoint")
+
+
 def llm_responder(cfg, inputs, examples, batches):
     """Responses of an instruction-tuned chat model prompted (optionally) with a category; the
     local models it loaded (name -> model)."""
@@ -224,19 +228,23 @@ def llm_responder(cfg, inputs, examples, batches):
         if next_classifier:
             loaded["classifier"] = next_classifier.model
         categories = sampling.choose_tags(sampler, examples, labels, "category", cfg.seed, classifier=next_classifier)
-    prompts = [llm.system_prompt(c, category) for category in categories]
+    prompts = [llm.system_prompt(c, category, cfg.strategy_words) for category in categories]
     max_new = c.max_new_tokens * (3 if c.prompt == "cot" else 1)
     d = cfg.decoding
-    contexts = [e["context"] for e in examples]
+    requests = [llm.messages(prompt, e["context"]) for prompt, e in zip(prompts, examples)]
+    kept = {}
     if c.backend == "openai":
-        backend = llm.OpenAICompatibleBackend(c)
+        backend = llm.OpenAIChatBackend(c.base_url, c.model_name, c.api_key_env, c.timeout_s, cfg.runtime.llm.max_retries,
+                                        cfg.runtime.llm.concurrency, LLM_ENDPOINT_KEYS)
     else:
         model, tokenizer = loading.load_causal_lm(cfg.generator, devices.inference(cfg.runtime))
-        backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens, batches)
+        backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens)
         loaded["generator"] = model
+        kept = {"batches": batches}  # a local model's finished batches are kept for a resume
 
     def respond(seed):
-        raw = backend.respond(contexts, prompts, max_new, d.batch_size, cfg.runtime.progress)
+        raw = [" ".join(reply.split()) for reply in backend.complete(requests, max_new, d.batch_size,
+                                                                       cfg.runtime.progress, **kept)]
         replies = [llm.final_answer(r) if c.prompt == "cot" else r for r in raw]
         outputs = [{"tag": category, "response": reply, "raw": r} for category, reply, r in zip(categories, replies, raw)]
         if c.backend == "openai":

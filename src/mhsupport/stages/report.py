@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from mhsupport.runs import artifacts
-from mhsupport.evaluation import tag_use
-from mhsupport.settings.config import eval_config, likelihood_config, prepare_data_config
+from mhsupport.evaluation import judge_results, tag_use
+from mhsupport.settings.config import eval_config, judge_config, likelihood_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 from mhsupport.evaluation.metric_protocols import metric_names
@@ -88,6 +88,9 @@ def requires(cfg: DictConfig) -> dict:
                       for key, values in systems(cfg).items()})
         needs.update({f"likelihood/{name}@{seed}": ("likelihood", likelihood_config(eval_config(cfg, {**values, "seed": seed})))
                       for name, values in TABLE2_SYSTEMS.items()})
+    if cfg.judge.backend != "none":  # the judge's Tables 3, 5 and 6, on the evals of the first training seed
+        needs.update({f"judge/{table}": ("judge", judge_config(cfg, table, training_seeds(cfg)[0]))
+                      for table in cfg.judge.report_tables})
     return needs
 
 
@@ -113,7 +116,10 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     table4_cells = {f"{DATASET_NAMES[d]}+tag / {s}": (d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers}
     table4 = [row(name, metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s))) for name, (d, s) in table4_cells.items()]
     tests = significance(cfg, evals)
-    run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests, "tag_use": tag_use}
+    judged = {table: inputs[f"judge/{table}"].read_metrics() for table in cfg.judge.report_tables
+              if f"judge/{table}" in inputs}
+    run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests, "tag_use": tag_use,
+                    "judge": {table: {"signature": m["signature"], "rows": m["rows"]} for table, m in judged.items()}}
 
     with run_.build(seed=cfg.seed) as out:
         write_csv(out / "table1.csv", table1)
@@ -126,7 +132,13 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                     out / "table2_bleu", f"Table 2 ({profile} profile): BLEU with 95% intervals")
         bleu_figure({name: metrics[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()},
                     out / "table4_bleu", f"Table 4 ({profile} profile): BLEU with 95% intervals")
-        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use))
+        judge_section = ""
+        if judged:
+            judge_results.write_csv(out / "judge_tables.csv", [r for m in judged.values() for r in judge_results.csv_rows(m)])
+            judge_results.figure(list(judged.values()), out / "judge_tables")
+            judge_section = judge_results.report_section(judged, training_seeds(cfg)[0])
+        (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use)
+                                  + ("\n" + judge_section if judge_section else ""))
     log.info("report wrote %s", run_.path)
 
 

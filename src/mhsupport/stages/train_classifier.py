@@ -52,9 +52,14 @@ def tfidf_settings(cfg: DictConfig) -> DictConfig:
     return cfg.tfidf_baseline_by_task[cfg.mode][cfg.tag_set]
 
 
+def check(cfg: DictConfig) -> None:
+    loop.check_trainer(cfg, "classifier")
+
+
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     p = cfg.classifier
+    args = loop.run_arguments(run_, cfg, p, label(cfg))  # before any work: a refused argument stops here
     settings = settings_for(cfg)
     label_id = {label: i for i, label in enumerate(settings.labels)}
     train_examples = seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
@@ -88,8 +93,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         scores = classification_scores(gold, predicted, settings.labels)
         return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
 
-    def make_trainer(checkpoints):
-        args = loop.training_arguments(checkpoints, p, cfg.runtime, cfg.seed, p.save_steps)
+    def make_trainer():
         return Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
                        train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
                        callbacks=[validation.ValidationCallback(validate)])

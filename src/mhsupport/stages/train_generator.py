@@ -3,7 +3,10 @@ variants ({esconv, unified} x strategy tag on/off), with the Hugging Face Traine
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -33,9 +36,14 @@ def label(cfg: DictConfig) -> str:
     return f"train dialogpt {cfg.dataset}{'+tag' if cfg.strategy_tag else ''} (seed {cfg.seed})"
 
 
+def check(cfg: DictConfig) -> None:
+    loop.check_trainer(cfg, "generator")
+
+
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     g = cfg.generator
+    args = loop.run_arguments(run_, cfg, g, label(cfg))  # before any work: a refused argument stops here
     train_examples = seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
     valid_examples = seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
 
@@ -49,6 +57,10 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     if g.trainable == "top_layers":
         edits.freeze_all_but_top(model, g.top_layers)
     parameters = sum(p.numel() for p in model.parameters())
+    adapter = g.trainable == "lora" and g.lora.save == "adapter"
+    if adapter:
+        base_record = loading.adapter_base_record(g, model.get_input_embeddings().num_embeddings)
+        scratch_base = copy.deepcopy(model) if g.source == "scratch" else None  # before peft changes it in place
     if g.trainable == "lora":
         tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels] if tag_tokens else []
         model = edits.add_lora(model, g.lora, tag_ids)
@@ -76,16 +88,28 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         contrast = {"openings": [formatter.opening_ids(label) for label in labels],
                     "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
 
-    def make_trainer(checkpoints):
-        args = loop.training_arguments(checkpoints, g, cfg.runtime, cfg.seed, g.save_steps)
+    def make_trainer():
         trainer_class = trainers.TagContrastTrainer if contrast else trainers.LabelledPositionsTrainer
         return trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
                              processing_class=tokenizer, callbacks=callbacks, **contrast)
 
-    def merge_lora(trainer):  # scored and saved as a plain model, loadable with from_pretrained
+    def merge_lora(trainer):  # generator.lora.save=merged: scored and saved as a plain model
         nonlocal model
-        if g.trainable == "lora":
+        if g.trainable == "lora" and not adapter:
             model = trainer.model = edits.merge_lora(model)
+
+    def save_adapter(trainer, folder):
+        """Save as peft keeps a LoRA run: adapter_config.json and adapter_model.safetensors (the adapters and
+        the tag tokens' trained rows), with base_model.json naming the base to load them over."""
+        if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+            trainer.save_model(folder)  # sharded weights: the Trainer gathers them first
+        elif trainer.args.should_save:
+            # Every other embedding row is the base model's: only the trainable tokens' rows are saved.
+            trainer.model.save_pretrained(folder, save_embedding_layers=False)
+        if trainer.args.should_save:
+            (Path(folder) / loading.ADAPTER_BASE).write_text(json.dumps(base_record, indent=2) + "\n")
+            if scratch_base is not None:
+                scratch_base.save_pretrained(Path(folder) / loading.SCRATCH_BASE_DIR)
 
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
@@ -94,6 +118,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                                                                                  cfg.subset_seed),
                                                    g.eval_batch_size, tokenizer.pad_token_id or 0)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
+        tokens_seen = round(tokens_per_epoch * trainer.state.epoch)  # epochs done, a fraction under trainer.max_steps
         padded = padded_tokens(trainer)
         run_.metrics = {
             "profile": g.profile, "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag),
@@ -101,15 +126,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "train_loss": final_train["loss"], "valid_loss": final_valid["loss"], "valid_ppl": final_valid["ppl"],
             "epochs": validation.epoch_history(trainer.state.log_history),
             "checkpoint": "last (the model after the final epoch)",
-            "tokens_seen": tokens_per_epoch * g.epochs,
+            "tokens_seen": tokens_seen,
             "parameters": parameters,
             "trainable_parameters": trainable_parameters,
             "padding_share": padded / (padded + tokens_per_epoch),
             # What differs between an uninterrupted and a resumed run, or between machines.
             "session": {
                 "train_seconds": round(train_seconds, 2),
-                "tokens_per_s": round(tokens_per_epoch * g.epochs * steps_this_session
-                                      / max(trainer.state.max_steps, 1) / max(train_seconds, 1e-9), 1),
+                "tokens_per_s": round(tokens_seen * steps_this_session / max(trainer.state.max_steps, 1)
+                                      / max(train_seconds, 1e-9), 1),
                 "resumed_from": resume,
                 "processes": processes.world_size(),
                 "trainer_train_loss": result.training_loss,
@@ -123,7 +148,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
                         f"{', tagged' if labels else ''})")
 
-    loop.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora)
+    loop.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora,
+                             save_model=save_adapter if adapter else None)
     if processes.is_main_process():
         log.info("train dialogpt wrote %s", run_.path)
 

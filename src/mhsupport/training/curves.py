@@ -15,10 +15,11 @@ from mhsupport.errors import MhsError
 LOG_HISTORY = "log_history.json"
 LOSS_CURVE = "loss_curve.png"
 TENSORBOARD_DIR = "tensorboard"
+EXTRAS = ("tensorboard", "wandb")  # loggers that pyproject.toml's extras of the same names install
 
 
-def report_to(value) -> list[str]:
-    """The Trainer's `report_to` for `runtime.report_to`: auto (TensorBoard when it is
+def report_to(value, key: str = "runtime.report_to") -> list[str]:
+    """The Trainer's `report_to` for `runtime.report_to` (or `key`): auto (TensorBoard when it is
     installed, else nothing), none, or one or more logger names (a list or comma-separated)."""
     names = [n.strip() for n in value.split(",")] if isinstance(value, str) else [str(n) for n in value]
     names = [n for n in names if n]
@@ -28,12 +29,13 @@ def report_to(value) -> list[str]:
         return []
     unknown = [n for n in names if n not in INTEGRATION_TO_CALLBACK]
     if unknown:
-        raise MhsError(f"runtime.report_to={value!r}: unknown logger {unknown[0]!r}; expected auto, none "
+        raise MhsError(f"{key}={value!r}: unknown logger {unknown[0]!r}; expected auto, none "
                        f"or some of {', '.join(INTEGRATION_TO_CALLBACK)}")
     missing = [n for n in names if n not in get_available_reporting_integrations()]
     if missing:
-        raise MhsError(f"runtime.report_to={value!r}: {missing[0]} is not installed; `pip install {missing[0]}` "
-                       "or set runtime.report_to=none")
+        package = f"'mhsupport[{missing[0]}]'" if missing[0] in EXTRAS else missing[0]
+        raise MhsError(f"{key}={value!r}: {missing[0]} is not installed; `pip install {package}` "
+                       f"or set {key}=none")
     return names
 
 
