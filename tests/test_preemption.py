@@ -110,3 +110,32 @@ def test_sigusr1_waits_for_the_safe_point_inside_a_deferred_block_and_stops_at_o
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is not preemption._handle  # the handlers before are back
+
+
+def test_scoring_resumes_from_the_batches_kept_and_only_from_those_of_its_batch_size(tmp_path):
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from mhsupport.modeling.scoring import Scored, sequence_nll
+    from mhsupport.runs.artifacts import FinishedBatches
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=1, n_head=2))
+    rng = np.random.default_rng(0)
+    groups = [[Scored([int(t) for t in rng.integers(1, 50, size=int(rng.integers(6, 12)))], 4)] for _ in range(7)]
+
+    def score(batches, batch_size=2):
+        sums, counts = sequence_nll(model, groups, batch_size, batches=batches)
+        return [s.tolist() for s in sums], [c.tolist() for c in counts]
+
+    uninterrupted = score(None)
+    kept = FinishedBatches(tmp_path / "batches")
+    assert score(kept) == uninterrupted and kept.count() == 4
+    (tmp_path / "batches" / "score-2-4.json").unlink()  # a stop after three of the four batches
+    (tmp_path / "batches" / "score-2-6.json").write_text('{"sums": [1e9], "counts": [1]}')  # a batch read back...
+    resumed = score(kept)
+    assert resumed[0][6] == [1e9]  # ...is used as it was kept, not recomputed
+    (tmp_path / "batches" / "score-2-6.json").unlink()
+    assert score(kept) == uninterrupted
+    assert score(kept, batch_size=3) == score(None, batch_size=3)  # other batches: nothing of size 2 is reused

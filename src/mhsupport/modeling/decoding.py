@@ -25,8 +25,8 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
     """One {"tag", "response"} per context. A forced tag is given in the model's tag format (its
     instruction in the prompt, or its opening forced after the prompt: the reply is what follows).
     Without one, a model whose tag opens the reply writes its own, read back from its opening.
-    With `batches` (a run's finished batches: get/put by name), a batch stored under `name` is read
-    back instead of generated, and each generated batch is stored."""
+    With `batches` (a run's finished batches: get/put by name), a batch stored under `name` (with the
+    batch size and its first row) is read back instead of generated, and each generated batch is stored."""
     model.eval()
     prompts = [formatter.prompt_ids(context, tag) + formatter.opening_ids(tag)
                for context, tag in zip(contexts, forced_tags)]
@@ -41,7 +41,8 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
     for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
         batch = order[start:start + batch_size]
         batch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)) if do_sample else None
-        stored = batches.get(f"{name}-{start}") if batches is not None else None
+        key = f"{name}-{batch_size}-{start}"  # a batch is the same rows only at the same batch size
+        stored = batches.get(key) if batches is not None else None
         if stored is not None:
             for i, result in zip(batch, stored):
                 results[i] = result
@@ -61,7 +62,7 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
             tag = forced_tags[i] if forced_tags[i] is not None else written
             results[i] = {"tag": tag, "response": " ".join(text.split())}
         if batches is not None:
-            batches.put(f"{name}-{start}", [results[i] for i in batch])
+            batches.put(key, [results[i] for i in batch])
     return results
 
 

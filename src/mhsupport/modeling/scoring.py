@@ -144,8 +144,8 @@ def sequence_nll(model, groups: list[list[Scored]], batch_size: int, pad: int = 
                  desc: str = "score", batches=None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(nll, tokens) per group: the summed NLL of each sequence's scored tokens, and their count.
     Groups are batched `batch_size` at a time, in order of head length (similar lengths share a batch).
-    With `batches` (a run's finished batches: get/put by name), a batch stored under `desc` is read
-    back instead of scored, and each scored batch is stored."""
+    With `batches` (a run's finished batches: get/put by name), a batch stored under `desc` (with the
+    batch size and its first group) is read back instead of scored, and each scored batch is stored."""
     was_training = model.training
     model.eval()
     flat = [s.ids for group in groups for s in group]
@@ -157,14 +157,15 @@ def sequence_nll(model, groups: list[list[Scored]], batch_size: int, pad: int = 
     counts: list[np.ndarray | None] = [None] * len(groups)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
         batch = order[start:start + batch_size]
-        stored = batches.get(f"{desc}-{start}") if batches is not None else None
+        key = f"{desc}-{batch_size}-{start}"  # a batch is the same groups only at the same batch size
+        stored = batches.get(key) if batches is not None else None
         if stored is not None:
             row_sums, row_counts = np.array(stored["sums"], dtype=np.float64), np.array(stored["counts"], dtype=np.int64)
         else:
             nll, scored = token_nll(model, [groups[g] for g in batch], prefix, shared, pad)
             row_sums, row_counts = nll.sum(dim=1).cpu().numpy(), scored.sum(dim=1).cpu().numpy()
             if batches is not None:
-                batches.put(f"{desc}-{start}", {"sums": row_sums.astype(np.float64).tolist(),
+                batches.put(key, {"sums": row_sums.astype(np.float64).tolist(),
                                                 "counts": row_counts.tolist()})
         row = 0
         for g in batch:
