@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mhsupport import preemption
 from mhsupport.errors import MhsError
-from mhsupport.settings.config import CONFIG_DIR, check_overrides, finish_config, open_node_overrides
+from mhsupport.settings.config import (CONFIG_DIR, check_overrides, composition_error, finish_config,
+                                      open_node_overrides)
 
 log = logging.getLogger(__name__)
 # Hydra's per-job folders (.hydra/ configs, job logs, submitit's logs) go beside the runs, not into
@@ -57,7 +58,7 @@ def multirun(stage: str, overrides: list[str], execute, headline) -> list[Job]:
             batches = GlobalHydra.instance().hydra.multirun(config_name=stage, task_function=task,
                                                             overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise MhsError(f"sweep of '{stage}': {err}".replace("\n", " ")) from None
+        raise composition_error(f"sweep of '{stage}'", err) from None
     return [Job(**job.return_value) for batch in batches for job in batch]
 
 

@@ -51,12 +51,17 @@ def _composed(stage: str, overrides: tuple[str, ...], environment: tuple) -> Dic
         with open_dict(cfg):
             del cfg["hydra"]
         return finish_config(cfg, searchpath)
-    except MissingConfigException as err:
-        options = f" (options: {', '.join(err.options)})" if err.options else ""
-        raise MhsError(f"config for '{stage}': {str(err).splitlines()[0]}{options}; a folder of your own configs "
-                       "joins the packaged ones with hydra.searchpath=[file:///abs/folder]") from None
     except (HydraException, OmegaConfBaseException) as err:
-        raise MhsError(f"config for '{stage}': {err}".replace("\n", " ")) from None
+        raise composition_error(f"config for '{stage}'", err) from None
+
+
+def composition_error(what: str, err: Exception) -> MhsError:
+    """Hydra's or OmegaConf's error as one line; a config file not found names the options."""
+    if isinstance(err, MissingConfigException):
+        options = f" (options: {', '.join(err.options)})" if err.options else ""
+        return MhsError(f"{what}: {str(err).splitlines()[0]}{options}; a folder of your own configs joins the "
+                        "packaged ones with hydra.searchpath=[file:///abs/folder]")
+    return MhsError(f"{what}: {' '.join(str(err).split())}")
 
 
 def finish_config(cfg: DictConfig, searchpath: list[str]) -> DictConfig:
