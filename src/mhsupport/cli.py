@@ -26,7 +26,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _command(commands, name: str, stage: str, help: str, flags, runner):
-    parser = commands.add_parser(name, help=help, description=help)
+    # argparse %-formats a help string but prints a description as written
+    parser = commands.add_parser(name, help=help, description=help.replace("%%", "%"))
     flags(parser)
     _add_common(parser)
     parser.set_defaults(stage=stage, runner=runner)
