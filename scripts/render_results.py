@@ -31,19 +31,31 @@ def read_rows(report: Path, name: str) -> list[dict]:
 
 
 def machine(report: Path) -> str:
-    """Where the report was built, from its manifest: the CPU (name and bf16 flags) or the platform."""
+    """Where the report's runs were measured: the CPU line of its stage timeline
+    (scripts/stage_shares.py), else the CPU its manifest records, else the manifest's platform."""
+    timeline = report / "stage_shares.txt"
+    if timeline.is_file():
+        cpu_lines = [line for line in timeline.read_text().splitlines() if line.startswith("CPU ")]
+        if cpu_lines:
+            return cpu_lines[0]
     manifest = json.loads((report / "manifest.json").read_text())
     cpu = ((manifest.get("device") or {}).get("cpu") or {})
     if cpu:
-        flags = ", ".join(cpu.get("flags", [])) or "no listed SIMD flags"
-        return f"{cpu.get('name', 'CPU')}, {cpu.get('logical_cores', '?')} cores ({flags})"
+        flags = " ".join(cpu.get("flags", [])) or "no listed SIMD flags"
+        return f"CPU {cpu.get('name', '?')}, {cpu.get('logical_cores', '?')} cores, flags {flags}"
     return manifest["platform"]
+
+
+def timeline(report: Path) -> str:
+    """The stage timeline scripts/stage_shares.py wrote beside the report, as a code block; none without it."""
+    path = report / "stage_shares.txt"
+    return f"\n## Stage times\n\n```text\n{path.read_text().rstrip()}\n```\n" if path.is_file() else ""
 
 
 def provenance(report: Path) -> str:
     manifest = json.loads((report / "manifest.json").read_text())
     packages = manifest.get("packages", {})
-    return (f"built {manifest['finished_at'][:10]} on {machine(report)}, torch {packages.get('torch', '?')}, "
+    return (f"built {manifest['finished_at'][:10]} ({machine(report)}), torch {packages.get('torch', '?')}, "
             f"code {manifest['code_version']}")
 
 
@@ -61,7 +73,7 @@ def page(report: Path, page_path: Path) -> str:
             f"The report of the latest `{profile}` reproduce (`make reproduce-paper PROFILE={profile}`), "
             f"{provenance(report)}, as the report stage wrote it ([`report.md`]({link}/report.md)). "
             f"CSV: {csvs}. Ablations and their machines are in [ablations.md](ablations.md).\n"
-            f"{body}\n## Figures\n\n{figures}\n")
+            f"{body}{timeline(report)}\n## Figures\n\n{figures}\n")
 
 
 def headline(report: Path) -> str:
