@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -51,6 +52,15 @@ def test_a_finished_run_has_config_manifest_and_metrics(cfg):
     assert "torch" in manifest["packages"] and manifest["wall_time_s"] >= 0
     assert run.read_metrics() == {"score": 1.5}
     assert "max_context_turns" in (run.path / "config.yaml").read_text()
+
+
+def test_wall_time_counts_the_work_done_before_the_outputs_are_written(cfg):
+    # eval and likelihood compute everything, then open the build to write: that work is the run's time
+    run = artifacts.plan_run("stage", cfg, {})
+    time.sleep(0.3)
+    with run.build() as out:
+        (out / "result.txt").write_text("done")
+    assert json.loads((run.path / "manifest.json").read_text())["wall_time_s"] >= 0.3
 
 
 def test_the_wheel_ships_the_configs(tmp_path):

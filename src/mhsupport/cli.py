@@ -25,7 +25,9 @@ from mhsupport.settings.config import load_config
 def _command(commands, name: str, command: str, help: str, runner, extra=None):
     """A command that composes a config: its flags from the table (settings/flags.py), then any
     runner-only flags, -m for a command a sweep can run, --print-config and Hydra overrides."""
-    parser = commands.add_parser(name, help=help, description=help, formatter_class=flags.HelpFormatter)
+    # argparse %-formats a help string but prints a description as written
+    parser = commands.add_parser(name, help=help, description=help.replace("%%", "%"),
+                                 formatter_class=flags.HelpFormatter)
     flags.add_flags(parser, command)
     if extra:
         extra(parser)

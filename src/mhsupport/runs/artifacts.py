@@ -94,6 +94,9 @@ class Run:
     metrics: dict = field(default_factory=dict)
     command: str = ""  # the command that builds this run (for messages)
     device: dict | None = None  # devices.describe(...) of the models a stage loaded
+    # When the stage planned this run: its wall time counts from here, so the models it loads and the
+    # work it does before writing its outputs (eval, likelihood) are in it.
+    planned_at: float = field(default_factory=time.time, repr=False, compare=False)
 
     @property
     def complete(self) -> bool:
@@ -224,7 +227,6 @@ class Run:
         A resumable build (training) uses a fixed temporary name and keeps it when interrupted,
         so the same command finds its checkpoints there (`fresh` discards them: --force); its
         `checkpoints/` folder stays until the run is in place. Other builds are removed on failure."""
-        started = time.time()
         parent = self.path.parent
         parent.mkdir(parents=True, exist_ok=True)
         tmp = self.partial_path if resumable else parent / f".{self.run_id}.tmp-{os.getpid()}"
@@ -234,7 +236,7 @@ class Run:
         try:
             yield tmp
             if is_main:
-                self._finish(tmp, seed, time.time() - started)
+                self._finish(tmp, seed, time.time() - self.planned_at)
         except BaseException:
             if not resumable:
                 shutil.rmtree(tmp, ignore_errors=True)
