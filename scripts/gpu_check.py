@@ -41,7 +41,7 @@ from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import IGNORE_INDEX, build_formatter
 from mhsupport.modeling.decoding import generate
 from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals
-from mhsupport.stages import report
+from mhsupport.reporting.paper import systems as paper_systems
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, by a substring of the card's name
 # (first match wins, so the more specific names come first).
@@ -282,7 +282,8 @@ def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classif
     classifiers = sum(c.epochs * tokens / m["classifier_training"]["tokens_per_s"]
                       + ((c.epochs + 1) * valid + test) / predict_rate for tokens in classifier_tokens.values())
     # Table 2's tagged rows are Table 4's "none" cells: the same runs, made once.
-    systems = {tuple(sorted(values.items())): values for values in report.systems(eval_paper).values()}
+    systems = {tuple(sorted(values.items())): values
+               for values in paper_systems(eval_paper.table4_samplers).values()}
     evals = sum(test / m["generation"]["examples_per_s"] + m["scoring_seconds_per_eval"]
                 + test * (bool(s["strategy_tag"]) + (s["sampler"] == "classifier")) / predict_rate
                 for s in systems.values())
