@@ -26,12 +26,13 @@ from pathlib import Path
 
 
 from mhsupport import pipeline
-from mhsupport.classifier import context_text, tfidf_logistic_regression
-from mhsupport.config import load_config
-from mhsupport.examples_io import read_examples
-from mhsupport.metrics import classification_scores
+from mhsupport.evaluation.baselines import tfidf_logistic_regression
+from mhsupport.modeling.classifier import context_text
+from mhsupport.settings.config import load_config
+from mhsupport.data.examples_io import read_examples
+from mhsupport.evaluation.classification import classification_scores
 from mhsupport.stages import train_classifier
-from mhsupport.training import seeded_subset
+from mhsupport.data.subsets import seeded_subset
 
 # Fixed for every model row: the offline backbone; no checkpoints or loggers (nothing to resume).
 ROW_BASE = ["model_selection=true", "classifier.save_steps=1000000",

@@ -19,15 +19,17 @@ import time
 import numpy as np
 import torch
 
-from mhsupport import classifier, devices, pipeline
+from mhsupport import pipeline
+from mhsupport.modeling import classifier, devices
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import classifier_config, load_config, prepare_data_config
-from mhsupport.examples_io import read_examples
-from mhsupport.formatting import FormatterSettings
-from mhsupport.generation import generate
-from mhsupport.likelihood import paired_nll_test, reference_nll, tag_use_scores
-from mhsupport.models import load_saved_causal_lm
-from mhsupport.training import seeded_subset
+from mhsupport.settings.config import classifier_config, load_config, prepare_data_config
+from mhsupport.data.examples_io import read_examples
+from mhsupport.modeling.formatting import FormatterSettings
+from mhsupport.modeling.decoding import generate
+from mhsupport.evaluation.tag_use import paired_nll_test, tag_use_scores
+from mhsupport.modeling.tag_likelihood import reference_nll
+from mhsupport.modeling.loading import load_saved_causal_lm
+from mhsupport.data.subsets import seeded_subset
 
 
 TAG_ONLY_KEYS = tuple(f"generator.{key}=" for key in ("tag_format", "tag_lr_scale", "strategy_opening", "strategy_instruction",

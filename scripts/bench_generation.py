@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from mhsupport import devices, models
+from mhsupport.modeling import devices, loading
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import generator_config, load_config, prepare_data_config
-from mhsupport.examples_io import read_examples
-from mhsupport.formatting import build_formatter
-from mhsupport.generation import generate
+from mhsupport.settings.config import generator_config, load_config, prepare_data_config
+from mhsupport.data.examples_io import read_examples
+from mhsupport.modeling.formatting import build_formatter
+from mhsupport.modeling.decoding import generate
 from mhsupport.pipeline import Pipeline
-from mhsupport.training import per_example_nll, seeded_subset
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.training.validation import per_example_nll
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
         runs = Pipeline().upstream({"generator": ("train_generator", gcfg),
                                     "prepare_data": ("prepare_data", prepare_data_config(cfg))})
         model_dir, data_dir = runs["generator"].path / "model", runs["prepare_data"].path
-    model, tokenizer = models.load_saved_causal_lm(model_dir, devices.Placement(devices.resolve(cfg.runtime),
+    model, tokenizer = loading.load_saved_causal_lm(model_dir, devices.Placement(devices.resolve(cfg.runtime),
                                                                                 torch.float32))
     formatter = build_formatter(gcfg, tokenizer)
     examples = seeded_subset(read_examples(data_dir, "esconv", "test"), args.examples, cfg.test_subset_seed)
@@ -107,14 +108,14 @@ def main() -> None:
 def load_times(cfg) -> dict:
     """Seconds to load the base model: de-quantising the GGUF file vs reading its fp32 copy."""
     gguf_path = Path(cfg.generator.model_dir).expanduser() / cfg.generator.gguf_file
-    if cfg.generator.source != "gguf" or not models.dequantised_dir(gguf_path).is_dir():
+    if cfg.generator.source != "gguf" or not loading.dequantised_dir(gguf_path).is_dir():
         return {}
     times = {}
     started = time.perf_counter()
-    models._load_gguf(gguf_path.parent, gguf_path.name)
+    loading.load_gguf(gguf_path.parent, gguf_path.name)
     times["gguf"] = round(time.perf_counter() - started, 2)
     started = time.perf_counter()
-    models.load_causal_lm(cfg.generator, devices.Placement(torch.device("cpu"), torch.float32))
+    loading.load_causal_lm(cfg.generator, devices.Placement(torch.device("cpu"), torch.float32))
     times["safetensors_copy"] = round(time.perf_counter() - started, 2)
     return times
 

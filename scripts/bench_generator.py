@@ -16,7 +16,7 @@ import time
 import torch
 
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport import pipeline
 
 

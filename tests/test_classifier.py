@@ -8,11 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from mhsupport import classifier as api
+from mhsupport.modeling import classifier as api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.classifier import context_text, majority_label, previous_supporter_label, tfidf_logistic_regression
-from mhsupport.metrics import classification_scores
+from mhsupport.evaluation.baselines import majority_label, previous_supporter_label, tfidf_logistic_regression
+from mhsupport.evaluation.classification import bootstrap_systems, calibration, classification_scores
+from mhsupport.modeling.classifier import context_text
 from mhsupport import pipeline
 from mhsupport.stages import train_classifier
 
@@ -95,7 +96,7 @@ def test_bootstrap_systems_intervals_and_paired_test():
     gold = list(rng.choice(LABELS, size=400))
     noisy = [g if rng.random() < 0.6 else str(rng.choice(LABELS)) for g in gold]
     systems = {"model": list(gold), "same": list(gold), "noisy": noisy, "constant": ["Action"] * 400}
-    out = api.bootstrap_systems(gold, systems, LABELS, "model", resamples=200, seed=0)
+    out = bootstrap_systems(gold, systems, LABELS, "model", resamples=200, seed=0)
     for name, predicted in systems.items():  # the fast scoring path agrees with sklearn's
         exact = classification_scores(gold, predicted, LABELS)
         assert out["intervals"][name]["accuracy"]["value"] == pytest.approx(exact["accuracy"])
@@ -117,12 +118,12 @@ def test_calibration_of_a_calibrated_and_an_overconfident_softmax():
     probabilities = np.full((n, 4), 0.1)
     probabilities[np.arange(n), predicted] = 0.7
     gold = [LABELS[i] for i in gold_ids]
-    calibrated = api.calibration(gold, probabilities, LABELS)
+    calibrated = calibration(gold, probabilities, LABELS)
     assert calibrated["expected_calibration_error"] < 0.03
     assert calibrated["top_label"]["count"] == [n]
     sharpened = np.full((n, 4), 0.01)
     sharpened[np.arange(n), predicted] = 0.97
-    overconfident = api.calibration(gold, sharpened, LABELS)
+    overconfident = calibration(gold, sharpened, LABELS)
     assert overconfident["expected_calibration_error"] == pytest.approx(0.97 - calibrated["accuracy"], abs=1e-9)
 
 
@@ -220,7 +221,7 @@ def test_rerun_is_skipped_and_options_are_checked(make_cfg, prepared, capsys):
 
 
 def test_previous_category_falls_back_to_the_commonest_opening_of_training_conversations():
-    from mhsupport.config import load_config
+    from mhsupport.settings.config import load_config
 
     cfg = load_config("train_classifier")
     settings = train_classifier.settings_for(cfg)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mhsupport.artifacts import lock_path, soft_lock_path
+from mhsupport.runs.artifacts import lock_path, soft_lock_path
 from mhsupport.cli import main
 
 # Holds the locks of the runs named on its command line (artifacts dir, then stage/run_id pairs) until
@@ -24,7 +24,7 @@ from mhsupport.cli import main
 HOLDER = """
 import contextlib, errno, fcntl, os, sys
 from pathlib import Path
-from mhsupport.artifacts import holding, lock_path
+from mhsupport.runs.artifacts import holding, lock_path
 if os.environ.get("FLOCK_ERRNO"):
     def flock(fd, operation):
         raise OSError(int(os.environ["FLOCK_ERRNO"]), os.strerror(int(os.environ["FLOCK_ERRNO"])))

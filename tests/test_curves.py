@@ -9,7 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mhsupport import pipeline
-from mhsupport import curves
+from mhsupport.training import curves
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 

@@ -23,11 +23,13 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, write_raw_slice
 from mhsupport import pipeline
-from mhsupport import artifacts, classifier as classifier_api, devices, models, training
-from mhsupport.config import classifier_config, eval_config, generator_config, load_config
+from mhsupport.runs import artifacts
+from mhsupport.modeling import classifier as classifier_api, devices, loading
+from mhsupport.training import loop, validation
+from mhsupport.settings.config import classifier_config, eval_config, generator_config, load_config
 from mhsupport.errors import MhsError
-from mhsupport.generation import generate
-from mhsupport.formatting import build_formatter
+from mhsupport.modeling.decoding import generate
+from mhsupport.modeling.formatting import build_formatter
 from mhsupport.stages import train_classifier
 
 META = devices.Placement(torch.device("meta"), torch.bfloat16)
@@ -128,7 +130,7 @@ def test_runtime_device_cpu_keeps_the_trainer_off_a_gpu(fake_cuda, cpu_flags, tm
     fake_cuda(1)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     cfg = load_config("train_generator", ["generator=tiny", "runtime.device=cpu"])
-    args = training.training_arguments(tmp_path, cfg.generator, cfg.runtime, 0, 10)
+    args = loop.training_arguments(tmp_path, cfg.generator, cfg.runtime, 0, 10)
     assert args.use_cpu and not args.bf16 and args.device == torch.device("cpu")
 
 
@@ -173,21 +175,21 @@ def on(model) -> tuple[str, torch.dtype]:
 def test_every_loader_places_its_model_where_the_rule_says(tmp_path, monkeypatch):
     tiny_generator = load_config("train_generator", ["generator=tiny"]).generator
     tiny_classifier = load_config("train_classifier", ["classifier=tiny"]).classifier
-    model, tokenizer = models.load_causal_lm(tiny_generator, META, train_texts=TEXTS)
+    model, tokenizer = loading.load_causal_lm(tiny_generator, META, train_texts=TEXTS)
     assert on(model) == ("meta", torch.bfloat16)
-    model, _ = models.load_sequence_classifier(tiny_classifier, 4, META, train_texts=TEXTS)
+    model, _ = loading.load_sequence_classifier(tiny_classifier, 4, META, train_texts=TEXTS)
     assert on(model) == ("meta", torch.bfloat16)
 
-    cpu_model, tokenizer = models.load_causal_lm(tiny_generator, devices.training(runtime(device="cpu")),
+    cpu_model, tokenizer = loading.load_causal_lm(tiny_generator, devices.training(runtime(device="cpu")),
                                                  train_texts=TEXTS)
     assert on(cpu_model) == ("cpu", torch.float32)
     cpu_model.save_pretrained(tmp_path / "generator")
     tokenizer.save_pretrained(tmp_path / "generator")
-    model, _ = models.load_saved_causal_lm(tmp_path / "generator", META)
+    model, _ = loading.load_saved_causal_lm(tmp_path / "generator", META)
     assert on(model) == ("meta", torch.bfloat16)
 
     settings = train_classifier.settings_for(load_config("train_classifier", ["classifier=tiny"]))
-    cpu_classifier, classifier_tokenizer = models.load_sequence_classifier(tiny_classifier, 4, devices.training(None),
+    cpu_classifier, classifier_tokenizer = loading.load_sequence_classifier(tiny_classifier, 4, devices.training(None),
                                                                            train_texts=TEXTS)
     classifier_api.Classifier(cpu_classifier, classifier_tokenizer, settings).save(tmp_path / "classifier")
     monkeypatch.setattr(devices, "resolve", lambda runtime: torch.device("meta"))
@@ -208,7 +210,7 @@ def record_inputs(seen: list):
 
 def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
     tiny_generator = load_config("train_generator", ["generator=tiny"])
-    model, tokenizer = models.load_causal_lm(tiny_generator.generator, META, train_texts=TEXTS)
+    model, tokenizer = loading.load_causal_lm(tiny_generator.generator, META, train_texts=TEXTS)
     formatter = build_formatter(tiny_generator, tokenizer)
     context = [{"speaker": "seeker", "text": "I lost my job"}]
 
@@ -226,11 +228,11 @@ def test_generation_nll_and_classifier_inputs_follow_the_model(tmp_path):
     seen.clear()
     features = [formatter.training_features({"context": context, "response": "That is hard.", "category": "Comforting"})]
     with pytest.raises(ReachedModel):
-        training.per_example_nll(model, features, 4)
+        validation.per_example_nll(model, features, 4)
     assert seen and set(seen) == {"meta"}
 
     settings = train_classifier.settings_for(load_config("train_classifier", ["classifier=tiny"]))
-    classifier_model, classifier_tokenizer = models.load_sequence_classifier(
+    classifier_model, classifier_tokenizer = loading.load_sequence_classifier(
         load_config("train_classifier", ["classifier=tiny"]).classifier, 4, META, train_texts=TEXTS)
     seen = []
     classifier_model.register_forward_pre_hook(record_inputs(seen), with_kwargs=True)

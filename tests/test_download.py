@@ -9,9 +9,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from mhsupport.artifacts import file_sha256
+from mhsupport.runs.artifacts import file_sha256
 from mhsupport.cli import main
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport import pipeline
 
 

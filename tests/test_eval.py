@@ -9,13 +9,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from mhsupport import classifier as classifier_api
+from mhsupport.modeling import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline
-from mhsupport.stages import evaluate
-from mhsupport.sampling import choose_tags
-from mhsupport.generations_io import read_generations, scores_from_generations
+from mhsupport.evaluation import responders
+from mhsupport.evaluation.sampling import choose_tags
+from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 GEN = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16"]
@@ -101,13 +101,13 @@ def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
 def test_empty_replies_are_counted_kept_as_empty_and_never_judged(make_cfg, trained, monkeypatch):
     """A forced tag followed by another tag or EOS decodes to an empty reply: it stays in the
     corpus (every system is scored on the same examples), is counted, and does not adhere to its tag."""
-    real_generate = evaluate.generate
+    real_generate = responders.generate
 
     def every_third_empty(*args, **kwargs):
         outputs = real_generate(*args, **kwargs)
         return [{**o, "response": "" if i % 3 == 0 else o["response"]} for i, o in enumerate(outputs)]
 
-    monkeypatch.setattr(evaluate, "generate", every_third_empty)
+    monkeypatch.setattr(responders, "generate", every_third_empty)
     judged = []
     real_predict = classifier_api.Classifier.predict
     monkeypatch.setattr(classifier_api.Classifier, "predict",

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from mhsupport.formatting import (IGNORE_INDEX, SETTINGS_FILE, ChatTemplateFormatter, EosJoinedFormatter,
+from mhsupport.modeling.formatting import (IGNORE_INDEX, SETTINGS_FILE, ChatTemplateFormatter, EosJoinedFormatter,
                                   FormatterSettings, tag_token)
-from mhsupport.models import add_tag_tokens, train_bpe_tokenizer
+from mhsupport.modeling.edits import add_tag_tokens
+from mhsupport.modeling.loading import train_bpe_tokenizer
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

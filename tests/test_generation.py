@@ -1,4 +1,4 @@
-"""The decoding loop of generation.py against transformers' own `generate`: rows leave the batch
+"""The decoding loop of modeling/decoding.py against transformers' own `generate`: rows leave the batch
 when they write EOS, and nothing else may change."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mhsupport.generation import decode
-from mhsupport.scoring import encode_prefix, shared_prefix_length
+from mhsupport.modeling.decoding import decode
+from mhsupport.modeling.scoring import encode_prefix, shared_prefix_length
 
 MAX_NEW = 12
 PAD = 0
@@ -88,7 +88,7 @@ def test_shared_prefix_length_leaves_each_prompt_a_token_of_its_own():
 def test_generate_gives_the_same_replies_with_and_without_the_shared_prefix(monkeypatch):
     from test_likelihood import CONTEXTS, LABELS, REPLIES, tiny_model_and_formatter
 
-    from mhsupport import generation
+    from mhsupport.modeling import decoding
 
     model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()) + ["hi there"])
     model.eval()
@@ -96,11 +96,11 @@ def test_generate_gives_the_same_replies_with_and_without_the_shared_prefix(monk
     tags = [LABELS[i % len(LABELS)] for i in range(len(contexts))]
     assert shared_prefix_length([formatter.prompt_ids(c) for c in contexts]) > 2
     for do_sample in (False, True):
-        shared = generation.generate(model, formatter.tokenizer, formatter, contexts, tags, batch_size=4,
+        shared = decoding.generate(model, formatter.tokenizer, formatter, contexts, tags, batch_size=4,
                                      max_new_tokens=8, do_sample=do_sample, progress=False)
         with monkeypatch.context() as patched:
-            patched.setattr(generation, "can_share_prefix", lambda model: False)
-            whole = generation.generate(model, formatter.tokenizer, formatter, contexts, tags, batch_size=4,
+            patched.setattr(decoding, "can_share_prefix", lambda model: False)
+            whole = decoding.generate(model, formatter.tokenizer, formatter, contexts, tags, batch_size=4,
                                         max_new_tokens=8, do_sample=do_sample, progress=False)
         assert shared == whole
-    assert generation.generate(model, formatter.tokenizer, formatter, [], [], progress=False) == []
+    assert decoding.generate(model, formatter.tokenizer, formatter, [], [], progress=False) == []

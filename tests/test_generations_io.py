@@ -11,7 +11,7 @@ import pytest
 
 from mhsupport import pipeline
 from mhsupport.cli import main
-from mhsupport.generations_io import GENERATIONS, read_generations
+from mhsupport.evaluation.generations_io import GENERATIONS, read_generations
 
 GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=12", "strategy_tag=true"]
 EVAL = [*GEN, "test_subset=12", "bootstrap.resamples=20", "decoding.max_new_tokens=8", "tag_adherence=false",

@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 from mhsupport import pipeline
 from mhsupport import generator
 from mhsupport.errors import MhsError
-from mhsupport.formatting import FormatterSettings, build_formatter
-from mhsupport.generation import generate
-from mhsupport.sampling import choose_tags
+from mhsupport.modeling.formatting import FormatterSettings, build_formatter
+from mhsupport.modeling.decoding import generate
+from mhsupport.evaluation.sampling import choose_tags
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 CONTEXTS = [[{"speaker": "seeker", "text": "I lost my job and I can't sleep."}],

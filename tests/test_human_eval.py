@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mhsupport import humaneval
+from mhsupport.evaluation import humaneval
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline

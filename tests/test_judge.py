@@ -18,10 +18,11 @@ import pytest
 from scipy.stats import binomtest
 from sklearn.metrics import cohen_kappa_score
 
-from mhsupport import humaneval, judge, pipeline
+from mhsupport import pipeline
+from mhsupport.evaluation import humaneval, judge
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations
+from mhsupport.evaluation.generations_io import read_generations
 from judge_server import ScriptedJudge, serve, stop
 
 GEN = ["generator=tiny", "generator.train_subset=48", "generator.valid_subset=12", "strategy_tag=true"]

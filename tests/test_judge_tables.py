@@ -10,11 +10,13 @@ import shlex
 
 import pytest
 
-from mhsupport import artifacts, judge, judge_stats, pipeline
+from mhsupport import pipeline
+from mhsupport.evaluation import judge, judge_results
+from mhsupport.runs import artifacts
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import judge_config, load_config
+from mhsupport.settings.config import judge_config, load_config
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations
+from mhsupport.evaluation.generations_io import read_generations
 from mhsupport.stages import report
 from judge_server import serve, stop
 
@@ -60,7 +62,7 @@ def test_a_table_judges_each_row_on_the_evals_its_config_names(table3):
 
 def test_the_report_shows_the_judges_tables_beside_the_papers(table3, tmp_path):
     metrics = {"table3": table3.metrics}
-    section = judge_stats.report_section(metrics, 42)
+    section = judge_results.report_section(metrics, 42)
     assert "## An LLM judge's Tables 3, 5 and 6" in section and "### Table 3" in section
     assert "(training seed 42)" in section
     assert section.count("| not available |") == 4  # no per-row figures of the paper are at hand
@@ -68,9 +70,9 @@ def test_the_report_shows_the_judges_tables_beside_the_papers(table3, tmp_path):
         said = "agrees with the paper" if row["dimensions"]["overall"]["preferred"] == "b" else \
             "**differs from the paper**, which prefers unified+tag / none"
         assert f"- {row['name']}: the judge" in section and said in section
-    judge_stats.figure(list(metrics.values()), tmp_path / "judge_tables")
+    judge_results.figure(list(metrics.values()), tmp_path / "judge_tables")
     assert (tmp_path / "judge_tables.png").stat().st_size > 10_000 and (tmp_path / "judge_tables.pdf").is_file()
-    rows = judge_stats.csv_rows(table3.metrics)
+    rows = judge_results.csv_rows(table3.metrics)
     assert {(r["row"], r["dimension"]) for r in rows} == {(row["name"], d) for row in table3.metrics["rows"]
                                                           for d in ("overall", "exploration")}
 
@@ -79,9 +81,9 @@ def test_a_paper_figure_outside_the_judges_interval_is_called_a_difference(table
     row = json.loads(json.dumps(table3.metrics["rows"][0]))
     row["dimensions"]["overall"].update(preferred="b", win={"count": 8, "pct": 66.7, "ci": [39.1, 86.2]})
     row.update(paper_win_pct=70.0, paper_loss_pct=20.0)
-    assert "agrees with the paper; the paper's win rate 70.0% is inside" in judge_stats.verdict_sentence(row)
+    assert "agrees with the paper; the paper's win rate 70.0% is inside" in judge_results.verdict_sentence(row)
     row.update(paper_win_pct=95.0)
-    assert "**differs from the paper**" in judge_stats.verdict_sentence(row)
+    assert "**differs from the paper**" in judge_results.verdict_sentence(row)
 
 
 def test_the_report_asks_for_judge_runs_only_when_a_judge_is_configured(make_cfg):

@@ -12,9 +12,11 @@ from datasets import Dataset
 import torch.nn.functional as F
 from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, TrainingArguments
 
-from mhsupport import likelihood, models, training
-from mhsupport.formatting import IGNORE_INDEX, TAG_FORMATS, EosJoinedFormatter, tag_token
-from mhsupport.scoring import shared_prefix_length
+from mhsupport.evaluation import tag_use
+from mhsupport.modeling import edits, loading, tag_likelihood
+from mhsupport.training import trainers, validation
+from mhsupport.modeling.formatting import IGNORE_INDEX, TAG_FORMATS, EosJoinedFormatter, tag_token
+from mhsupport.modeling.scoring import shared_prefix_length
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 # Each category's replies: the reply's words depend on the tag alone, the context on nothing.
@@ -42,14 +44,14 @@ WORDS = {label: {"opening": f"( {label.lower()} ) ", "instruction": f"now : {REP
 
 def tiny_model_and_formatter(texts, tag_format="token"):
     texts = texts + [w for label in LABELS for w in WORDS[label].values()]
-    tokenizer = models.train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1)
+    tokenizer = loading.train_bpe_tokenizer(texts, vocab_size=300, min_frequency=1)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
                         pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)
     if tag_format == "token":
-        models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in LABELS})
+        edits.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in LABELS})
     return model, EosJoinedFormatter(tokenizer, 32, 16, LABELS, tag_format=tag_format, words=WORDS)
 
 
@@ -61,7 +63,7 @@ def trained(examples, tmp_path, tag_format="token"):
                              learning_rate=3e-3, use_cpu=True, report_to="none", save_strategy="no", seed=0,
                              disable_tqdm=True)
     collator = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)
-    training.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
+    trainers.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
                                       train_dataset=Dataset.from_list(features)).train()
     return model, formatter
 
@@ -89,7 +91,7 @@ def test_shared_context_equals_separate_forward_passes(tmp_path, test_examples, 
         test_examples = [{**e, "context": [{"speaker": "supporter", "text": opening}] + e["context"]}
                          for e in test_examples]
         assert shared_prefix_length([formatter.prompt_ids(e["context"]) for e in test_examples[:12]]) > 2
-    nll, tokens = likelihood.reference_nll(model, formatter, test_examples[:12], LABELS, batch_size=5, progress=False)
+    nll, tokens = tag_likelihood.reference_nll(model, formatter, test_examples[:12], LABELS, batch_size=5, progress=False)
     for k, label in enumerate(LABELS):
         separate = [plain_nll(model, formatter.scored_reply(e["context"], label, e["response"]))
                     for e in test_examples[:12]]
@@ -98,11 +100,11 @@ def test_shared_context_equals_separate_forward_passes(tmp_path, test_examples, 
         # the reply alone is scored: its tokens and the end token, whatever the tag's form
         assert list(tokens) == [len(formatter.response_ids(e["response"])) for e in test_examples[:12]]
     untagged = EosJoinedFormatter(formatter.tokenizer, 32, 16, None)
-    nll_plain, _ = likelihood.reference_nll(model, untagged, test_examples[:12], None, batch_size=4, progress=False)
+    nll_plain, _ = tag_likelihood.reference_nll(model, untagged, test_examples[:12], None, batch_size=4, progress=False)
     features = [untagged.training_features(e) for e in test_examples[:12]]
-    expected = [plain_nll(model, training.labelled_sequence(f))[0] for f in features]
+    expected = [plain_nll(model, validation.labelled_sequence(f))[0] for f in features]
     np.testing.assert_allclose(nll_plain[:, 0], expected, atol=1e-4)
-    np.testing.assert_allclose(training.per_example_nll(model, features, 3)[0], expected, atol=1e-4)
+    np.testing.assert_allclose(validation.per_example_nll(model, features, 3)[0], expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("tag_format", TAG_FORMATS)
@@ -111,8 +113,8 @@ def test_a_model_that_uses_its_tag_discriminates_and_shuffled_tags_do_not(tmp_pa
     scores = {}
     for name, shuffle in (("tagged", False), ("shuffled", True)):
         model, formatter = trained(toy_examples(320, seed=0, shuffle_tags=shuffle), tmp_path / name, tag_format)
-        nll, tokens = likelihood.reference_nll(model, formatter, test_examples, LABELS, batch_size=16, progress=False)
-        scores[name] = likelihood.tag_use_scores(nll, tokens, gold, LABELS, resamples=200, seed=0)
+        nll, tokens = tag_likelihood.reference_nll(model, formatter, test_examples, LABELS, batch_size=16, progress=False)
+        scores[name] = tag_use.tag_use_scores(nll, tokens, gold, LABELS, resamples=200, seed=0)
     tagged, shuffled = scores["tagged"]["metrics"], scores["shuffled"]["metrics"]
     assert tagged["tag_discrimination"]["value"] > 0.95
     assert shuffled["tag_discrimination"]["value"] < 0.5
@@ -125,7 +127,7 @@ def test_scores_on_known_numbers():
     # two examples, two tags: example 0 prefers its gold tag, example 1 does not
     nll = np.array([[2.0, 4.0], [3.0, 1.0]])
     tokens = np.array([2, 1])
-    scores = likelihood.tag_use_scores(nll, tokens, ["A", "A"], ["A", "B"], resamples=50, seed=0)
+    scores = tag_use.tag_use_scores(nll, tokens, ["A", "A"], ["A", "B"], resamples=50, seed=0)
     m = scores["metrics"]
     assert m["tag_discrimination"]["value"] == 0.5
     assert m["most_chosen_share"]["value"] == 0.5
@@ -133,7 +135,7 @@ def test_scores_on_known_numbers():
     assert m["nll_wrong_tags"]["value"] == pytest.approx((4.0 + 1.0) / 3)
     assert m["ppl_gold_tag"]["value"] == pytest.approx(np.exp(5 / 3))
     assert scores["confusion"]["rows_gold_cols_predicted"] == [[1, 1], [0, 0]]
-    untagged = likelihood.tag_use_scores(nll[:, :1], tokens, None, None, resamples=50, seed=0)["metrics"]
+    untagged = tag_use.tag_use_scores(nll[:, :1], tokens, None, None, resamples=50, seed=0)["metrics"]
     assert untagged["ppl"]["value"] == pytest.approx(np.exp(5 / 3))
 
 
@@ -141,9 +143,9 @@ def test_paired_test_finds_a_consistent_difference_and_not_a_null_one():
     rng = np.random.default_rng(0)
     base = rng.uniform(20, 40, size=300)
     tokens = np.full(300, 10)
-    better = likelihood.paired_nll_test(base - 1.0 + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
+    better = tag_use.paired_nll_test(base - 1.0 + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
     assert better["value"] == pytest.approx(-0.1, abs=0.01) and better["p"] < 0.01 and better["high"] < 0
-    same = likelihood.paired_nll_test(base + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
+    same = tag_use.paired_nll_test(base + rng.normal(0, 0.5, 300), base, tokens, 500, 0)
     assert same["p"] > 0.05
 
 
@@ -154,7 +156,7 @@ def test_stage_scores_every_tag_once_per_generator_and_refuses_a_tagged_base_mod
     cfg = make_cfg("likelihood", "generator=tiny", "strategy_tag=true")
     result = pipeline.Pipeline().ensure("likelihood", cfg)
     m = result.metrics
-    lines = likelihood.read_likelihoods(result.run.path)
+    lines = tag_use.read_likelihoods(result.run.path)
     assert m["labels"] == LABELS and len(lines) == m["examples"] > 0
     assert all(len(line["nll"]) == 4 and line["tokens"] > 0 and line["gold_label"] in LABELS for line in lines)
     assert 0 <= m["metrics"]["tag_discrimination"]["low"] <= m["metrics"]["tag_discrimination"]["value"] \

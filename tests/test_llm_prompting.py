@@ -10,8 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from mhsupport.cli import main
-from mhsupport.generations_io import read_generations
-from mhsupport.llm import final_answer
+from mhsupport.evaluation.generations_io import read_generations
+from mhsupport.evaluation.llm import final_answer
 from mhsupport import pipeline
 
 CLF = ["classifier=tiny", "classifier.train_subset=200"]

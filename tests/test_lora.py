@@ -15,8 +15,8 @@ from mhsupport import pipeline
 from mhsupport import generator
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations
-from mhsupport.likelihood import read_likelihoods
+from mhsupport.evaluation.generations_io import read_generations
+from mhsupport.evaluation.tag_use import read_likelihoods
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8",
         "generator.trainable=lora", "strategy_tag=true"]

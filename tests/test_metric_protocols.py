@@ -12,8 +12,8 @@ from nltk.tokenize import NLTKWordTokenizer
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
 from rouge_score import rouge_scorer
 
-from mhsupport.metric_protocols import tokens_13a, tokens_nltk
-from mhsupport.metrics import GenerationScores
+from mhsupport.evaluation.metric_protocols import tokens_13a, tokens_nltk
+from mhsupport.evaluation.generation_metrics import GenerationScores
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import sacrebleu
 
-from mhsupport.metrics import (GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores,
-                               paired_bootstrap, paired_randomisation, preference_bias)
+from mhsupport.evaluation.classification import classification_scores, preference_bias
+from mhsupport.evaluation.generation_metrics import (GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds,
+                                                   paired_bootstrap, paired_randomisation)
 
 HYPS = ["I am sorry to hear that.", "Have you talked to your boss about it?", "That sounds hard",
         "Maybe try a walk outside.", "ok"]

@@ -15,7 +15,7 @@ import pytest
 
 from mhsupport import pipeline
 from mhsupport.cli import main
-from mhsupport.config import prepare_data_config
+from mhsupport.settings.config import prepare_data_config
 
 TINY_EVAL = ["--profile", "tiny", "test_subset=8", "decoding.max_new_tokens=4", "bootstrap.resamples=20",
              "generator.train_subset=48", "generator.valid_subset=8"]
@@ -136,7 +136,7 @@ def test_an_eval_whose_write_fails_keeps_its_generations(make_cfg, small_filesys
 
 
 def _generator_cfg(make_cfg):
-    from mhsupport.config import generator_config
+    from mhsupport.settings.config import generator_config
     return generator_config(make_cfg("eval", *[a for a in TINY_EVAL if "=" in a], "generator=tiny", "classifier=tiny"))
 
 

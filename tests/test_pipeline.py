@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from mhsupport import artifacts, pipeline
+from mhsupport import pipeline
+from mhsupport.runs import artifacts
 from mhsupport.cli import build_parser, flag_overrides
-from mhsupport.config import generator_config, load_config, prepare_data_config
+from mhsupport.settings.config import generator_config, load_config, prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.stages import prepare_data
 

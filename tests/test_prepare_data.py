@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from mhsupport.cli import main
-from mhsupport.config import load_config
-from mhsupport.examples_io import read_examples
+from mhsupport.settings.config import load_config
+from mhsupport.data.examples_io import read_examples
 from mhsupport import pipeline
 
 CATEGORIES = ["Comforting", "Exploration", "Action", "Others"]

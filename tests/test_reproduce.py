@@ -73,7 +73,7 @@ def test_report_without_evals_lists_what_to_run(make_cfg, tmp_path):
 
 @pytest.mark.slow
 def test_reproduce_with_two_training_seeds_gives_mean_and_sd_and_pools_the_tests(make_cfg):
-    from mhsupport.generations_io import read_generations
+    from mhsupport.evaluation.generations_io import read_generations
 
     result = pipeline.reproduce(make_cfg("report", "generator=tiny", "classifier=tiny", *SLICE, "seeds=[42,7]"))
     out = result.report.run.path

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mhsupport.training import checkpoint_problem
+from mhsupport.training.loop import checkpoint_problem
 
 TRAIN = ["train", "dialogpt", "--profile", "tiny", "generator.train_subset=64", "generator.valid_subset=8",
          "generator.batch_size=8", "generator.save_steps=4", "runtime.logging_steps=4"]
@@ -22,7 +22,7 @@ TRAIN = ["train", "dialogpt", "--profile", "tiny", "generator.train_subset=64", 
 # sends itself SIGKILL there, as a power cut or the OOM killer would.
 KILL_SWITCH = """
 import os, pathlib, signal, sys
-from mhsupport import artifacts
+from mhsupport.runs import artifacts
 point = os.environ["KILL_AT"]
 real_rename = pathlib.Path.rename
 

@@ -3,8 +3,8 @@ import hashlib
 import pytest
 
 from mhsupport.errors import MhsError
-from mhsupport.rawdata import Conversation, EpitomePair, Turn
-from mhsupport.splits import enforce_no_leakage, epitome_split, split_esconv_conversations
+from mhsupport.data.raw import Conversation, EpitomePair, Turn
+from mhsupport.data.splits import enforce_no_leakage, epitome_split, split_esconv_conversations
 
 BOUNDS = {"train": 80, "valid": 90}
 

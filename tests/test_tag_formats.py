@@ -11,15 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from mhsupport import likelihood, pipeline
+from mhsupport import pipeline
+from mhsupport.modeling import tag_likelihood
 from mhsupport.errors import MhsError
-from mhsupport.formatting import (IGNORE_INDEX, SETTINGS_FILE, TAG_FORMATS, ChatTemplateFormatter, EosJoinedFormatter,
+from mhsupport.modeling.formatting import (IGNORE_INDEX, SETTINGS_FILE, TAG_FORMATS, ChatTemplateFormatter, EosJoinedFormatter,
                                   FormatterSettings)
-from mhsupport.generation import generate, read_opening
-from mhsupport.generations_io import read_generations, scores_from_generations
-from mhsupport.models import train_bpe_tokenizer
-from mhsupport.sampling import choose_tags
-from mhsupport.scoring import shared_prefix_length
+from mhsupport.modeling.decoding import generate, read_opening
+from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
+from mhsupport.modeling.loading import train_bpe_tokenizer
+from mhsupport.evaluation.sampling import choose_tags
+from mhsupport.modeling.scoring import shared_prefix_length
 from test_formatting import CHATML, CONTEXT, EXAMPLE
 from test_likelihood import CONTEXTS, LABELS, REPLIES, WORDS, toy_examples, trained
 
@@ -141,7 +142,7 @@ def test_forced_generation_agrees_with_teacher_forced_likelihood(toy_models, tag
             assert predicted == sequence.ids[sequence.scored_from:-1]  # the reply's tokens (then the end token)
         # and the likelihood stage finds that reply likeliest under the tag it was generated with
         examples = [{"context": c, "response": o["response"]} for c, o in zip(contexts, outputs)]
-        nll, _ = likelihood.reference_nll(model, formatter, examples, LABELS, batch_size=2, progress=False)
+        nll, _ = tag_likelihood.reference_nll(model, formatter, examples, LABELS, batch_size=2, progress=False)
         assert [LABELS[k] for k in nll.argmin(axis=1)] == [label] * len(contexts)
 
 
@@ -162,7 +163,7 @@ def test_a_model_writes_its_own_strategy_which_is_never_part_of_the_reply(toy_mo
 def test_own_strategy_is_drawn_from_the_model_distribution_not_collapsed(toy_models, tag_format):
     model, formatter = toy_models[tag_format]
     contexts = [[{"speaker": "seeker", "text": CONTEXTS[i % len(CONTEXTS)], "category": None}] for i in range(400)]
-    probabilities = likelihood.opening_probabilities(model, formatter, contexts, batch_size=64)
+    probabilities = tag_likelihood.opening_probabilities(model, formatter, contexts, batch_size=64)
     assert probabilities.shape == (400, 4) and np.allclose(probabilities.sum(axis=1), 1)
     # trained on uniformly drawn strategies: no strategy dominates the model's own distribution
     assert probabilities.mean(axis=0).max() < 0.5

@@ -1,8 +1,8 @@
 import pytest
 
-from mhsupport.config import load_config
+from mhsupport.settings.config import load_config
 from mhsupport.errors import MhsError
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
-from mhsupport import artifacts, pipeline
+from mhsupport import pipeline
+from mhsupport.runs import artifacts
 from mhsupport.cli import main
-from mhsupport.config import prepare_data_config
+from mhsupport.settings.config import prepare_data_config
 
 TINY = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16", "generator.batch_size=8"]
 

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainingArguments
 
-from mhsupport import training
-from mhsupport.likelihood import reference_nll
-from mhsupport.formatting import IGNORE_INDEX
+from mhsupport.training import trainers
+from mhsupport.modeling.tag_likelihood import reference_nll
+from mhsupport.modeling.formatting import IGNORE_INDEX
 from test_likelihood import CONTEXTS, LABELS, REPLIES, tiny_model_and_formatter, toy_examples
 
 
@@ -25,7 +25,7 @@ def test_labelled_positions_loss_equals_the_models_own_loss(tmp_path):
     model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
     features, collator = features_and_collator(formatter)
     batch = collator(features)
-    trainer = training.LabelledPositionsTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True,
+    trainer = trainers.LabelledPositionsTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True,
                                                                                    report_to="none"))
     model.eval()  # no dropout: both losses see the same activations
     own = model(**batch).loss
@@ -40,9 +40,9 @@ def test_tag_contrast_loss_terms_equal_the_likelihood_stage_scores(tmp_path, tag
     batch = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(features)
     args = TrainingArguments(str(tmp_path), use_cpu=True, report_to="none")
     model.eval()
-    own = training.LabelledPositionsTrainer(model=model, args=args).compute_loss(model, batch)
+    own = trainers.LabelledPositionsTrainer(model=model, args=args).compute_loss(model, batch)
     # every wrong tag drawn: the cross-entropy over tags then does not depend on the draw's order
-    trainer = training.TagContrastTrainer(model=model, args=args, openings=[formatter.opening_ids(t) for t in LABELS],
+    trainer = trainers.TagContrastTrainer(model=model, args=args, openings=[formatter.opening_ids(t) for t in LABELS],
                                           weight=0.5, negatives=len(LABELS) - 1)
     loss, parts = trainer.compute_loss(model, batch, return_outputs=True)
     assert parts["lm_loss"].item() == pytest.approx(own.item(), rel=1e-5)
@@ -61,7 +61,7 @@ def test_contrast_term_is_divided_over_accumulated_micro_batches(tmp_path):
     model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
     features, collator = features_and_collator(formatter, n=8)
     batch = collator(features)
-    trainer = training.TagContrastTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
+    trainer = trainers.TagContrastTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to="none"),
                                           openings=[[formatter.tag_ids[t]] for t in LABELS], weight=1.0, negatives=3)
     model.eval()
     labelled = int((batch["labels"] != IGNORE_INDEX).sum())
@@ -83,7 +83,7 @@ def test_the_losses_run_under_the_trainers_bf16_autocast(tmp_path, contrast):
     args = TrainingArguments(str(tmp_path), max_steps=1, per_device_train_batch_size=8, use_cpu=True, bf16=True,
                              report_to="none", save_strategy="no", disable_tqdm=True)
     extra = {"openings": [[formatter.tag_ids[t]] for t in LABELS], "weight": 1.0, "negatives": 1} if contrast else {}
-    trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
+    trainer_class = trainers.TagContrastTrainer if contrast else trainers.LabelledPositionsTrainer
     trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(features),
                   **extra).train()
     assert seen == {torch.bfloat16}
@@ -96,9 +96,9 @@ def one_step(tmp_path, scale):
     rows = [formatter.tag_ids[label] for label in LABELS]
     args = TrainingArguments(str(tmp_path / str(scale)), max_steps=1, per_device_train_batch_size=16, learning_rate=1e-3,
                              use_cpu=True, report_to="none", save_strategy="no", seed=0, disable_tqdm=True)
-    training.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
+    trainers.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
                                       train_dataset=Dataset.from_list(features),
-                                      callbacks=[training.RowStepScaleCallback(rows, scale)]).train()
+                                      callbacks=[trainers.RowStepScaleCallback(rows, scale)]).train()
     return model.get_input_embeddings().weight.detach() - before, rows
 
 

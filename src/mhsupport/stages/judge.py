@@ -10,10 +10,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from mhsupport import artifacts, devices, humaneval, judge, judge_stats, llm, models
-from mhsupport.config import eval_config, load_config
 from mhsupport.errors import MhsError
-from mhsupport.generations_io import read_generations
+from mhsupport.evaluation import humaneval, judge, judge_results, llm
+from mhsupport.evaluation.generations_io import read_generations
+from mhsupport.modeling import devices, loading
+from mhsupport.runs import artifacts
+from mhsupport.settings.config import eval_config, load_config
 
 log = logging.getLogger(__name__)
 STAGE = "judge"
@@ -105,7 +107,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     rows = table_rows(cfg, inputs) if j.table is not None else [pair_row(cfg, inputs["a"], inputs["b"])]
     backend, model_name, note, loaded = load_backend(cfg)
     prompts = judge.Prompts.from_config(cfg)
-    batch_size = cfg.runtime.batch_size_by_profile[cfg.generator.profile]
+    batch_size = cfg.decoding.batch_size
     with run_.build(seed=cfg.seed, resumable=True) as out:
         # The cache lives in the resumable folder while the run is built (kept when it is interrupted)
         # and starts from the answers of the run a --force rebuild replaces.
@@ -135,7 +137,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "rows": [{"name": row.name, "system_a": row.system_a, "system_b": row.system_b, "run_a": row.run_a,
                       "run_b": row.run_b, "examples": len(row.pairs), "paper_win_pct": row.paper_win_pct,
                       "paper_loss_pct": row.paper_loss_pct, "human_agreement": agreement.get(row.name),
-                      "dimensions": {d: judge_stats.dimension_stats(
+                      "dimensions": {d: judge_results.dimension_stats(
                           [r for r in records if r["row"] == row.name and r["dimension"] == d], j.length_match_ratio)
                           for d in j.dimensions}}
                      for row in rows],
@@ -143,9 +145,9 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         run_.device = devices.describe(cfg.runtime, loaded) if loaded else None
         (out / judge.JUDGEMENTS).write_text("".join(json.dumps(r) + "\n" for r in records))
         (out / judge.REQUESTS).write_text("".join(json.dumps(cache.answers[key]) + "\n" for key in dict.fromkeys(used)))
-        judge_stats.write_csv(out / "judge.csv", judge_stats.csv_rows(run_.metrics))
-        judge_stats.figure([run_.metrics], out / "judge")
-        (out / REPORT).write_text(judge_stats.run_markdown(run_.metrics, heading="#"))
+        judge_results.write_csv(out / "judge.csv", judge_results.csv_rows(run_.metrics))
+        judge_results.figure([run_.metrics], out / "judge")
+        (out / REPORT).write_text(judge_results.run_markdown(run_.metrics, heading="#"))
     log.info("judge wrote %s", run_.path)
 
 
@@ -188,7 +190,7 @@ def load_backend(cfg: DictConfig):
     else:
         model_cfg = OmegaConf.create({"source": "pretrained", "name_or_path": j.model})
         name = j.model
-    model, tokenizer = models.load_causal_lm(model_cfg, devices.inference(cfg.runtime))
+    model, tokenizer = loading.load_causal_lm(model_cfg, devices.inference(cfg.runtime))
     backend = llm.LocalChatBackend(model, tokenizer, model.config.max_position_embeddings - j.max_tokens, name)
     size = sum(p.numel() for p in model.parameters())
     note = (f"**The judge is {name}, a local model of {size / 1e6:.0f}M parameters: far too small to trust as a "
@@ -218,5 +220,5 @@ def human_agreements(cfg: DictConfig, rows: list[judge.Row], records: list[dict]
             raise MhsError(f"judge.human_studies[{i}] ({study.key}): a second study of {row.name}; score both "
                            "raters' answers in one study")
         overall = [r for r in records if r["row"] == row.name and r["dimension"] == "overall"]
-        found[row.name] = {"study": str(study.key), **judge_stats.human_agreement(overall, human)}
+        found[row.name] = {"study": str(study.key), **judge_results.human_agreement(overall, human)}
     return found

@@ -9,12 +9,15 @@ import logging
 
 from omegaconf import DictConfig
 
-from mhsupport import artifacts, devices, likelihood, models, training
-from mhsupport.config import generator_config, prepare_data_config
+from mhsupport.runs import artifacts
+from mhsupport.evaluation import tag_use
+from mhsupport.modeling import devices, loading, tag_likelihood
+from mhsupport.settings.config import generator_config, prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
-from mhsupport.formatting import build_formatter, generator_tags
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.modeling.formatting import build_formatter, generator_tags
+from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "likelihood"
@@ -49,16 +52,18 @@ def label(cfg: DictConfig) -> str:
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
-    examples = training.seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
+    examples = seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
     generator_run = inputs["generator"].path if cfg.generator_source == "finetuned" else None
-    model, tokenizer = models.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
+    model, tokenizer = loading.load_scored_generator(cfg, generator_run, data_run, devices.inference(cfg.runtime))
     formatter = build_formatter(generator_config(cfg), tokenizer)
     labels = generator_tags(cfg)
     key = Taxonomy.label_key(cfg.tag_set)
-    batch_size = cfg.runtime.batch_size_by_profile[cfg.generator.profile]
-    nll, tokens = likelihood.reference_nll(model, formatter, examples, labels, batch_size, cfg.runtime.progress)
+    batch_size = cfg.runtime.batch_size
+    with run_.finished_batches(fresh=cfg.force) as batches:
+        nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, labels, batch_size,
+                                                   cfg.runtime.progress, batches)
     gold = [e[key] for e in examples]
-    scores = likelihood.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    scores = tag_use.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
     run_.metrics = {"system": system_name(cfg), "profile": cfg.generator.profile, "dataset": cfg.dataset,
                     "strategy_tag": bool(cfg.strategy_tag), "generator_source": cfg.generator_source,
                     "examples": len(examples), "tokens": int(tokens.sum()), "labels": labels, **scores}
@@ -66,6 +71,6 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     lines = [{"conversation_id": e["conversation_id"], "turn_index": e["turn_index"], "gold_label": g,
               "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
              for e, g, row, n in zip(examples, gold, nll, tokens)]
-    with run_.build(seed=cfg.seed) as out:
-        (out / likelihood.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with run_.build(seed=cfg.seed, resumable=True) as out:
+        (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
     log.info("likelihood wrote %s", run_.path)

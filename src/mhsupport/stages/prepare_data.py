@@ -10,12 +10,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mhsupport import artifacts, cards, download
-from mhsupport.examples import epitome_example, esconv_examples
-from mhsupport.examples_io import write_examples
-from mhsupport.rawdata import ESCONV_SINGLE_FILE, ESCONV_SPLIT_FILES, esconv_layout, load_epitome, load_esconv
-from mhsupport.splits import SPLITS, enforce_no_leakage, epitome_split, split_esconv_conversations
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.runs import artifacts, cards
+from mhsupport.data import download
+from mhsupport.data.examples import epitome_example, esconv_examples
+from mhsupport.data.examples_io import write_examples
+from mhsupport.data.raw import ESCONV_SINGLE_FILE, ESCONV_SPLIT_FILES, esconv_layout, load_epitome, load_esconv
+from mhsupport.data.splits import SPLITS, enforce_no_leakage, epitome_split, split_esconv_conversations
+from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "prepare_data"

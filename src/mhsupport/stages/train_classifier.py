@@ -14,13 +14,16 @@ from omegaconf import DictConfig
 from sklearn.metrics import ConfusionMatrixDisplay
 from transformers import DataCollatorWithPadding, Trainer, set_seed
 
-from mhsupport import artifacts, cards, curves, devices, models, training
-from mhsupport.classifier import (Classifier, ClassifierSettings, bootstrap_systems, calibration, context_text,
-                                  majority_label, previous_supporter_label, tfidf_logistic_regression)
-from mhsupport.config import prepare_data_config
-from mhsupport.examples_io import read_examples
-from mhsupport.metrics import classification_scores
-from mhsupport.taxonomy import Taxonomy
+from mhsupport.runs import artifacts, cards
+from mhsupport.modeling import devices, loading
+from mhsupport.training import curves, loop, processes, validation
+from mhsupport.evaluation.baselines import majority_label, previous_supporter_label, tfidf_logistic_regression
+from mhsupport.evaluation.classification import bootstrap_systems, calibration, classification_scores
+from mhsupport.modeling.classifier import Classifier, ClassifierSettings, context_text
+from mhsupport.settings.config import prepare_data_config
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.data.taxonomy import Taxonomy
 
 log = logging.getLogger(__name__)
 STAGE = "train_classifier"
@@ -50,16 +53,16 @@ def tfidf_settings(cfg: DictConfig) -> DictConfig:
 
 
 def check(cfg: DictConfig) -> None:
-    training.check_trainer(cfg, "classifier")
+    loop.check_trainer(cfg, "classifier")
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     p = cfg.classifier
-    args = training.run_arguments(run_, cfg, p, label(cfg))  # before any work: a refused argument stops here
+    args = loop.run_arguments(run_, cfg, p, label(cfg))  # before any work: a refused argument stops here
     settings = settings_for(cfg)
     label_id = {label: i for i, label in enumerate(settings.labels)}
-    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
+    train_examples = seeded_subset(read_examples(data_run, cfg.dataset, "train"), p.train_subset, cfg.subset_seed)
     # Model selection (scripts/ablate_classifier.py) reads ESConv valid alone: test stays untouched.
     splits = ("valid",) if cfg.model_selection else EVAL_SPLITS
     evaluation = {split: read_examples(data_run, "esconv", split) for split in splits}
@@ -67,7 +70,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     set_seed(cfg.seed)
     texts = [t["text"] for e in train_examples for t in e["context"][-cfg.context_turns:]] + \
             [e["response"] for e in train_examples]
-    model, tokenizer = models.load_sequence_classifier(p, len(settings.labels), devices.training(cfg.runtime),
+    model, tokenizer = loading.load_sequence_classifier(p, len(settings.labels), devices.training(cfg.runtime),
                                                        train_texts=texts)
     model.config.id2label = dict(enumerate(settings.labels))
     model.config.label2id = label_id
@@ -93,16 +96,16 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     def make_trainer():
         return Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
                        train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
-                       callbacks=[training.ValidationCallback(validate)])
+                       callbacks=[validation.ValidationCallback(validate)])
 
     def finish(trainer, out, result, resume, train_seconds):
         classifier.model = trainer.model.eval()
         metrics = {"profile": p.profile, "dataset": cfg.dataset, "mode": cfg.mode, "labels": settings.labels,
                    "train_examples": len(train_examples), "train_label_counts": dict(counts),
-                   "epochs": training.epoch_history(trainer.state.log_history),
+                   "epochs": validation.epoch_history(trainer.state.log_history),
                    "checkpoint": "last (the model after the final epoch)",
                    "session": {"train_seconds": round(result.metrics["train_runtime"], 2), "resumed_from": resume,
-                               "processes": training.world_size()}}
+                               "processes": processes.world_size()}}
         run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if cfg.model_selection:
             gold = [e[settings.label_key] for e in evaluation["valid"]]
@@ -122,7 +125,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                 gold, systems, settings.labels, "model", cfg.bootstrap.resamples, cfg.bootstrap.seed)
             metrics[split]["model"]["calibration"] = calibration(gold, probabilities, settings.labels)
         run_.metrics = metrics
-        if training.is_main_process():
+        if processes.is_main_process():
             classifier.save(out / "model")
             cards.classifier_card(cfg, metrics, data_run.name).save(out / "model" / "README.md")
             note = f" - {p.warning}" if p.get("warning") else ""
@@ -131,8 +134,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             plot_reliability(metrics["test"]["model"]["calibration"], out / "reliability_test.png", title)
             curves.save(trainer.state.log_history, out, f"{cfg.mode} classifier ({p.profile}{note})")
 
-    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
-    if training.is_main_process():
+    loop.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish)
+    if processes.is_main_process():
         log.info("train classifier wrote %s", run_.path)
 
 

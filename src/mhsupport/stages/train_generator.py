@@ -13,11 +13,14 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import DataCollatorForSeq2Seq, set_seed
 
-from mhsupport import artifacts, cards, curves, devices, models, training
-from mhsupport.config import prepare_data_config
+from mhsupport.runs import artifacts, cards
+from mhsupport.modeling import devices, edits, loading
+from mhsupport.training import curves, loop, processes, trainers, validation
+from mhsupport.settings.config import prepare_data_config
 from mhsupport.errors import MhsError
-from mhsupport.examples_io import read_examples
-from mhsupport.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.modeling.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
 
 log = logging.getLogger(__name__)
 STAGE = "train_generator"
@@ -34,33 +37,33 @@ def label(cfg: DictConfig) -> str:
 
 
 def check(cfg: DictConfig) -> None:
-    training.check_trainer(cfg, "generator")
+    loop.check_trainer(cfg, "generator")
 
 
 def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     data_run = inputs["prepare_data"].path
     g = cfg.generator
-    args = training.run_arguments(run_, cfg, g, label(cfg))  # before any work: a refused argument stops here
-    train_examples = training.seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
-    valid_examples = training.seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
+    args = loop.run_arguments(run_, cfg, g, label(cfg))  # before any work: a refused argument stops here
+    train_examples = seeded_subset(read_examples(data_run, cfg.dataset, "train"), g.train_subset, cfg.subset_seed)
+    valid_examples = seeded_subset(read_examples(data_run, "esconv", "valid"), g.valid_subset, cfg.subset_seed)
 
     set_seed(cfg.seed)
-    model, tokenizer = models.load_causal_lm(g, devices.training(cfg.runtime),
-                                             train_texts=models.tokenizer_texts(train_examples))
+    model, tokenizer = loading.load_causal_lm(g, devices.training(cfg.runtime),
+                                             train_texts=loading.tokenizer_texts(train_examples))
     labels = generator_tags(cfg)
     tag_tokens = bool(labels) and g.tag_format == "token"  # the other formats write the strategy in words
     if tag_tokens:
-        models.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
+        edits.add_tag_tokens(model, tokenizer, {tag_token(label): label for label in labels})
     if g.trainable == "top_layers":
-        models.freeze_all_but_top(model, g.top_layers)
+        edits.freeze_all_but_top(model, g.top_layers)
     parameters = sum(p.numel() for p in model.parameters())
     adapter = g.trainable == "lora" and g.lora.save == "adapter"
     if adapter:
-        base_record = models.adapter_base_record(g, model.get_input_embeddings().num_embeddings)
+        base_record = loading.adapter_base_record(g, model.get_input_embeddings().num_embeddings)
         scratch_base = copy.deepcopy(model) if g.source == "scratch" else None  # before peft changes it in place
     if g.trainable == "lora":
         tag_ids = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels] if tag_tokens else []
-        model = models.add_lora(model, g.lora, tag_ids)
+        model = edits.add_lora(model, g.lora, tag_ids)
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
     train_features = [formatter.training_features(e) for e in train_examples]
@@ -68,17 +71,17 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
 
     def validate(m):
-        return training.teacher_forced_loss(m, valid_features, g.eval_batch_size, tokenizer.pad_token_id or 0)
+        return validation.teacher_forced_loss(m, valid_features, g.eval_batch_size, tokenizer.pad_token_id or 0)
 
-    callbacks = [training.ValidationCallback(validate)]
+    callbacks = [validation.ValidationCallback(validate)]
     if tag_tokens and g.tag_lr_scale != 1:
         tag_rows = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels]
-        callbacks.append(training.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
+        callbacks.append(trainers.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
 
     contrast = {}
     if labels and g.tag_contrast_weight > 0:
         several_gpus = devices.resolve(cfg.runtime).type == "cuda" and torch.cuda.device_count() > 1  # DataParallel
-        if training.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
+        if processes.world_size() > 1 or cfg.runtime.fsdp or several_gpus:
             raise MhsError("generator.tag_contrast_weight > 0 trains one unwrapped model (two forward passes per step, "
                            "which DDP, FSDP and DataParallel cannot synchronise): run one process on one device "
                            "(no torchrun or runtime.fsdp; CUDA_VISIBLE_DEVICES=0), or add generator.tag_contrast_weight=0")
@@ -86,14 +89,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                     "weight": g.tag_contrast_weight, "negatives": min(g.tag_contrast_negatives, len(labels) - 1)}
 
     def make_trainer():
-        trainer_class = training.TagContrastTrainer if contrast else training.LabelledPositionsTrainer
+        trainer_class = trainers.TagContrastTrainer if contrast else trainers.LabelledPositionsTrainer
         return trainer_class(model=model, args=args, data_collator=collator, train_dataset=Dataset.from_list(train_features),
                              processing_class=tokenizer, callbacks=callbacks, **contrast)
 
     def merge_lora(trainer):  # generator.lora.save=merged: scored and saved as a plain model
         nonlocal model
         if g.trainable == "lora" and not adapter:
-            model = trainer.model = models.merge_lora(model)
+            model = trainer.model = edits.merge_lora(model)
 
     def save_adapter(trainer, folder):
         """Save as peft keeps a LoRA run: adapter_config.json and adapter_model.safetensors (the adapters and
@@ -104,14 +107,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             # Every other embedding row is the base model's: only the trainable tokens' rows are saved.
             trainer.model.save_pretrained(folder, save_embedding_layers=False)
         if trainer.args.should_save:
-            (Path(folder) / models.ADAPTER_BASE).write_text(json.dumps(base_record, indent=2) + "\n")
+            (Path(folder) / loading.ADAPTER_BASE).write_text(json.dumps(base_record, indent=2) + "\n")
             if scratch_base is not None:
-                scratch_base.save_pretrained(Path(folder) / models.SCRATCH_BASE_DIR)
+                scratch_base.save_pretrained(Path(folder) / loading.SCRATCH_BASE_DIR)
 
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
         final_valid = validate(model)
-        final_train = training.teacher_forced_loss(model, training.seeded_subset(train_features, g.train_eval_subset,
+        final_train = validation.teacher_forced_loss(model, seeded_subset(train_features, g.train_eval_subset,
                                                                                  cfg.subset_seed),
                                                    g.eval_batch_size, tokenizer.pad_token_id or 0)
         tokens_per_epoch = sum(len(f["input_ids"]) for f in train_features)
@@ -121,7 +124,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "profile": g.profile, "dataset": cfg.dataset, "strategy_tag": bool(cfg.strategy_tag),
             "train_examples": len(train_features), "valid_examples": len(valid_features),
             "train_loss": final_train["loss"], "valid_loss": final_valid["loss"], "valid_ppl": final_valid["ppl"],
-            "epochs": training.epoch_history(trainer.state.log_history),
+            "epochs": validation.epoch_history(trainer.state.log_history),
             "checkpoint": "last (the model after the final epoch)",
             "tokens_seen": tokens_seen,
             "parameters": parameters,
@@ -133,21 +136,21 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                 "tokens_per_s": round(tokens_seen * steps_this_session / max(trainer.state.max_steps, 1)
                                       / max(train_seconds, 1e-9), 1),
                 "resumed_from": resume,
-                "processes": training.world_size(),
+                "processes": processes.world_size(),
                 "trainer_train_loss": result.training_loss,
             },
         }
         run_.device = devices.describe(cfg.runtime, {"generator": trainer.model}, "bf16" if trainer.args.bf16 else None)
-        if training.is_main_process():
+        if processes.is_main_process():
             tokenizer.save_pretrained(str(out / "model"))
             FormatterSettings.from_config(cfg).save(out / "model")
             cards.generator_card(cfg, run_.metrics, data_run.name).save(out / "model" / "README.md")
             curves.save(trainer.state.log_history, out, f"generator ({g.profile}, {cfg.dataset}"
                         f"{', tagged' if labels else ''})")
 
-    training.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora,
+    loop.train_resumable(run_, cfg.seed, bool(cfg.force), make_trainer, finish, before_save=merge_lora,
                              save_model=save_adapter if adapter else None)
-    if training.is_main_process():
+    if processes.is_main_process():
         log.info("train dialogpt wrote %s", run_.path)
 
 

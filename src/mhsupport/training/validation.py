@@ -1,0 +1,53 @@
+"""Validation during and after training: the teacher-forced loss of the labelled tokens (tag and
+reply), and the epoch-end callback that logs it through the Trainer."""
+
+from __future__ import annotations
+
+import math
+
+from transformers import TrainerCallback
+
+from mhsupport.modeling.formatting import IGNORE_INDEX
+from mhsupport.modeling.scoring import Scored, sequence_nll
+
+
+def labelled_sequence(feature: dict) -> Scored:
+    """A training feature as a scored sequence: its labelled tokens (the tag's opening and the reply)
+    form its end."""
+    labels = feature["labels"]
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return Scored(list(feature["input_ids"]), first)
+
+
+def per_example_nll(model, features: list[dict], batch_size: int, pad: int = 0) -> tuple[list[float], list[int]]:
+    """Summed negative log-likelihood and count of each example's labelled tokens under teacher forcing."""
+    sums, counts = sequence_nll(model, [[labelled_sequence(f)] for f in features], batch_size, pad=pad)
+    return [float(s[0]) for s in sums], [int(c[0]) for c in counts]
+
+
+def teacher_forced_loss(model, features: list[dict], batch_size: int, pad: int = 0) -> dict:
+    """Token-level loss and perplexity of the labelled tokens (tag and response) under teacher forcing."""
+    nll, counts = per_example_nll(model, features, batch_size, pad)
+    loss = sum(nll) / max(sum(counts), 1)
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": sum(counts)}
+
+
+class ValidationCallback(TrainerCallback):
+    """Validation at every epoch end, logged through the trainer (`connect_loggers`): every
+    reporting callback sees it, and the trainer state keeps it, so a resumed run still has it."""
+
+    def __init__(self, evaluate, prefix: str = "valid"):
+        self.evaluate = evaluate
+        self.prefix = prefix
+        self.trainer = None
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_training_stop and state.global_step < state.max_steps:
+            return control  # stopped inside the epoch (a preemption): the resumed run validates at its end
+        result = self.evaluate(model)
+        self.trainer.log({f"{self.prefix}_{k}": v for k, v in result.items()})
+        return self.trainer.control
+
+
+def epoch_history(log_history: list[dict], prefix: str = "valid") -> list[dict]:
+    return [entry for entry in log_history if any(k.startswith(prefix + "_") for k in entry)]
