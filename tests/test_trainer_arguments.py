@@ -65,6 +65,16 @@ def test_bad_trainer_arguments_are_one_line_errors_that_write_nothing(prepared, 
         [name for name in before if not name.endswith(".lock")]  # no run and no partial folder
 
 
+@pytest.mark.parametrize("command", [["eval"], ["likelihood"], ["report"], ["reproduce"]])
+def test_stages_without_a_trainer_refuse_trainer_arguments_instead_of_ignoring_them(prepared, command, capsys):
+    raw, artifacts_dir = prepared
+    code = main([*command, "--profile", "tiny", f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts_dir}",
+                 "trainer.max_steps=3"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "trainer.max_steps=3: the " in err and "config has no trainer node" in err
+
+
 def test_wandb_run_is_named_configured_and_continued_on_resume(make_cfg, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="the wandb extra is not installed")
     monkeypatch.setenv("WANDB_MODE", "offline")

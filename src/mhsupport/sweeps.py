@@ -49,7 +49,7 @@ def multirun(stage: str, overrides: list[str], execute, headline) -> list[Job]:
     execute(cfg) -> StageResult and headline(result) -> str must be module-level functions (a
     launcher may pickle them into another process)."""
     check_overrides(overrides, multirun=True)
-    overrides = open_node_overrides(overrides)
+    overrides = open_node_overrides(overrides, stage)
     if not any(o.lstrip("+").startswith("hydra.sweep.dir=") for o in overrides):
         overrides = [SWEEP_DIR, *overrides]
     task = functools.partial(run_one, execute, headline)

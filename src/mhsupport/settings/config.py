@@ -23,8 +23,9 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 # Nodes that take keys the config files do not list (`trainer`: any TrainingArguments argument), so
-# `trainer.max_steps=3` adds the key as Hydra's `++trainer.max_steps=3` would.
-OPEN_NODES = ("trainer",)
+# `trainer.max_steps=3` adds the key as Hydra's `++trainer.max_steps=3` would; each with the stages
+# whose configs have it (elsewhere such a key would be added and then read by nothing).
+OPEN_NODES = {"trainer": ("train_generator", "train_classifier")}
 
 
 def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -32,12 +33,24 @@ def load_config(stage: str, overrides: list[str] | tuple[str, ...] = ()) -> Dict
     the caller may change)."""
     check_overrides(overrides, multirun=False)
     environment = tuple(os.environ.get(name) for name in (*PATH_VARIABLES.values(), "HOME"))
-    return copy.deepcopy(_composed(stage, tuple(open_node_overrides(overrides)), environment))
+    return copy.deepcopy(_composed(stage, tuple(open_node_overrides(overrides, stage)), environment))
 
 
-def open_node_overrides(overrides) -> list[str]:
-    """Overrides of an open node (OPEN_NODES, e.g. trainer.*) may add keys: Hydra's `++`."""
-    return [f"++{o}" if o.startswith(tuple(f"{node}." for node in OPEN_NODES)) else o for o in overrides]
+def open_node_overrides(overrides, stage: str) -> list[str]:
+    """Overrides of an open node (OPEN_NODES, e.g. trainer.*) may add keys: Hydra's `++`. A stage
+    without the node refuses them."""
+    opened = []
+    for override in overrides:
+        node = next((n for n in OPEN_NODES if override.lstrip("+").startswith(f"{n}.")), None)
+        if node is None:
+            opened.append(override)
+        elif stage not in OPEN_NODES[node]:
+            raise MhsError(f"{override}: the {stage} config has no {node} node (Trainer arguments belong to "
+                           "`mhs train dialogpt` and `mhs train classifier`, and the runs they train are not "
+                           "looked up from here); drop it")
+        else:
+            opened.append(f"++{override.lstrip('+')}")
+    return opened
 
 
 @functools.lru_cache(maxsize=256)
