@@ -142,3 +142,12 @@ def test_the_local_backend_judges_end_to_end_on_the_tiny_profile(make_cfg, offli
     assert m["requests"]["asked"] == 2 * len(asked) and m["requests"]["sent"] <= m["requests"]["asked"]
     assert all(set(r["answers"]) == {"ab", "ba"} for r in asked)
     assert json.loads((result.run.path / "manifest.json").read_text())["device"]["models"]["judge"]
+
+
+def test_a_judge_that_decided_no_pair_is_not_said_to_differ_from_the_paper(table3):
+    row = json.loads(json.dumps(table3.metrics["rows"][0]))
+    row["dimensions"]["overall"].update(preferred="none", sign_test_p=None, win={"count": 0, "pct": 0.0, "ci": [0.0, 11.4]},
+                                        loss={"count": 0, "pct": 0.0, "ci": [0.0, 11.4]})
+    row.update(paper_win_pct=70.0, paper_loss_pct=20.0)
+    sentence = judge_results.verdict_sentence(row)
+    assert "decided no pair" in sentence and "differs" not in sentence and "inside" not in sentence

@@ -160,6 +160,8 @@ def verdict_sentence(row: dict, dimension: str = "overall") -> str:
                 f"{'inside' if inside else 'outside'} the judge's 95% interval")
         differs = differs or not inside
     answer = "**differs from the paper**, which prefers " + row["system_b"] if differs else "agrees with the paper"
+    if s["sign_test_p"] is None:  # every pair a tie or unparseable: no answer to set against the paper's
+        answer, size = "it decided no pair, so there is nothing to set against the paper", ""
     return f"- {row['name']}: the judge {said} ({figures}): {answer}{size}."
 
 
