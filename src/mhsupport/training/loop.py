@@ -71,6 +71,8 @@ def check_trainer(cfg, group: str) -> None:
             hint = f"; nearest valid keys: {', '.join(f'trainer.{k}' for k in nearest)}" if nearest else ""
             raise MhsError(f"trainer.{key}: not an argument of TrainingArguments in transformers "
                            f"{transformers.__version__}{hint}")
+    if "report_to" in (cfg.get("trainer") or {}):  # checked here too, so an up-to-date run does not hide a typo
+        curves.report_to(cfg.trainer.report_to, "trainer.report_to")
 
 
 def training_arguments(output_dir: Path, profile, runtime, seed: int, save_steps: int, trainer=None,
