@@ -6,7 +6,6 @@ tables (Markdown, CSV) and figures of a judge run and of the report."""
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -278,14 +277,6 @@ def csv_rows(metrics: dict) -> list[dict]:
                          signature=metrics["signature"])
             out.append(entry)
     return out
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 COLOURS = {"win": "#4C72B0", "tie": "#BBBBBB", "loss": "#DD8452", "unparseable": "#555555"}

@@ -14,6 +14,7 @@ from mhsupport.errors import MhsError
 from mhsupport.evaluation import humaneval, judge, judge_results, llm
 from mhsupport.evaluation.generations_io import read_generations
 from mhsupport.modeling import devices, loading
+from mhsupport.reporting.render import write_csv
 from mhsupport.runs import artifacts
 from mhsupport.settings.config import eval_config, load_config
 
@@ -145,7 +146,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         run_.device = devices.describe(cfg.runtime, loaded) if loaded else None
         (out / judge.JUDGEMENTS).write_text("".join(json.dumps(r) + "\n" for r in records))
         (out / judge.REQUESTS).write_text("".join(json.dumps(cache.answers[key]) + "\n" for key in dict.fromkeys(used)))
-        judge_results.write_csv(out / "judge.csv", judge_results.csv_rows(run_.metrics))
+        write_csv(out / "judge.csv", judge_results.csv_rows(run_.metrics))
         judge_results.figure([run_.metrics], out / "judge")
         (out / REPORT).write_text(judge_results.run_markdown(run_.metrics, heading="#"))
     log.info("judge wrote %s", run_.path)

@@ -97,7 +97,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                     out / "table4_bleu", f"Table 4 ({profile} profile): BLEU with 95% intervals")
         judge_section = ""
         if judged:
-            judge_results.write_csv(out / "judge_tables.csv", [r for m in judged.values() for r in judge_results.csv_rows(m)])
+            write_csv(out / "judge_tables.csv", [r for m in judged.values() for r in judge_results.csv_rows(m)])
             judge_results.figure(list(judged.values()), out / "judge_tables")
             judge_section = judge_results.report_section(judged, training_seeds(cfg)[0])
         (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds,
