@@ -27,7 +27,10 @@ def upstream_runs(report: Path) -> list[dict]:
         manifest_file = run / "manifest.json"
         if not manifest_file.is_file():
             sys.exit(f"{manifest_file}: no manifest (expected a finished run folder under {artifacts})")
-        manifest = json.loads(manifest_file.read_text())
+        try:
+            manifest = json.loads(manifest_file.read_text())
+        except json.JSONDecodeError as err:
+            sys.exit(f"{manifest_file}: damaged manifest ({err}); rebuild that run with `mhs reproduce --force`")
         manifests.append(manifest)
         for ref in manifest.get("inputs", {}).values():
             if isinstance(ref, dict) and "run" in ref:  # a run folder (raw files carry only a hash)
