@@ -262,7 +262,7 @@ def test_manifests_record_where_each_stage_ran_its_models(make_cfg, prepared):
     pipeline.run("train_generator", make_cfg("train_generator", *GEN, "strategy_tag=true", flipped))
     for mode in ("next_category", "response"):
         pipeline.run("train_classifier", make_cfg("train_classifier", *CLF, f"mode={mode}", flipped))
-    result = pipeline.run("eval", make_cfg("eval", *GEN, *CLF, "strategy_tag=true", "sampler=classifier",
+    result = pipeline.Pipeline().ensure("eval", make_cfg("eval", *GEN, *CLF, "strategy_tag=true", "sampler=classifier",
                                        "test_subset=6", "decoding.max_new_tokens=4", "bootstrap.resamples=10",
                                        flipped, "runtime.progress=false"))
     recorded = json.loads((result.run.path / "manifest.json").read_text())["device"]

@@ -13,7 +13,7 @@ from mhsupport.modeling import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline
-from mhsupport.evaluation import responders
+from mhsupport.stages import generate as generate_stage
 from mhsupport.evaluation.sampling import choose_tags
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 
@@ -57,7 +57,7 @@ def test_samplers(trained):
 @pytest.mark.parametrize("sampler", ["none", "random", "classifier", "oracle"])
 def test_tagged_eval_writes_generations_and_recomputable_metrics(make_cfg, trained, sampler):
     prepared, _ = trained
-    result = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", f"sampler={sampler}"))
+    result = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "strategy_tag=true", f"sampler={sampler}"))
     lines = read_generations(result.run.path)
     assert len(lines) == result.metrics["examples"] == 24
     assert {"conversation_id", "context", "reference", "gold_category", "chosen_tag", "response"} <= set(lines[0])
@@ -91,9 +91,9 @@ def test_tagged_eval_writes_generations_and_recomputable_metrics(make_cfg, train
 
 def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
     prepared, _ = trained
-    untagged = pipeline.run("eval", make_cfg("eval", *EVAL)).metrics
+    untagged = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL)).metrics
     assert "strategy_accuracy" not in untagged["metrics"] and untagged["system"] == "esconv / none"
-    base = pipeline.run("eval", make_cfg("eval", *EVAL, "generator_source=base")).metrics
+    base = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "generator_source=base")).metrics
     assert base["system"] == "pretrained (untrained model)"
     assert "ppl" not in base["metrics"] and "ppl" not in untagged["metrics"]
 
@@ -101,19 +101,20 @@ def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
 def test_empty_replies_are_counted_kept_as_empty_and_never_judged(make_cfg, trained, monkeypatch):
     """A forced tag followed by another tag or EOS decodes to an empty reply: it stays in the
     corpus (every system is scored on the same examples), is counted, and does not adhere to its tag."""
-    real_generate = responders.generate
+    real_generate = generate_stage.generate_under_tags
 
     def every_third_empty(*args, **kwargs):
         outputs = real_generate(*args, **kwargs)
-        return [{**o, "response": "" if i % 3 == 0 else o["response"]} for i, o in enumerate(outputs)]
+        return [{**o, "replies": [{**r, "response": "" if i % 3 == 0 else r["response"]} for r in o["replies"]]}
+                for i, o in enumerate(outputs)]
 
-    monkeypatch.setattr(responders, "generate", every_third_empty)
+    monkeypatch.setattr(generate_stage, "generate_under_tags", every_third_empty)
     judged = []
     real_predict = classifier_api.Classifier.predict
     monkeypatch.setattr(classifier_api.Classifier, "predict",
                         lambda self, texts, *a, **k: judged.extend(texts) or real_predict(self, texts, *a, **k))
     # a max_new_tokens of its own, so this run's id is not an ordinary eval's
-    result = pipeline.run("eval", make_cfg("eval", *EVAL, "decoding.max_new_tokens=11", "strategy_tag=true",
+    result = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "decoding.max_new_tokens=11", "strategy_tag=true",
                                            "sampler=oracle"))
     lines = read_generations(result.run.path)
     empty = [l for l in lines if l["empty"]]
@@ -148,7 +149,7 @@ def test_missing_generator_run_names_the_command(trained, capsys):
 
 def test_sampled_decoding_reports_the_mean_over_seeds(make_cfg, trained):
     prepared, _ = trained
-    m = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=oracle",
+    m = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=oracle",
                                   "decoding.do_sample=true", "decoding.seeds=[1,2]")).metrics
     assert m["decoding"] == "sampled" and set(m["per_seed"]) == {"1", "2"}
     assert m["metrics"]["bleu"]["value"] == pytest.approx(np.mean([s["bleu"]["value"] for s in m["per_seed"].values()]))
@@ -156,8 +157,8 @@ def test_sampled_decoding_reports_the_mean_over_seeds(make_cfg, trained):
 
 def test_runs_of_other_training_seeds_are_scored_on_the_same_test_examples(make_cfg, trained, capsys):
     pipeline.run("train_generator", make_cfg("train_generator", *GEN, "seed=7"))
-    seed_42 = pipeline.run("eval", make_cfg("eval", *EVAL)).run.path
-    seed_7 = pipeline.run("eval", make_cfg("eval", *EVAL, "seed=7")).run.path
+    seed_42 = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL)).run.path
+    seed_7 = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "seed=7")).run.path
     assert seed_7 != seed_42
     examples = [[(l["conversation_id"], l["turn_index"]) for l in read_generations(run)] for run in (seed_42, seed_7)]
     assert examples[0] == examples[1] and len(examples[0]) == 24
@@ -167,8 +168,8 @@ def test_runs_of_other_training_seeds_are_scored_on_the_same_test_examples(make_
 
 def test_compare_two_runs(make_cfg, trained, tmp_path, capsys):
     prepared, _ = trained
-    a = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=random")).run.path
-    b = pipeline.run("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=oracle")).run.path
+    a = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=random")).run.path
+    b = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "strategy_tag=true", "sampler=oracle")).run.path
     assert main(["compare", str(a), str(b), "--resamples", "100", "--out", str(tmp_path / "c.json")]) == 0
     assert "| bleu |" in capsys.readouterr().out
     result = json.loads((tmp_path / "c.json").read_text())["tests"]

@@ -22,7 +22,7 @@ GENERIC_HINT = "rebuild the run with the `mhs eval` command that made it, with -
 @pytest.fixture(scope="module")
 def eval_run(make_cfg, prepared):
     pipeline.run("train_generator", make_cfg("train_generator", *GEN))
-    return pipeline.run("eval", make_cfg("eval", *EVAL)).run.path
+    return pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL)).run.path
 
 
 def damaged(eval_run: Path, tmp_path: Path, change) -> Path:

@@ -23,8 +23,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def two_runs(make_cfg, prepared):
     pipeline.run("train_generator", make_cfg("train_generator", *GEN))
-    random_run = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=random")).run.path
-    oracle_run = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=oracle")).run.path
+    random_run = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "sampler=random")).run.path
+    oracle_run = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "sampler=oracle")).run.path
     return random_run, oracle_run
 
 

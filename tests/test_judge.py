@@ -43,8 +43,8 @@ def server():
 def two_runs(make_cfg, prepared):
     """Two evals of one tiny tagged generator on the same 12 test examples: random and oracle tags."""
     pipeline.run("train_generator", make_cfg("train_generator", *GEN))
-    random_run = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=random")).run.path
-    oracle_run = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=oracle")).run.path
+    random_run = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "sampler=random")).run.path
+    oracle_run = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "sampler=oracle")).run.path
     return random_run, oracle_run
 
 
@@ -254,7 +254,7 @@ def test_answers_before_a_fault_are_kept_for_the_rerun(make_cfg, two_runs, serve
 
 def test_runs_of_different_examples_are_refused_naming_both(make_cfg, two_runs, server, capsys, prepared):
     raw, artifacts = prepared
-    other = pipeline.run("eval", make_cfg("eval", *EVAL, "sampler=random", "test_subset=10")).run.path
+    other = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "sampler=random", "test_subset=10")).run.path
     capsys.readouterr()
     code = main(["judge", str(two_runs[0]), str(other), "--profile", "tiny", "--backend", "openai", "--model", "m",
                  "--base-url", server, f"paths.raw_dir={raw}", f"paths.artifacts_dir={artifacts}"])

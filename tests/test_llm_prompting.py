@@ -63,7 +63,7 @@ def test_final_answer_keeps_only_the_reply():
 def test_openai_backend_prompts(make_cfg, classifiers, server, prompt, monkeypatch):
     monkeypatch.setenv("FAKE_KEY", "secret-123")
     FakeChatServer.requests.clear()
-    result = pipeline.run("eval", make_cfg("eval", *LLM, f"llm.base_url={server}", f"llm.prompt={prompt}",
+    result = pipeline.Pipeline().ensure("eval", make_cfg("eval", *LLM, f"llm.base_url={server}", f"llm.prompt={prompt}",
                                        "llm.api_key_env=FAKE_KEY"))
     requests = FakeChatServer.requests
     assert len(requests) == 6 and requests[0]["path"] == "/v1/chat/completions"
@@ -99,7 +99,7 @@ def test_unreachable_endpoint_is_a_clear_error(classifiers, capsys):
 @pytest.mark.slow
 def test_local_backend_on_smollm2(make_cfg, prepared, offline_models_dir):
     models_dir = offline_models_dir
-    result = pipeline.run("eval", make_cfg("eval", "generator=cpu", "generator_source=llm",
+    result = pipeline.Pipeline().ensure("eval", make_cfg("eval", "generator=cpu", "generator_source=llm",
                                        f"paths.models_dir={models_dir}", "llm.prompt=vanilla", "llm.test_subset=4",
                                        "llm.max_new_tokens=16", "bootstrap.resamples=20", "tag_adherence=false"))
     lines = read_generations(result.run.path)

@@ -66,7 +66,7 @@ def test_adapter_run_loads_with_peft_and_is_scored_like_the_merged_run(make_cfg,
         assert torch.allclose(peft_model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-4)
 
     # Scored end to end like the merged run: the same greedy replies and reference likelihoods.
-    evals = [pipeline.run("eval", make_cfg("eval", *TINY, *SCORED, f"generator.lora.save={save}"))
+    evals = [pipeline.Pipeline().ensure("eval", make_cfg("eval", *TINY, *SCORED, f"generator.lora.save={save}"))
              for save in ("adapter", "merged")]
     assert [g["response"] for g in read_generations(evals[0].run.path)] == \
         [g["response"] for g in read_generations(evals[1].run.path)]

@@ -69,7 +69,7 @@ def test_upstream_force_makes_the_downstream_eval_a_new_run(own_artifacts, make_
     pipeline.run("train_generator", forced)
     after = pipeline.Pipeline().plan("eval", eval_cfg)
     assert after.run_id != before.run_id and not after.complete
-    result = pipeline.run("eval", eval_cfg)
+    result = pipeline.Pipeline().ensure("eval", eval_cfg)
     assert not result.skipped and result.run.path == after.path
 
 
@@ -83,16 +83,16 @@ def test_a_replaced_model_file_is_detected_and_named(own_artifacts, caplog):
     weights.write_bytes(bytes(other))
     try:
         with pytest.raises(MhsError) as caught:
-            pipeline.run("eval", eval_cfg)
+            pipeline.Pipeline().ensure("eval", eval_cfg)
         message = str(caught.value)
         assert "\n" not in message and str(generator_run.path) in message and "model/model.safetensors" in message
         assert "mhs train dialogpt --profile tiny" in message and "--force" in message
         weights.write_bytes(saved[:-10])  # truncated: the size alone tells
         with pytest.raises(MhsError, match="differs from the run's manifest"):
-            pipeline.run("eval", eval_cfg)
+            pipeline.Pipeline().ensure("eval", eval_cfg)
     finally:
         weights.write_bytes(saved)
-    assert pipeline.run("eval", eval_cfg).skipped  # restored: the same run again
+    assert pipeline.Pipeline().ensure("eval", eval_cfg).skipped  # restored: the same run again
 
 
 def test_a_missing_output_file_is_named(own_artifacts):
@@ -103,7 +103,7 @@ def test_a_missing_output_file_is_named(own_artifacts):
     parquet.rename(moved)
     try:
         with pytest.raises(MhsError, match=r"examples/esconv/test\.parquet is missing; rebuild it with `mhs prepare-data"):
-            pipeline.run("eval", eval_cfg)
+            pipeline.Pipeline().ensure("eval", eval_cfg)
     finally:
         moved.rename(parquet)
 
@@ -118,7 +118,7 @@ def test_a_run_built_by_other_code_is_reported_with_force(own_artifacts, caplog)
     manifest_path.write_text(json.dumps(manifest))
     try:
         with caplog.at_level(logging.WARNING):
-            pipeline.run("eval", eval_cfg)
+            pipeline.Pipeline().ensure("eval", eval_cfg)
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert any("0.0.1+git.elsewhere" in w and "--force" in w for w in warnings), warnings
     finally:
@@ -181,13 +181,13 @@ def test_a_copied_artifacts_folder_is_still_up_to_date(own_artifacts, make_cfg, 
     folder, eval_cfg = own_artifacts
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy, copy_function=shutil.copyfile)
-    assert pipeline.run("eval", make_cfg("eval", *EVAL, artifacts=copy)).skipped
+    assert pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, artifacts=copy)).skipped
 
 
 def test_an_up_to_date_eval_needs_no_raw_files(own_artifacts, make_cfg, tmp_path):
     folder, _ = own_artifacts
     cfg = make_cfg("eval", *EVAL, f"paths.raw_dir={tmp_path / 'moved-away'}", artifacts=folder)
-    assert pipeline.run("eval", cfg).skipped
+    assert pipeline.Pipeline().ensure("eval", cfg).skipped
     with pytest.raises(MhsError, match=r"moved-away \(from .*\): no such folder"):
         pipeline.run("prepare_data", prepare_data_config(cfg))
 

@@ -190,7 +190,7 @@ def test_eval_in_words_keeps_the_words_out_of_replies_and_metrics(make_cfg, reco
     pipeline.run("train_generator", train_cfg)
     words = FormatterSettings.from_config(train_cfg).words.values()
     for sampler in ("none", "oracle"):
-        result = pipeline.run("eval", make_cfg("eval", *EVAL, *tagging, f"sampler={sampler}"))
+        result = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, *tagging, f"sampler={sampler}"))
         lines = read_generations(result.run.path)
         for line in lines:  # what the model was given, or wrote first, is not the reply
             assert not any(line["response"].startswith(text) for w in words

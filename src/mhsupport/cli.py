@@ -123,6 +123,11 @@ def _eval_headline(result) -> str:
     return ", ".join(f"{name} {m['value']:.3f}" for name, m in list(result.metrics["metrics"].items())[:4])
 
 
+def _generate_headline(result) -> str:
+    following = (result.metrics.get("counterfactual") or {}).get("tag_following")
+    return f"tag following {following['value']:.1f}%" if following else f"{result.metrics['replies']} replies"
+
+
 def _likelihood_headline(result) -> str:
     return ", ".join(f"{name} {m['value']:.3f}" for name, m in result.metrics["metrics"].items())
 
@@ -131,6 +136,7 @@ SWEEPABLE = {  # command -> (build(cfg) -> StageResult, headline(result) -> str)
     "prepare-data": (functools.partial(_build, "prepare_data"), _no_headline),
     "train dialogpt": (functools.partial(_build, "train_generator"), _generator_headline),
     "train classifier": (functools.partial(_build, "train_classifier"), _classifier_headline),
+    "generate": (functools.partial(_build, "generate"), _generate_headline),
     "eval": (functools.partial(_build, "eval"), _eval_headline),
     "likelihood": (functools.partial(_build, "likelihood"), _likelihood_headline),
     "judge": (functools.partial(_build, "judge"), _no_headline),
@@ -178,6 +184,21 @@ def _run_eval(cfg, args):
     print(f"  {m['system']} ({m['profile']} profile), {m['examples']} ESConv test examples, {m['decoding']}"
           + (f" - {m['note']}" if m["note"] else ""))
     _print_generation_metrics(m)
+
+
+def _run_generate(cfg, args):
+    result = _build("generate", cfg)
+    m = result.metrics
+    print(f"generate run ({'up to date' if result.skipped else 'written'}): {result.run.path}")
+    print(f"  {m['system']} ({m['profile']} profile): {m['replies']} replies to {m['examples']} ESConv test examples "
+          f"under {len(m['tags'])} tags, {m['decoding']}")
+    counterfactual = m.get("counterfactual")
+    if counterfactual:
+        following, references = counterfactual["tag_following"], counterfactual["recogniser_on_references"]
+        print(f"  tag following {following['value']:.1f}% [{following['low']:.1f}, {following['high']:.1f}]; "
+              f"recogniser on the human replies {references['value']:.1f}%")
+        for label, rate in counterfactual["per_category"].items():
+            print(f"  {label:>17}: {rate['rate']:5.1f}% [{rate['low']:.1f}, {rate['high']:.1f}]")
 
 
 def _run_likelihood(cfg, args):
@@ -335,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
              "Train the classifier that predicts the next supporter category from the context "
              "(or, --mode response, the recogniser of a response's category), beside baselines.",
              _run_train_classifier)
+
+    _command(commands, "generate", "generate",
+             "One generation pass of a tagged generator: each ESConv test context encoded once, a reply decoded "
+             "under every tag; eval's samplers choose among these replies. Reports the counterfactual test: how "
+             "often a reply written under a forced category is recognised as that category.", _run_generate)
 
     _command(commands, "eval", "eval",
              "Generate ESConv test responses with a trained generator under a tag sampler and score them "

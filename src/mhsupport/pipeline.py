@@ -28,12 +28,13 @@ from mhsupport.settings.config import (OPEN_NODES, eval_config, generator_config
                                       searchpath_overrides)
 from mhsupport.settings.flags import hint_flags
 from mhsupport.errors import MhsError
-from mhsupport.stages import evaluate, judge, likelihood, prepare_data, report, train_classifier, train_generator
+from mhsupport.stages import (evaluate, generate, judge, likelihood, prepare_data, report, train_classifier,
+                              train_generator)
 from mhsupport.training.processes import is_main_process
 
 log = logging.getLogger(__name__)
-STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, evaluate,
-                                                  judge, report)}
+STAGES = {module.STAGE: module for module in (prepare_data, train_generator, train_classifier, likelihood, generate,
+                                                  evaluate, judge, report)}
 Requirement = tuple[str, DictConfig]
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy
@@ -19,9 +21,11 @@ from mhsupport.modeling import classifier as classifier_api, devices, loading, t
 from mhsupport.modeling.decoding import generate
 from mhsupport.modeling.formatting import build_formatter
 from mhsupport.modeling.scoring import sequence_nll
+from mhsupport.stages import generate
 
-# respond(decoding seed) -> (outputs: [{"tag", "response", "raw"?}], reference NLL per example or None,
-# reference tokens per example or None)
+# respond(decoding seed) -> (outputs: [{"tag", "response", "raw"?, "recognised"?}], reference NLL per example or
+# None, reference tokens per example or None); "recognised": the recogniser's category of the reply, where the
+# responder read it already
 Respond = Callable[[int], tuple[list[dict], list[float] | None, list[int] | None]]
 
 
@@ -33,6 +37,7 @@ class Replies:
     tags: list[str | None]
     labels: list[str] | None
     loaded: dict
+    reference_check: dict | None = None  # the recogniser on the human replies, where the responder read them already
 
 
 class GeneratorResponder:
@@ -101,6 +106,54 @@ class GeneratorResponder:
             return outputs, None, None
 
         return Replies(respond, tags, labels, loaded)
+
+
+class TagSelectionResponder(GeneratorResponder):
+    """A tagged fine-tuned generator: its replies under every tag come from one generation pass
+    (`mhs generate`), and the sampler chooses, per example, which of them is shown. The replies equal
+    what generating under the chosen tags gives (same seeds), for the cost of the choice."""
+
+    def upstream(self) -> list[str]:
+        return ["generation"] + (["classifier"] if self.cfg.sampler == "classifier" else [])
+
+    def prepare(self, inputs: dict, gcfg, examples: list[dict], labels: list[str], label_key: str,
+                batches) -> Replies:
+        cfg = self.cfg
+        generation = inputs["generation"]
+        made = generation.read_metrics()
+        variants = made["tags"]
+        seeds = self.decoding_seeds()
+        passed = generate.read_replies(generation, examples, variants, seeds)
+        prior = None
+        if cfg.sampler == "random_prior":
+            train = read_examples(inputs["prepare_data"].path, cfg.dataset, "train")
+            prior = {label: sum(e[label_key] == label for e in train) / len(train) for label in labels}
+        next_classifier = classifier_api.load(inputs["classifier"].path, cfg.runtime) if "classifier" in inputs else None
+        own = None
+        if cfg.sampler == "none" and None not in variants:  # the model's own tag: drawn from its opening probabilities
+            first = seeds[0]
+            log_probabilities = np.array([[passed[(first, e["conversation_id"], e["turn_index"], label)]["own_logprob"]
+                                           for label in labels] for e in examples], dtype=np.float64)
+            own = np.exp(log_probabilities - log_probabilities.max(axis=1, keepdims=True))
+            own /= own.sum(axis=1, keepdims=True)
+        tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
+                                    classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
+                                    own_probabilities=own, own_strategy=cfg.own_strategy)
+        reference_check = None
+        references = (made.get("counterfactual") or {}).get("recogniser_on_references")
+        if cfg.tag_adherence and references:
+            reference_check = {"accuracy": references["value"], "examples": references["examples"]}
+
+        def respond(seed):
+            outputs = []
+            for example, tag in zip(examples, tags):
+                line = passed[(seed, example["conversation_id"], example["turn_index"], tag)]
+                outputs.append({"tag": tag, "response": line["response"], "tokens": line["tokens"],
+                                **({"recognised": line["recognised"]} if cfg.tag_adherence else {})})
+            return outputs, None, None
+
+        loaded = {"classifier": next_classifier.model} if next_classifier else {}
+        return Replies(respond, tags, labels, loaded, reference_check)
 
 
 class BaseModelResponder(GeneratorResponder):
@@ -202,5 +255,8 @@ RESPONDERS = {"finetuned": GeneratorResponder, "base": BaseModelResponder, "llm"
 
 
 def responder(cfg) -> GeneratorResponder | PromptedLLMResponder:
-    """The responder an eval config names (generator_source)."""
+    """The responder an eval config names (generator_source): a tagged fine-tuned generator's replies
+    are chosen from its generation pass."""
+    if cfg.generator_source == "finetuned" and cfg.strategy_tag:
+        return TagSelectionResponder(cfg)
     return RESPONDERS[cfg.generator_source](cfg)

@@ -1,20 +1,37 @@
 """Batched response generation: left padding, a KV cache, greedy by default.
 
-The decoding loop is ours rather than `model.generate`'s for two reasons: a row that has written
+The decoding loop is ours rather than `model.generate`'s for three reasons: a row that has written
 EOS leaves the batch (its KV cache rows are dropped), so a batch costs as much as its live rows,
-not as much as its longest reply; and the tokens every prompt starts with (a chat model's system
+not as much as its longest reply; the tokens every prompt starts with (a chat model's system
 prompt: 21 of the cpu profile's 53 prompt tokens on average) are encoded once per call, and their
-KV cache is shared by every row of every batch. Each step is the model's own forward pass with a transformers
-DynamicCache, and sampling uses transformers' temperature and top-p warpers; greedy outputs equal
-`model.generate`'s (tests/test_generation.py)."""
+KV cache is shared by every row of every batch; and one context's replies under several tags
+(`generate_under_tags`) share the context's KV cache, so the context is encoded once for all of
+them. Each step is the model's own forward pass with a transformers DynamicCache, and sampling uses
+transformers' temperature and top-p warpers with one seeded generator per row, so that a row's
+reply does not depend on its batch; greedy outputs equal `model.generate`'s (tests/test_generation.py)."""
 
 from __future__ import annotations
 
+import json
+import zlib
+
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mhsupport.modeling.scoring import can_share_prefix, continue_prefix, encode_prefix, shared_prefix_length
+from mhsupport.modeling.scoring import (can_share_prefix, continue_prefix, encode_prefix, left_padded, positions_of,
+                                        shared_prefix_length)
+
+
+def row_seed(seed: int, context: list[dict], tag: str | None) -> int:
+    """The sampling seed of one reply: the decoding seed and what the reply is conditioned on, so the
+    same context and tag draw the same reply in any batch, alone or beside the other tags."""
+    return zlib.crc32(json.dumps([seed, context, tag], sort_keys=True).encode()) & 0x7FFFFFFF
+
+
+def sampling_warpers(do_sample: bool, top_p: float, temperature: float) -> LogitsProcessorList | None:
+    return LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) if do_sample else None
 
 
 @torch.no_grad()
@@ -22,48 +39,140 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
              batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
              temperature: float = 0.7, seed: int = 0, progress: bool = True, batches=None,
              name: str = "generate") -> list[dict]:
-    """One {"tag", "response"} per context. A forced tag is given in the model's tag format (its
-    instruction in the prompt, or its opening forced after the prompt: the reply is what follows).
+    """One {"tag", "response", "tokens"} per context. A forced tag is given in the model's tag format
+    (its instruction in the prompt, or its opening forced after the prompt: the reply is what follows).
     Without one, a model whose tag opens the reply writes its own, read back from its opening.
     With `batches` (a run's finished batches: get/put by name), a batch stored under `name` (with the
     batch size and its first row) is read back instead of generated, and each generated batch is stored."""
     model.eval()
     prompts = [formatter.prompt_ids(context, tag) + formatter.opening_ids(tag)
                for context, tag in zip(contexts, forced_tags)]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)]) if do_sample else None
+    pad = pad_id(tokenizer)
+    warpers = sampling_warpers(do_sample, top_p, temperature)
     shared = shared_prefix_length(prompts) if can_share_prefix(model) else 0
     prefix = encode_prefix(model, prompts[0][:shared]) if shared else None
     prompts = [ids[shared:] for ids in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: list[dict | None] = [None] * len(prompts)
-    generator_seed = torch.Generator().manual_seed(seed)
-    for start in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+    for start in tqdm(range(0, len(order), batch_size), desc=name, disable=not progress):
         batch = order[start:start + batch_size]
-        batch_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)) if do_sample else None
         key = f"{name}-{batch_size}-{start}"  # a batch is the same rows only at the same batch size
         stored = batches.get(key) if batches is not None else None
         if stored is not None:
             for i, result in zip(batch, stored):
                 results[i] = result
             continue
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
+        input_ids, attention = left_padded([prompts[i] for i in batch], pad, model.device)
+        seeds = [row_seed(seed, contexts[i], forced_tags[i]) for i in batch] if do_sample else None
+        new_tokens = decode(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, warpers, prefix,
+                            seeds)
         for row, i in enumerate(batch):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention[row, width - len(prompts[i]):] = 1
-        if do_sample:
-            torch.manual_seed(batch_seed)
-        new_tokens = decode(model, input_ids.to(model.device), attention.to(model.device), max_new_tokens,
-                            tokenizer.eos_token_id, warpers, prefix)
-        for row, i in enumerate(batch):
-            written, text = read_opening(formatter, new_tokens[row])
-            tag = forced_tags[i] if forced_tags[i] is not None else written
-            results[i] = {"tag": tag, "response": " ".join(text.split())}
+            results[i] = reply(formatter, new_tokens[row], forced_tags[i])
         if batches is not None:
             batches.put(key, [results[i] for i in batch])
     return results
+
+
+@torch.no_grad()
+def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]], tags: list[str | None],
+                        batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
+                        temperature: float = 0.7, seed: int = 0, progress: bool = True, batches=None,
+                        name: str = "generate under tags") -> list[dict]:
+    """For each context, one reply under each of `tags` (None: no tag), decoded from one encoding of
+    the context: {"replies": [{"tag", "response", "tokens"} per tag], "own": log P(tag's opening |
+    prompt) per tag, or None where the tag does not open the reply}. Each reply equals what `generate`
+    gives for that context and tag (same seed), so a tag sampler is a choice among them.
+    `batch_size` counts contexts; a batch decodes batch_size x len(tags) rows."""
+    model.eval()
+    pad = pad_id(tokenizer)
+    warpers = sampling_warpers(do_sample, top_p, temperature)
+    sequences = [[formatter.prompt_ids(context, tag) + formatter.opening_ids(tag) for tag in tags]
+                 for context in contexts]
+    # where each tag's opening starts: the tokens from there on are the model's own choice of tag
+    opening_from = [[len(formatter.prompt_ids(context, tag)) if formatter.opening_ids(tag) else None for tag in tags]
+                    for context in contexts]
+    flat = [ids for group in sequences for ids in group]
+    limit = min(min(s for s in starts if s is not None) if any(s is not None for s in starts) else len(group[0])
+                for starts, group in zip(opening_from, sequences)) - 1
+    shared = shared_prefix_length(flat, limit) if can_share_prefix(model) else 0
+    prefix = encode_prefix(model, flat[0][:shared]) if shared else None
+    order = sorted(range(len(contexts)), key=lambda i: len(sequences[i][0]))
+    results: list[dict | None] = [None] * len(contexts)
+    k = len(tags)
+    for start in tqdm(range(0, len(order), batch_size), desc=name, disable=not progress):
+        batch = order[start:start + batch_size]
+        key = f"{name}-{batch_size}-{start}"
+        stored = batches.get(key) if batches is not None else None
+        if stored is not None:
+            for i, result in zip(batch, stored):
+                results[i] = result
+            continue
+        # each context's head (what all its tags' prompts share, up to before the first opening
+        # token's predecessor) once; then one row per (context, tag) continues it
+        heads, continuations, scored_from = [], [], []
+        for i in batch:
+            rest = [ids[shared:] for ids in sequences[i]]
+            starts = [s for s in opening_from[i] if s is not None]
+            bound = (min(starts) if starts else min(map(len, rest)) + shared) - 1 - shared
+            head = shared_prefix_length(rest, bound)
+            heads.append(rest[0][:head])
+            for ids, opening in zip(rest, opening_from[i]):
+                continuations.append(ids[head:])
+                scored_from.append(None if opening is None else opening - shared - head)
+        head_ids, head_mask = left_padded(heads, pad, model.device)
+        cache, head_mask, head_positions = continue_prefix(model, prefix, head_mask, positions_of(head_mask))
+        if head_ids.shape[1]:
+            model(input_ids=head_ids, attention_mask=head_mask, position_ids=head_positions, cache=cache,
+                  use_cache=True, logits_to_keep=1)
+        rows = torch.arange(len(batch), device=model.device).repeat_interleave(k)
+        if head_ids.shape[1] or prefix is not None:
+            cache.batch_select_indices(rows)  # each context's cache once per tag
+        head_mask = head_mask[rows]
+        cont_ids, cont_mask = left_padded(continuations, pad, model.device)
+        attention = torch.cat([head_mask, cont_mask], dim=1)
+        positions = positions_of(cont_mask, head_mask.sum(dim=1, keepdim=True))
+        hidden = model.get_decoder()(input_ids=cont_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                                     use_cache=True).last_hidden_state
+        head_output = model.get_output_embeddings()
+        own = opening_log_probabilities(head_output, hidden, cont_ids, cont_mask, scored_from)
+        first_logits = head_output(hidden[:, -1]).float()
+        seeds = [row_seed(seed, contexts[i], tag) for i in batch for tag in tags] if do_sample else None
+        new_tokens = decode_from(model, cache, first_logits, attention, positions[:, -1:], max_new_tokens,
+                                 tokenizer.eos_token_id, warpers, seeds)
+        for b, i in enumerate(batch):
+            results[i] = {"replies": [reply(formatter, new_tokens[b * k + j], tag) for j, tag in enumerate(tags)],
+                          "own": None if own is None else own[b * k:(b + 1) * k]}
+        if batches is not None:
+            batches.put(key, [results[i] for i in batch])
+    return results
+
+
+def opening_log_probabilities(head_output, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                              scored_from: list[int | None]) -> list[float] | None:
+    """Per row, the summed log-probability of its tokens from `scored_from` on (a tag's opening),
+    read from the hidden states of its left-padded continuation; None where no row has an opening."""
+    if all(s is None for s in scored_from):
+        return None
+    width = ids.shape[1]
+    lengths = mask.sum(dim=1).tolist()
+    scored = torch.zeros((len(ids), width - 1), dtype=torch.bool, device=ids.device)
+    for row, (start, length) in enumerate(zip(scored_from, lengths)):
+        if start is not None:  # left-padded: the row's token t sits at column width - length + t
+            scored[row, width - length + start - 1:] = True
+    logits = head_output(hidden[:, :-1][scored]).float()
+    values = -F.cross_entropy(logits, ids[:, 1:][scored], reduction="none")
+    sums = torch.zeros(scored.shape, dtype=values.dtype, device=ids.device).masked_scatter(scored, values).sum(dim=1)
+    return [float(v) if s is not None else None for v, s in zip(sums.tolist(), scored_from)]
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def reply(formatter, new_tokens: list[int], forced_tag: str | None) -> dict:
+    written, text = read_opening(formatter, new_tokens)
+    return {"tag": forced_tag if forced_tag is not None else written, "response": " ".join(text.split()),
+            "tokens": len(new_tokens)}
 
 
 def read_opening(formatter, new_tokens: list[int]) -> tuple[str | None, str]:
@@ -85,24 +194,45 @@ def read_opening(formatter, new_tokens: list[int]) -> tuple[str | None, str]:
 
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos_id: int,
            warpers: LogitsProcessorList | None = None,
-           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[list[int]]:
+           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+           seeds: list[int] | None = None) -> list[list[int]]:
     """The new tokens of each left-padded row (EOS included where it was written), greedy or, with
-    `warpers`, sampled from the warped distribution (torch's global generator). With `prefix` (from
-    `encode_prefix`), every row continues that prefix: the rows hold only what follows it."""
-    new_tokens: list[list[int]] = [[] for _ in range(len(input_ids))]
-    live = torch.arange(len(input_ids), device=input_ids.device)  # batch row of each live row
+    `warpers`, sampled from the warped distribution (row r from a generator seeded with seeds[r];
+    without seeds, from torch's global generator). With `prefix` (from `encode_prefix`), every row
+    continues that prefix: the rows hold only what follows it."""
     # positions count real tokens only, so a left-padded prompt is positioned as if unpadded
     positions = (attention.cumsum(-1) - 1).clamp(min=0)
     cache, attention, positions = continue_prefix(model, prefix, attention, positions)
-    tokens = input_ids
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    return decode_from(model, cache, logits, attention, positions[:, -1:], max_new_tokens, eos_id, warpers, seeds,
+                       input_ids)
+
+
+def decode_from(model, cache, logits: torch.Tensor, attention: torch.Tensor, last_positions: torch.Tensor,
+                max_new_tokens: int, eos_id: int, warpers: LogitsProcessorList | None = None,
+                seeds: list[int] | None = None, input_ids: torch.Tensor | None = None) -> list[list[int]]:
+    """Decoding from a filled cache: `logits` (rows, vocab) are each row's next-token logits after its
+    prompt, `attention` the mask of what the cache holds and `last_positions` (rows, 1) the position of
+    each row's last token. `input_ids` (what the warpers see as the prompt) only matters to warpers
+    that read it; temperature and top-p do not."""
+    rows = len(logits)
+    new_tokens: list[list[int]] = [[] for _ in range(rows)]
+    live = torch.arange(rows, device=logits.device)  # batch row of each live row
+    generators = ([torch.Generator(device=logits.device).manual_seed(s) for s in seeds]
+                  if warpers is not None and seeds is not None else None)
+    tokens = input_ids if input_ids is not None else torch.zeros((rows, 1), dtype=torch.long, device=logits.device)
+    positions = last_positions
     for step in range(max_new_tokens):
-        logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, cache=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
         if warpers is None:
             chosen = logits.argmax(dim=-1)
         else:
             probabilities = torch.softmax(warpers(tokens, logits), dim=-1)
-            chosen = torch.multinomial(probabilities, num_samples=1).squeeze(1)
+            if generators is None:
+                chosen = torch.multinomial(probabilities, num_samples=1).squeeze(1)
+            else:
+                chosen = torch.cat([torch.multinomial(probabilities[r], 1, generator=generators[row])
+                                    for r, row in enumerate(live.tolist())])
         for row, token in zip(live.tolist(), chosen.tolist()):
             new_tokens[row].append(token)
         going = chosen != eos_id
@@ -113,6 +243,8 @@ def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_toke
             cache.batch_select_indices(keep)
             live, attention, positions, chosen = live[keep], attention[keep], positions[keep], chosen[keep]
         attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-        positions = positions[:, -1:] + 1
+        positions = positions + 1
         tokens = chosen[:, None]
+        logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, cache=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
     return new_tokens

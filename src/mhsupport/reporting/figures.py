@@ -40,6 +40,29 @@ def confusion_figure(rows: list[dict], stem: Path, title: str) -> None:
     figure.suptitle(title)
     save_figure(figure, stem)
 
+def counterfactual_figure(rows: list[dict], stem: Path, title: str) -> None:
+    """Each tagged generator's replies under every forced category, as the recogniser reads them
+    (row-normalised %, empty replies as their own column), side by side."""
+    figure, axes = plt.subplots(1, len(rows), figsize=(5.2 * len(rows), 4.4), squeeze=False)
+    for axis, r in zip(axes[0], rows):
+        labels = r["labels"]
+        columns = list(next(iter(r["confusion"].values())))
+        counts = np.array([[r["confusion"][f][c] for c in columns] for f in labels], dtype=np.float64)
+        shares = 100 * counts / counts.sum(axis=1, keepdims=True).clip(min=1)
+        axis.imshow(shares, cmap="Blues", vmin=0, vmax=100)
+        for i in range(len(labels)):
+            for j in range(len(columns)):
+                axis.text(j, i, f"{shares[i, j]:.0f}", ha="center", va="center",
+                          color="white" if shares[i, j] > 60 else "black")
+        axis.set_xticks(range(len(columns)), [c[:7] for c in columns], rotation=30, ha="right")
+        axis.set_yticks(range(len(labels)), [label[:7] for label in labels])
+        axis.set_xlabel("recognised category of the reply")
+        axis.set_ylabel("forced category")
+        axis.set_title(f"{r['system']}: following {r['tag_following']:.1f}% "
+                       f"(human replies {r['recogniser_on_references']:.1f}%)")
+    figure.suptitle(title)
+    save_figure(figure, stem)
+
 def save_figure(figure, stem: Path) -> None:
     """A report figure as PNG and PDF."""
     figure.tight_layout()

@@ -113,7 +113,36 @@ def tag_use_markdown(rows: list[dict], pretrained_ppl: float) -> str:
                                               claims="\n".join(claims))
 
 
-def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds: list[int], judge_section: str) -> str:
+def steering_markdown(rows: list[dict]) -> str:
+    """The counterfactual test of steering: one row per tagged generator, then each one's confusion."""
+    if not rows:
+        return "No generation pass read its replies with the recogniser (tag_adherence=false): no steering test.\n"
+    labels = rows[0]["labels"]
+    table = markdown_table(rows, [
+        ("system", "System"), ("contexts", "Contexts"), ("tag_following", "Tag following %"),
+        ("tag_following_ci", "95% CI"), ("recogniser_on_references", "Recogniser on the human replies %"),
+        ("recogniser_on_references_ci", "95% CI"), ("following_minus_references", "Difference"),
+        ("following_minus_references_ci", "95% CI"), ("p_following_vs_references", "p (paired bootstrap)"),
+        *[(f"following_{label}", f"{label} %") for label in labels]])
+    confusions = []
+    for r in rows:
+        columns = list(next(iter(r["confusion"].values())))
+        confusion_rows = [{"forced": forced, **{c: counts[c] for c in columns}} for forced, counts in r["confusion"].items()]
+        confusions.append(f"**{r['system']}** (rows: the category forced; columns: the recogniser's reading):\n\n"
+                          + markdown_table(confusion_rows, [("forced", "Forced"), *[(c, c) for c in columns]]))
+    return _template("steering.md").substitute(contexts=f"{rows[0]['contexts']:,}", table=table,
+                                               confusions="\n\n".join(confusions))
+
+
+def baselines_markdown(rows: list[dict]) -> str:
+    return markdown_table(rows, [
+        ("system", "System"), ("examples", "Test examples"), ("accuracy", "Accuracy %"), ("accuracy_ci", "95% CI"),
+        ("macro_f1", "Macro-F1 %"), ("macro_f1_ci", "95% CI"), ("classifier_minus_accuracy", "Classifier - it (acc.)"),
+        ("classifier_minus_accuracy_ci", "95% CI"), ("p_accuracy", "p (paired bootstrap)")])
+
+
+def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds: list[int], judge_section: str,
+                    steering: list[dict], baselines: list[dict]) -> str:
     """The report's Markdown: the template filled with this profile's tables, tests and notes, and the
     LLM judge's section when a judge ran."""
     profile = cfg.generator.profile
@@ -144,7 +173,9 @@ def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds:
         tests=markdown_table(tests, [("claim", "Claim (B > A)"), ("metric", "Metric"), ("a", "A"), ("b", "B"),
                                      ("delta", "B - A"), ("ci", "95% CI (bootstrap)"), ("p_bootstrap", "p bootstrap"),
                                      ("p_bootstrap_holm", "Holm"), ("p_randomisation", "p approx. rand."),
-                                     ("p_randomisation_holm", "Holm"), ("verdict", "Verdict")]),
+                                     ("p_randomisation_holm", "Holm"), ("detectable", "Detectable (80% power)"),
+                                     ("verdict", "Verdict")]),
+        steering=steering_markdown(steering), classifier_baselines=baselines_markdown(baselines),
         orderings=orderings_summary(tests), comparisons=len(tests), orderings_tested=len(tests) // tested_metrics,
         tested_metrics=tested_metrics, significance_resamples=cfg.significance_resamples)
     return text + ("\n" + judge_section if judge_section else "")

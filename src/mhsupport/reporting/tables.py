@@ -5,6 +5,7 @@ interval and p-value from evaluation/statistics (through the metric modules)."""
 from __future__ import annotations
 
 import numpy as np
+from scipy.stats import norm
 
 from mhsupport.errors import MhsError
 from mhsupport.evaluation import tag_use
@@ -76,7 +77,10 @@ def significance(cfg, evals: dict[str, list]) -> list[dict]:
             r = bootstrap[metric]
             tests.append({"claim": claim, "metric": metric, "a": round(r["a"], 3), "b": round(r["b"], 3),
                           "delta": round(r["delta"], 3), "ci": f"[{r['ci_low']:.2f}, {r['ci_high']:.2f}]",
+                          "ci_low": r["ci_low"], "ci_high": r["ci_high"],
                           "p_bootstrap": r["p_value"], "p_randomisation": randomised[metric]["p_value"]})
+    for t in tests:
+        t["detectable"] = round(detectable_effect(t.pop("ci_low"), t.pop("ci_high"), len(tests)), 3)
     for kind in ("bootstrap", "randomisation"):
         for t, p in zip(tests, holm([t[f"p_{kind}"] for t in tests])):
             t[f"p_{kind}_holm"] = p
@@ -176,3 +180,59 @@ def oracle_adherence(oracle_eval: dict | None) -> dict:
     if oracle_eval.get("recogniser_on_references"):
         out["recogniser_on_references"] = round(oracle_eval["recogniser_on_references"]["accuracy"], 2)
     return out
+
+def counterfactual_rows(generations: dict[str, dict]) -> list[dict]:
+    """Steering, from each tagged generator's generation pass (name -> its metrics): tag following
+    (the mean over categories of the share of replies recognised as the category they were generated
+    under) beside the recogniser's accuracy on the human replies of the same contexts, their paired
+    difference, and each category's following rate."""
+    rows = []
+    for name, made in generations.items():
+        c = made.get("counterfactual")
+        if not c:
+            continue
+        following, references, difference = c["tag_following"], c["recogniser_on_references"], \
+            c["following_minus_references"]
+        rows.append({
+            "system": name, "contexts": c["contexts"], "tag_following": round(following["value"], 1),
+            "tag_following_ci": f"[{following['low']:.1f}, {following['high']:.1f}]",
+            "recogniser_on_references": round(references["value"], 1),
+            "recogniser_on_references_ci": f"[{references['low']:.1f}, {references['high']:.1f}]",
+            "following_minus_references": round(difference["value"], 1),
+            "following_minus_references_ci": f"[{difference['low']:.1f}, {difference['high']:.1f}]",
+            "p_following_vs_references": round(difference["p_value"], 4),
+            **{f"following_{label}": round(rate["rate"], 1) for label, rate in c["per_category"].items()},
+            "confusion": c["confusion"], "labels": c["labels"]})
+    return rows
+
+
+def classifier_baseline_rows(classifier: dict) -> list[dict]:
+    """The next-category classifier beside its baselines on the same ESConv test rows (from its
+    training run): accuracy and macro-F1 with 95% bootstrap intervals, and the paired bootstrap of
+    the classifier against each baseline."""
+    test = classifier["significance"]["test"]
+    rows = []
+    for name, scores in test["intervals"].items():
+        accuracy, macro_f1 = scores["accuracy"], scores["macro_f1"]
+        row_ = {"system": "classifier" if name == test["reference"] else name,
+                "examples": classifier["test"][name]["n"],
+                "accuracy": round(100 * accuracy["value"], 1),
+                "accuracy_ci": f"[{100 * accuracy['ci_low']:.1f}, {100 * accuracy['ci_high']:.1f}]",
+                "macro_f1": round(100 * macro_f1["value"], 1),
+                "macro_f1_ci": f"[{100 * macro_f1['ci_low']:.1f}, {100 * macro_f1['ci_high']:.1f}]"}
+        paired = test["paired_vs_reference"].get(name)
+        if paired:
+            row_["classifier_minus_accuracy"] = round(100 * paired["accuracy"]["delta"], 1)
+            row_["classifier_minus_accuracy_ci"] = (f"[{100 * paired['accuracy']['ci_low']:.1f}, "
+                                                    f"{100 * paired['accuracy']['ci_high']:.1f}]")
+            row_["p_accuracy"] = round(paired["accuracy"]["p_value"], 4)
+        rows.append(row_)
+    return rows
+
+
+def detectable_effect(ci_low: float, ci_high: float, tests: int, power: float = 0.8) -> float:
+    """The smallest difference a two-sided test at Holm's strictest level (0.05 / tests) detects with
+    the given power, from the paired bootstrap's 95% interval of the difference (its width / 3.92 is
+    the difference's standard error): (z_{1 - alpha/2} + z_power) x SE."""
+    standard_error = (ci_high - ci_low) / (2 * norm.ppf(0.975))
+    return float((norm.ppf(1 - 0.05 / tests / 2) + norm.ppf(power)) * standard_error)

@@ -188,6 +188,16 @@ def likelihood_config(cfg: DictConfig) -> DictConfig:
         "test_subset_seed": cfg.test_subset_seed, "bootstrap": cfg.bootstrap}, profile=cfg.generator.profile)
 
 
+def generation_config(cfg: DictConfig) -> DictConfig:
+    """The `mhs generate` config of the generation pass a tagged eval config selects its replies
+    from: the same generator, test examples, decoding and recogniser (its sampler plays no part)."""
+    return derive("generate", cfg, {
+        "generator": cfg.generator, "dataset": cfg.dataset, "strategy_tag": cfg.strategy_tag, "tag_set": cfg.tag_set,
+        "tags_in_history": cfg.tags_in_history, "classifier": cfg.classifier, "classifier_run": cfg.classifier_run,
+        "test_subset": cfg.test_subset, "test_subset_seed": cfg.test_subset_seed, "decoding": cfg.decoding,
+        "tag_adherence": cfg.tag_adherence, "bootstrap": cfg.bootstrap}, profile=cfg.generator.profile)
+
+
 def _shared_with(stage: str, cfg: DictConfig, own: tuple[str, ...]) -> dict:
     """The keys of `cfg` that `stage`'s config (of cfg's generator profile) also has, less `own`
     (the keys the derived config's caller chooses)."""

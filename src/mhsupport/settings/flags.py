@@ -17,7 +17,8 @@ from mhsupport.settings.config import default_choice, load_config
 
 # The commands that take config flags, and the stage whose config each one composes.
 STAGE_OF = {"prepare-data": "prepare_data", "train dialogpt": "train_generator",
-            "train classifier": "train_classifier", "eval": "eval", "likelihood": "likelihood", "judge": "judge",
+            "train classifier": "train_classifier", "generate": "generate", "eval": "eval", "likelihood": "likelihood",
+            "judge": "judge",
             "report": "report",
             "reproduce": "report", "chat": "chat", "clean": "clean", "models fetch": "models"}
 GROUPS = ("profile",)  # config groups a flag chooses (not keys of the composed config)
@@ -65,8 +66,8 @@ def _seed_list(text: str) -> str:
     return "[" + ",".join(map(str, seeds)) + "]"
 
 
-_MODEL_COMMANDS = ("train dialogpt", "train classifier", "eval", "likelihood", "chat")
-_GENERATOR_COMMANDS = ("train dialogpt", "eval", "likelihood", "chat")
+_MODEL_COMMANDS = ("train dialogpt", "train classifier", "generate", "eval", "likelihood", "chat")
+_GENERATOR_COMMANDS = ("train dialogpt", "generate", "eval", "likelihood", "chat")
 _TAG_FORMAT_HELP = ("how the tag reaches the generator: a special token opening the reply, the strategy in words "
                     "opening it, or an instruction before it (default: {default})")
 
@@ -80,12 +81,13 @@ FLAGS = (
     Flag("--dataset", "dataset", {**{command: "training data (default: {default})"
                                      for command in ("train dialogpt", "train classifier")},
                                   **{command: "the generator's training data (default: {default})"
-                                     for command in ("eval", "likelihood", "chat")}},
+                                     for command in ("generate", "eval", "likelihood", "chat")}},
          choices=options.DATASETS),
     Flag("--tag-set", "tag_set", {command: "4 categories or the 8 ESConv strategies (esconv only) (default: {default})"
                                   for command in _MODEL_COMMANDS}, choices=options.TAG_SETS),
     Flag("--strategy-tag", "strategy_tag", {
         "train dialogpt": "train with a strategy tag before each response (default: {default})",
+        "generate": "the tagged generator (the only kind with tags to generate under) (default: {default})",
         "eval": "evaluate the tagged generator (default: {default})",
         "likelihood": "score the tagged generator (default: {default})",
         "chat": "talk to the tagged generator (default: {default})"}, kind="switch"),

@@ -153,6 +153,14 @@ RULES = {
     "generator.valid_subset": _int(1, optional=True), "generator.train_eval_subset": _int(1, optional=True),
     **{f"classifier.{k}": rule for k, rule in _MODEL_RULES.items()},
     "classifier.source": _choice(MODEL_SOURCES["classifier"]), "classifier.max_length": _int(1),
+    **{f"classifier.architecture.{k}": _int(1)
+       for k in ("hidden_size", "intermediate_size", "max_positions", "num_heads", "num_layers")},
+    **{f"generator.architecture.{k}": _int(1) for k in ("n_embd", "n_head", "n_layer", "n_positions")},
+    **{f"{model}.tokenizer.vocab_size": _int(1) for model in ("generator", "classifier")},
+    **{f"{model}.tokenizer.min_frequency": _int(0) for model in ("generator", "classifier")},
+    **{f"data.esconv_split_fractions.{split}": _number(0, False, 1.0, False) for split in ("train", "valid")},
+    **{f"data.epitome_bucket_bounds.{split}": _int(0) for split in ("train", "valid")},
+    "runtime.batch_size": _int(1), "runtime.dataloader_workers": _int(0), "runtime.logging_steps": _int(1),
 }
 
 
@@ -185,6 +193,22 @@ def validate(cfg: DictConfig) -> None:
             raise MhsError("generator.tag_contrast_weight contrasts the openings of a reply (tag_format token or words); "
                            "an instruction is part of the prompt: set generator.tag_contrast_weight=0")
         _check_strategy_words(cfg)
+    data = cfg.get("data")
+    if data is not None and "esconv_split_fractions" in data:
+        fractions = data.esconv_split_fractions
+        if fractions.train + fractions.valid >= 1:
+            raise MhsError(f"data.esconv_split_fractions: train {fractions.train} + valid {fractions.valid} must be < 1 "
+                           "(the rest is test), e.g. data.esconv_split_fractions.valid=0.15")
+    if data is not None and "epitome_bucket_bounds" in data:
+        bounds = data.epitome_bucket_bounds
+        if not 0 < bounds.train < bounds.valid < 100:
+            raise MhsError(f"data.epitome_bucket_bounds: expected 0 < train < valid < 100 (buckets of 100; the rest "
+                           f"is test), got train={bounds.train} valid={bounds.valid}")
+    for model, width, heads in (("generator", "n_embd", "n_head"), ("classifier", "hidden_size", "num_heads")):
+        architecture = (cfg.get(model) or {}).get("architecture")
+        if architecture is not None and architecture[width] % architecture[heads]:
+            raise MhsError(f"{model}.architecture.{width}={architecture[width]} must be a multiple of "
+                           f"{model}.architecture.{heads}={architecture[heads]} (each head gets an equal share)")
     if cfg.get("tag_set") == "strategy" and cfg.get("dataset", "esconv") != "esconv":
         raise MhsError("tag_set=strategy (the 8 ESConv strategies) needs dataset=esconv: EPITOME has no such "
                        "labels (use --dataset esconv)")

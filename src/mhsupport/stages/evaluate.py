@@ -23,7 +23,7 @@ from mhsupport.evaluation.metric_protocols import PROTOCOLS
 from mhsupport.modeling import classifier as classifier_api, devices
 from mhsupport.modeling.formatting import generator_tags
 from mhsupport.runs import artifacts
-from mhsupport.settings.config import classifier_config, generator_config, prepare_data_config
+from mhsupport.settings.config import classifier_config, generation_config, generator_config, prepare_data_config
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -43,6 +43,7 @@ def check(cfg: DictConfig) -> None:
 
 # The upstream runs a responder may read, by the name it gives them.
 UPSTREAM = {"generator": lambda cfg: ("train_generator", generator_config(cfg)),
+            "generation": lambda cfg: ("generate", generation_config(cfg)),
             "classifier": lambda cfg: ("train_classifier", classifier_config(cfg, "next_category")),
             "recogniser": lambda cfg: ("train_classifier", classifier_config(cfg, "response"))}
 
@@ -88,7 +89,7 @@ def generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     replies = responder.prepare(inputs, gcfg, examples, generator_tags(gcfg), label_key, batches)
     respond, tags, labels, loaded = replies.respond, replies.tags, replies.labels, replies.loaded
-    reference_check = None
+    reference_check = replies.reference_check
     if recogniser:
         loaded["recogniser"] = recogniser.model
         # how often the recogniser finds the gold label in the human replies themselves: the ceiling
@@ -109,6 +110,8 @@ def generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches
         empty = [not response for response in responses]
         empty_per_seed[str(seed)] = sum(empty)
         recognised = judge(recogniser, responses, empty) if recogniser else None
+        if recognised is None and outputs and "recognised" in outputs[0]:  # read by the generation pass
+            recognised = [o["recognised"] for o in outputs]
         gold = [e[label_key] for e in examples]
         scores = GenerationScores(responses, [e["response"] for e in examples], nll, counts,
                                   used_tags if labels else None, gold, recognised, protocols=protocols)

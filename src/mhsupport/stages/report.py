@@ -13,12 +13,14 @@ from mhsupport.errors import MhsError
 from mhsupport.evaluation import judge_results
 from mhsupport.evaluation.metric_protocols import metric_names
 from mhsupport.modeling import devices
-from mhsupport.reporting.figures import bleu_figure, confusion_figure
+from mhsupport.reporting.figures import bleu_figure, confusion_figure, counterfactual_figure
 from mhsupport.reporting.paper import DATASET_NAMES, PAPER_TABLE2, PAPER_TABLE4, TABLE2_SYSTEMS, systems
 from mhsupport.reporting.render import report_markdown, write_csv
-from mhsupport.reporting.tables import over_seeds, perplexity, pooled_likelihoods, row, significance, tag_use_rows
+from mhsupport.reporting.tables import (classifier_baseline_rows, counterfactual_rows, over_seeds, perplexity,
+                                       pooled_likelihoods, row, significance, tag_use_rows)
 from mhsupport.runs import artifacts
-from mhsupport.settings.config import eval_config, judge_config, likelihood_config, prepare_data_config
+from mhsupport.settings.config import (classifier_config, eval_config, generation_config, judge_config, likelihood_config,
+                                      prepare_data_config)
 
 log = logging.getLogger(__name__)
 STAGE = "report"
@@ -50,6 +52,9 @@ def requires(cfg: DictConfig) -> dict:
                       for key, values in systems(cfg.table4_samplers).items()})
         needs.update({f"likelihood/{name}@{seed}": ("likelihood", likelihood_config(eval_config(cfg, {**values, "seed": seed})))
                       for name, values in TABLE2_SYSTEMS.items()})
+        needs.update({f"generation/{dataset}@{seed}": ("generate", generation_config(eval_config(
+            cfg, {"dataset": dataset, "strategy_tag": True, "seed": seed}))) for dataset in DATASET_NAMES})
+    needs["classifier"] = ("train_classifier", classifier_config(eval_config(cfg, {}), "next_category"))
     if cfg.judge.backend != "none":  # the judge's Tables 3, 5 and 6, on the evals of the first training seed
         needs.update({f"judge/{table}": ("judge", judge_config(cfg, table, training_seeds(cfg)[0]))
                       for table in cfg.judge.report_tables})
@@ -78,9 +83,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     table4_cells = {f"{DATASET_NAMES[d]}+tag / {s}": (d, s) for d in ("esconv", "unified") for s in cfg.table4_samplers}
     table4 = [row(name, metrics[f"table4/{d}/{s}"], PAPER_TABLE4.get((d, s))) for name, (d, s) in table4_cells.items()]
     tests = significance(cfg, evals)
+    # steering and the classifier's baselines: the first training seed's runs
+    steering = counterfactual_rows({f"{DATASET_NAMES[d]}+tag": inputs[f"generation/{d}@{seeds[0]}"].read_metrics()
+                                    for d in DATASET_NAMES})
+    baselines = classifier_baseline_rows(inputs["classifier"].read_metrics())
     judged = {table: inputs[f"judge/{table}"].read_metrics() for table in cfg.judge.report_tables
               if f"judge/{table}" in inputs}
     run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests, "tag_use": tag_use,
+                    "steering": [{k: v for k, v in r.items() if k not in ("confusion", "labels")} for r in steering],
+                    "classifier_baselines": baselines,
                     "judge": {table: {"signature": m["signature"], "rows": m["rows"]} for table, m in judged.items()}}
     run_.device = devices.describe(cfg.runtime, {})  # the machine the report was built on (its CPU), for docs/results.md
 
@@ -91,6 +102,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         write_csv(out / "significance.csv", tests)
         write_csv(out / "tag_use.csv", [{k: v for k, v in r.items() if k != "confusion"} for r in tag_use])
         confusion_figure(tag_use, out / "tag_use_confusion", f"Lowest-NLL tag vs gold tag ({profile} profile)")
+        write_csv(out / "classifier_baselines.csv", baselines)
+        if steering:
+            write_csv(out / "steering.csv", [{k: v for k, v in r.items() if k not in ("confusion", "labels")}
+                                             for r in steering])
+            write_csv(out / "steering_confusion.csv", [{"system": r["system"], "forced": forced, **counts}
+                                                       for r in steering for forced, counts in r["confusion"].items()])
+            counterfactual_figure(steering, out / "steering_confusion",
+                                  f"Replies under every forced category, as the recogniser reads them ({profile} profile)")
         bleu_figure({name: metrics[f"table2/{name}"] for name in TABLE2_SYSTEMS},
                     out / "table2_bleu", f"Table 2 ({profile} profile): BLEU with 95% intervals")
         bleu_figure({name: metrics[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()},
@@ -101,5 +120,5 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             judge_results.figure(list(judged.values()), out / "judge_tables")
             judge_section = judge_results.report_section(judged, training_seeds(cfg)[0])
         (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds,
-                                                  judge_section))
+                                                  judge_section, steering, baselines))
     log.info("report wrote %s", run_.path)

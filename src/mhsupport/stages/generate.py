@@ -1,0 +1,151 @@
+"""`mhs generate`: one generation pass of a tagged generator. Each seeded ESConv test context is
+encoded once and a reply decoded under every tag (modeling.decoding.generate_under_tags); the
+replies, the model's own log-probability of each tag opening its reply, and the recogniser's
+reading of each reply go to `replies.jsonl`, one line per decoding seed, context and tag. `mhs eval`'s
+tag samplers choose among these replies, and the metrics hold the counterfactual test of steering
+(evaluation/counterfactual.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mhsupport.data.examples_io import read_examples
+from mhsupport.data.subsets import seeded_subset
+from mhsupport.data.taxonomy import Taxonomy
+from mhsupport.errors import MhsError
+from mhsupport.evaluation.counterfactual import counterfactual_scores
+from mhsupport.modeling import classifier as classifier_api, devices, loading
+from mhsupport.modeling.decoding import generate_under_tags
+from mhsupport.modeling.formatting import build_formatter, generator_tags
+from mhsupport.runs import artifacts
+from mhsupport.settings.config import classifier_config, generator_config, prepare_data_config
+
+log = logging.getLogger(__name__)
+STAGE = "generate"
+COMMAND = "mhs generate"
+PROFILE_GROUPS = ("generator", "classifier")
+REPLIES = "replies.jsonl"
+LINE_KEYS = ("seed", "conversation_id", "turn_index", "tag", "response", "tokens", "own_logprob", "recognised")
+
+
+def check(cfg: DictConfig) -> None:
+    if not cfg.strategy_tag:
+        raise MhsError("mhs generate decodes a tagged generator's replies under every tag; an untagged generator "
+                       "has one reply per context, which `mhs eval` generates (add --strategy-tag)")
+
+
+def requires(cfg: DictConfig) -> dict:
+    needs = {"prepare_data": ("prepare_data", prepare_data_config(cfg)),
+             "generator": ("train_generator", generator_config(cfg))}
+    if cfg.tag_adherence:
+        needs["recogniser"] = ("train_classifier", classifier_config(cfg, "response"))
+    return needs
+
+
+def label(cfg: DictConfig) -> str:
+    return f"generate {cfg.dataset}+tag under every tag (seed {cfg.seed})"
+
+
+def test_examples(cfg: DictConfig, data_run: Path) -> list[dict]:
+    """The seeded ESConv test examples an eval and its generation pass score (the same ones)."""
+    return seeded_subset(read_examples(data_run, "esconv", "test"), cfg.test_subset, cfg.test_subset_seed)
+
+
+def decoding_seeds(cfg: DictConfig) -> list[int]:
+    d = cfg.decoding
+    return list(d.seeds) if d.do_sample else [d.seeds[0]]
+
+
+def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
+    data_run = inputs["prepare_data"].path
+    examples = test_examples(cfg, data_run)
+    gcfg = generator_config(cfg)
+    model, tokenizer = loading.load_scored_generator(cfg, inputs["generator"].path, data_run,
+                                                     devices.inference(cfg.runtime))
+    formatter = build_formatter(gcfg, tokenizer)
+    labels = generator_tags(gcfg)
+    # where the tag is an instruction the model cannot choose its own: sampler none is the reply without one
+    tags = labels + ([] if formatter.model_writes_tag else [None])
+    d = cfg.decoding
+    contexts = [e["context"] for e in examples]
+    passes = {}
+    with run_.finished_batches(fresh=cfg.force) as batches:
+        for seed in decoding_seeds(cfg):
+            passes[seed] = generate_under_tags(model, tokenizer, formatter, contexts, tags, batch_size=d.batch_size,
+                                               max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, top_p=d.top_p,
+                                               temperature=d.temperature, seed=seed, progress=cfg.runtime.progress,
+                                               batches=batches, name=f"generate-seed{seed}")
+    loaded = {"generator": model}
+    recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
+    label_key = Taxonomy.label_key(cfg.tag_set)
+    lines = []
+    reference_hits = None
+    if recogniser is not None:
+        loaded["recogniser"] = recogniser.model
+        reference_hits = [r == e[label_key]
+                          for r, e in zip(recogniser.predict([e["response"] for e in examples]), examples)]
+    per_seed = {}
+    for seed, results in passes.items():
+        replies = [reply for result in results for reply in result["replies"]]
+        texts = [reply["response"] for reply in replies]
+        read = iter(recogniser.predict([t for t in texts if t]) if recogniser is not None and any(texts) else [])
+        recognised = [next(read) if t else None for t in texts] if recogniser is not None else [None] * len(texts)
+        k = len(tags)
+        for i, (example, result) in enumerate(zip(examples, results)):
+            for j, tag in enumerate(tags):
+                reply = result["replies"][j]
+                own = result["own"][j] if result["own"] is not None else None
+                lines.append({"seed": seed, "conversation_id": example["conversation_id"],
+                              "turn_index": example["turn_index"], "tag": tag, "response": reply["response"],
+                              "tokens": reply["tokens"], "own_logprob": own, "recognised": recognised[i * k + j]})
+        if recogniser is not None:
+            under_labels = [[recognised[i * k + j] for j, tag in enumerate(tags) if tag is not None]
+                            for i in range(len(examples))]
+            per_seed[str(seed)] = counterfactual_scores([labels] * len(examples), under_labels, labels, reference_hits,
+                                                        cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    empty = sum(not line["response"] for line in lines)
+    run_.metrics = {"system": f"{cfg.dataset}+tag", "profile": cfg.generator.profile, "dataset": cfg.dataset,
+                    "examples": len(examples), "tags": tags, "seeds": list(passes),
+                    "decoding": "sampled" if d.do_sample else "greedy", "replies": len(lines),
+                    "empty_replies": {"count": empty, "share": empty / len(lines)},
+                    "counterfactual": per_seed.get(str(next(iter(passes)))), "counterfactual_per_seed": per_seed}
+    run_.device = devices.describe(cfg.runtime, loaded)
+    with run_.build(seed=cfg.seed, resumable=True) as out:
+        (out / REPLIES).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    log.info("generate wrote %s", run_.path)
+
+
+def read_replies(run: artifacts.Run, examples: list[dict], tags: list[str | None], seeds: list[int]) -> dict:
+    """A generation pass's replies by (seed, conversation_id, turn_index, tag), checked to cover every
+    example, tag and seed an eval asks for: a damaged or partial file is one line naming the run and
+    the command that rebuilds it."""
+    path = run.path / REPLIES
+    fix = f"rebuild it with {run.rebuild_hint}"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise MhsError(f"generate run {run.path}: {REPLIES} unreadable ({err.strerror or err}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise MhsError(f"{path}: byte {err.start} is not UTF-8 (the file is damaged); {fix}") from None
+    replies = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
+        if not isinstance(line, dict) or any(key not in line for key in LINE_KEYS):
+            missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
+            raise MhsError(f"{path}, line {number}: expected an object with {', '.join(missing)}; {fix}")
+        replies[(line["seed"], line["conversation_id"], line["turn_index"], line["tag"])] = line
+    wanted = [(seed, e["conversation_id"], e["turn_index"], tag) for seed in seeds for e in examples for tag in tags]
+    absent = [key for key in wanted if key not in replies]
+    if absent:
+        seed, conversation, turn, tag = absent[0]
+        raise MhsError(f"{path}: no reply for conversation {conversation}, turn {turn}, tag {tag!r}, seed {seed} "
+                       f"({len(absent)} of {len(wanted)} missing: the pass was made for other examples or is "
+                       f"partial); {fix}")
+    return replies
