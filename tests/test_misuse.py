@@ -41,6 +41,13 @@ def files_under(folder: Path) -> list[str]:
     (["eval"], "sampler=oracle", "sampler='oracle' needs a tagged generator"),
     (["report"], "table4_samplers=[none,sometimes]", "table4_samplers=['none', 'sometimes']: expected a non-empty list"),
     (["chat"], "max_new_tokens=0", "max_new_tokens=0: expected an integer >= 1"),
+    (["train", "dialogpt"], "runtime.logging_steps=-5", "runtime.logging_steps=-5: expected an integer >= 1"),
+    (["train", "classifier"], "runtime.dataloader_workers=-1", "runtime.dataloader_workers=-1: expected an integer >= 0"),
+    (["likelihood"], "runtime.batch_size=0", "runtime.batch_size=0: expected an integer >= 1"),
+    (["prepare-data"], "data.esconv_split_fractions.valid=0.4", "train 0.7 + valid 0.4 must be < 1"),
+    (["prepare-data"], "data.epitome_bucket_bounds.valid=70", "expected 0 < train < valid < 100"),
+    (["train", "dialogpt"], "generator.architecture.n_head=5", "must be a multiple of generator.architecture.n_head=5"),
+    (["generate"], "decoding.max_new_tokens=0", "decoding.max_new_tokens=0: expected an integer >= 1"),
 ])
 def test_bad_config_values_are_one_line_and_write_nothing(command, override, message, prepared, tmp_path, capsys):
     raw, _ = prepared
@@ -50,6 +57,31 @@ def test_bad_config_values_are_one_line_and_write_nothing(command, override, mes
     assert code == 2
     assert err.count("\n") == 1 and message in err, err
     assert files_under(artifacts) == []
+
+
+def test_every_numeric_config_key_has_its_range_checked():
+    """Each number a stage reads has a rule (type and range) in settings/options.py, checked before any
+    work: a key without one would pass a negative or zero value on to a run."""
+    from omegaconf import OmegaConf
+
+    from mhsupport.settings.config import load_config
+    from mhsupport.settings.options import RULES, profiles
+
+    def leaves(node, prefix=""):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix[:-1], node
+
+    unchecked = set()
+    for stage in [*pipeline.STAGES, "chat", "models", "clean"]:
+        for profile in profiles():
+            cfg = OmegaConf.to_container(load_config(stage, [f"profile={profile}"] if stage not in ("models", "clean")
+                                                     else []), resolve=True)
+            unchecked |= {key for key, value in leaves(cfg)
+                          if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in RULES}
+    assert not unchecked, f"numeric config keys without a range rule: {sorted(unchecked)}"
 
 
 def test_sigint_during_training_is_one_line_and_the_same_command_resumes(mhs_env, tmp_path):
