@@ -63,7 +63,8 @@ QUICK = dict(train_steps=6, warm_steps=2, generate_examples=8, nll_examples=16, 
              chain=["generator.train_subset=48", "generator.valid_subset=12", "classifier.train_subset=150",
                     "test_subset=16", "bootstrap.resamples=40", "significance_resamples=40",
                     "decoding.max_new_tokens=10"])
-CHAIN_STAGES = ("train_generator", "train_classifier", "likelihood", "eval")  # the stages that load models
+CHAIN_STAGES = ("train_generator", "train_classifier", "likelihood", "generate", "eval")  # the stages that load models
+INFERENCE_STAGES = ("likelihood", "generate", "eval")
 
 
 def card(device: torch.device) -> dict:
@@ -109,11 +110,11 @@ def model_placements(artifacts: Path, inference: devices.Placement) -> dict:
             unrecorded.append(f"{stage}: no run")
         for manifest_path in manifests:
             record = json.loads(manifest_path.read_text()).get("device") or {}
-            if not record.get("models"):
+            if "models" not in record:  # (a tagged eval that only chooses among a pass's replies loads none)
                 unrecorded.append(f"{stage}/{manifest_path.parent.name}: no device record")
             for name, where in record.get("models", {}).items():
                 placements.append({"stage": stage, "run": manifest_path.parent.name, "model": name, **where})
-                dtype = inference.dtype if stage in ("eval", "likelihood") else torch.float32
+                dtype = inference.dtype if stage in INFERENCE_STAGES else torch.float32
                 if torch.device(where["device"]) != inference.device or where["dtype"] != str(dtype).removeprefix("torch."):
                     misplaced.append(placements[-1])
     return {"ok": not misplaced and not unrecorded, "expected_device": str(inference.device),

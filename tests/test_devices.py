@@ -26,7 +26,7 @@ from mhsupport import pipeline
 from mhsupport.runs import artifacts
 from mhsupport.modeling import classifier as classifier_api, devices, loading
 from mhsupport.training import loop, validation
-from mhsupport.settings.config import classifier_config, eval_config, generator_config, load_config
+from mhsupport.settings.config import classifier_config, eval_config, generation_config, generator_config, load_config
 from mhsupport.errors import MhsError
 from mhsupport.modeling.decoding import generate
 from mhsupport.modeling.formatting import build_formatter
@@ -267,8 +267,11 @@ def test_manifests_record_where_each_stage_ran_its_models(make_cfg, prepared):
                                        flipped, "runtime.progress=false"))
     recorded = json.loads((result.run.path / "manifest.json").read_text())["device"]
     assert recorded["bf16"] is (not bf16_cpu)
-    assert recorded["models"] == {name: {"device": "cpu", "dtype": dtype}
-                                  for name in ("generator", "classifier", "recogniser")}
+    # the tagged eval chooses its replies from the generation pass, which loaded the generator and recogniser
+    assert recorded["models"] == {"classifier": {"device": "cpu", "dtype": dtype}}
+    passed = pipeline.Pipeline().plan("generate", generation_config(result.run.cfg))
+    recorded = json.loads((passed.path / "manifest.json").read_text())["device"]
+    assert recorded["models"] == {name: {"device": "cpu", "dtype": dtype} for name in ("generator", "recogniser")}
 
 
 # --- the GPU check, in its CPU quick mode ----------------------------------------------------
@@ -291,7 +294,9 @@ def test_gpu_check_flags_a_model_off_the_rules_device(tmp_path):
     manifest("train_generator", "g", {"generator": {"device": "cpu", "dtype": "float32"}})
     manifest("train_classifier", "c", {"classifier": {"device": "cpu", "dtype": "float32"}})
     manifest("likelihood", "l", {"generator": {"device": "cpu", "dtype": "float32"}})
+    manifest("generate", "p", {"generator": {"device": "cpu", "dtype": "float32"}})
     manifest("eval", "e1", {"generator": {"device": "cpu", "dtype": "float32"}})
+    manifest("eval", "e0", {})  # chose among a generation pass's replies: loaded nothing
     assert gpu_check.model_placements(tmp_path, cpu_fp32)["ok"]
     manifest("eval", "e2", {"generator": {"device": "cpu", "dtype": "float32"},
                             "recogniser": {"device": "cuda:0", "dtype": "float32"}})
@@ -314,7 +319,9 @@ def test_gpu_check_runs_on_the_cpu_in_quick_mode(real_raw_dir, tmp_path):
     assert result["device"] == "cpu" and result["card"]["name"].startswith("CPU") and result["quick"]
     chain = result["chain"]
     assert chain["ok"] and chain["expected_device"] == "cpu" and not chain["misplaced"]
-    assert chain["runs_checked"] == 4 + 2 + 5 + 11  # Table 2's two tagged rows are Table 4's "none" evals
+    # 4 generators, 2 classifiers, 5 likelihood runs, 2 generation passes, and the 5 evals that load a model
+    # (3 untagged, 2 classifier-sampler); the 6 other tagged evals choose among a pass's replies
+    assert chain["runs_checked"] == 4 + 2 + 5 + 2 + 5
     assert len(chain["stages"]) == 1 + 4 + 2 + 5 + 11 + 1  # each distinct eval is built once
     measured = result["throughput"]
     for part in ("generator_training", "classifier_training"):

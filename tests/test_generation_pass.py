@@ -22,6 +22,7 @@ from mhsupport.modeling.decoding import generate, generate_under_tags
 from mhsupport.modeling.formatting import ChatTemplateFormatter, EosJoinedFormatter, build_formatter
 from mhsupport.modeling.loading import train_bpe_tokenizer
 from mhsupport.settings.config import generation_config, generator_config, prepare_data_config
+from mhsupport.evaluation import replies_io
 from mhsupport.stages import generate as generate_stage
 from test_formatting import CHATML
 from test_likelihood import LABELS, WORDS
@@ -112,7 +113,7 @@ def test_a_samplers_eval_shows_what_generating_under_its_tags_gives(make_cfg, pa
 def test_the_pass_records_every_tag_and_the_counterfactual_test(passed_run):
     run, _ = passed_run
     metrics = run.read_metrics()
-    lines = [json.loads(line) for line in (run.path / generate_stage.REPLIES).read_text().splitlines()]
+    lines = [json.loads(line) for line in (run.path / replies_io.REPLIES).read_text().splitlines()]
     assert len(lines) == 24 * 4 == metrics["replies"] and metrics["tags"] == LABELS
     counterfactual = metrics["counterfactual"]
     assert sum(sum(row.values()) for row in counterfactual["confusion"].values()) == 96
@@ -125,13 +126,13 @@ def test_a_damaged_pass_is_one_line_naming_the_run_and_its_command(make_cfg, pas
     examples = generate_stage.test_examples(cfg, pipeline.Pipeline().plan("prepare_data", prepare_data_config(cfg)).path)
     copy = dataclasses.replace(run, path=tmp_path / "copy", command="mhs generate --profile tiny")
     (tmp_path / "copy").mkdir()
-    text = (run.path / generate_stage.REPLIES).read_text().splitlines()
-    (tmp_path / "copy" / generate_stage.REPLIES).write_text("\n".join(text[:10]) + "\n{\"seed\": 0,\n")
+    text = (run.path / replies_io.REPLIES).read_text().splitlines()
+    (tmp_path / "copy" / replies_io.REPLIES).write_text("\n".join(text[:10]) + "\n{\"seed\": 0,\n")
     with pytest.raises(MhsError, match=r"replies.jsonl, line 11: not a JSON object .*mhs generate --profile tiny --force"):
-        generate_stage.read_replies(copy, examples, LABELS, [0])
-    (tmp_path / "copy" / generate_stage.REPLIES).write_text("\n".join(text[:10]) + "\n")
+        replies_io.read_replies(copy, examples, LABELS, [0])
+    (tmp_path / "copy" / replies_io.REPLIES).write_text("\n".join(text[:10]) + "\n")
     with pytest.raises(MhsError, match=r"no reply for conversation .* \(86 of 96 missing.*--force"):
-        generate_stage.read_replies(copy, examples, LABELS, [0])
+        replies_io.read_replies(copy, examples, LABELS, [0])
 
 
 def test_generate_refuses_an_untagged_generator(make_cfg):

@@ -137,7 +137,8 @@ def test_report_plans_prepare_data_once_and_lists_every_missing_run(make_cfg, tm
     assert commands[0].startswith("mhs prepare-data")
     kinds = [" ".join(c.split()[:3]) if c.startswith("mhs train") else " ".join(c.split()[:2]) for c in commands]
     assert {k: kinds.count(k) for k in set(kinds)} == {"mhs prepare-data": 1, "mhs train dialogpt": 4,
-                                                       "mhs train classifier": 2, "mhs likelihood": 5, "mhs eval": 11}
+                                                       "mhs train classifier": 2, "mhs likelihood": 5, "mhs generate": 2,
+                                                       "mhs eval": 11}
 
 
 def cli_config(command: str):
@@ -164,7 +165,14 @@ def run_identity(cfg) -> dict:
 ])
 def test_every_hint_followed_literally_finds_the_same_run(make_cfg, tmp_path, extra):
     cfg = make_cfg("eval", *extra, artifacts=tmp_path / "nothing")
-    needed = [("prepare_data", prepare_data_config(cfg))] + list(pipeline.STAGES["eval"].requires(cfg).values())
+
+    def upstream(stage, stage_cfg) -> dict:  # every run under this one, directly or through others
+        runs = {}
+        for s, c in pipeline.STAGES[stage].requires(stage_cfg).values():
+            runs.update({**upstream(s, c), pipeline.node_key(s, c): (s, c)})
+        return runs
+
+    needed = list(upstream("eval", cfg).values())
     with pytest.raises(MhsError) as caught:
         pipeline.Pipeline().plan("eval", cfg)
     hinted = [line.strip() for line in str(caught.value).splitlines()[1:]]

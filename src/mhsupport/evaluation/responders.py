@@ -16,12 +16,11 @@ from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy
 from mhsupport.errors import MhsError
-from mhsupport.evaluation import llm, sampling
+from mhsupport.evaluation import llm, replies_io, sampling
 from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
 from mhsupport.modeling.decoding import generate
 from mhsupport.modeling.formatting import build_formatter
 from mhsupport.modeling.scoring import sequence_nll
-from mhsupport.stages import generate
 
 # respond(decoding seed) -> (outputs: [{"tag", "response", "raw"?, "recognised"?}], reference NLL per example or
 # None, reference tokens per example or None); "recognised": the recogniser's category of the reply, where the
@@ -123,7 +122,7 @@ class TagSelectionResponder(GeneratorResponder):
         made = generation.read_metrics()
         variants = made["tags"]
         seeds = self.decoding_seeds()
-        passed = generate.read_replies(generation, examples, variants, seeds)
+        passed = replies_io.read_replies(generation, examples, variants, seeds)
         prior = None
         if cfg.sampler == "random_prior":
             train = read_examples(inputs["prepare_data"].path, cfg.dataset, "train")

@@ -1,7 +1,7 @@
 """`mhs generate`: one generation pass of a tagged generator. Each seeded ESConv test context is
 encoded once and a reply decoded under every tag (modeling.decoding.generate_under_tags); the
 replies, the model's own log-probability of each tag opening its reply, and the recogniser's
-reading of each reply go to `replies.jsonl`, one line per decoding seed, context and tag. `mhs eval`'s
+reading of each reply go to `replies.jsonl` (evaluation/replies_io.py), one line per decoding seed, context and tag. `mhs eval`'s
 tag samplers choose among these replies, and the metrics hold the counterfactual test of steering
 (evaluation/counterfactual.py)."""
 
@@ -18,6 +18,7 @@ from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy
 from mhsupport.errors import MhsError
 from mhsupport.evaluation.counterfactual import counterfactual_scores
+from mhsupport.evaluation.replies_io import REPLIES
 from mhsupport.modeling import classifier as classifier_api, devices, loading
 from mhsupport.modeling.decoding import generate_under_tags
 from mhsupport.modeling.formatting import build_formatter, generator_tags
@@ -28,8 +29,6 @@ log = logging.getLogger(__name__)
 STAGE = "generate"
 COMMAND = "mhs generate"
 PROFILE_GROUPS = ("generator", "classifier")
-REPLIES = "replies.jsonl"
-LINE_KEYS = ("seed", "conversation_id", "turn_index", "tag", "response", "tokens", "own_logprob", "recognised")
 
 
 def check(cfg: DictConfig) -> None:
@@ -117,35 +116,3 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     with run_.build(seed=cfg.seed, resumable=True) as out:
         (out / REPLIES).write_text("".join(json.dumps(line) + "\n" for line in lines))
     log.info("generate wrote %s", run_.path)
-
-
-def read_replies(run: artifacts.Run, examples: list[dict], tags: list[str | None], seeds: list[int]) -> dict:
-    """A generation pass's replies by (seed, conversation_id, turn_index, tag), checked to cover every
-    example, tag and seed an eval asks for: a damaged or partial file is one line naming the run and
-    the command that rebuilds it."""
-    path = run.path / REPLIES
-    fix = f"rebuild it with {run.rebuild_hint}"
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise MhsError(f"generate run {run.path}: {REPLIES} unreadable ({err.strerror or err}); {fix}") from None
-    except UnicodeDecodeError as err:
-        raise MhsError(f"{path}: byte {err.start} is not UTF-8 (the file is damaged); {fix}") from None
-    replies = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
-        if not isinstance(line, dict) or any(key not in line for key in LINE_KEYS):
-            missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
-            raise MhsError(f"{path}, line {number}: expected an object with {', '.join(missing)}; {fix}")
-        replies[(line["seed"], line["conversation_id"], line["turn_index"], line["tag"])] = line
-    wanted = [(seed, e["conversation_id"], e["turn_index"], tag) for seed in seeds for e in examples for tag in tags]
-    absent = [key for key in wanted if key not in replies]
-    if absent:
-        seed, conversation, turn, tag = absent[0]
-        raise MhsError(f"{path}: no reply for conversation {conversation}, turn {turn}, tag {tag!r}, seed {seed} "
-                       f"({len(absent)} of {len(wanted)} missing: the pass was made for other examples or is "
-                       f"partial); {fix}")
-    return replies

@@ -1,0 +1,44 @@
+"""A generation pass's replies (`mhs generate`): `replies.jsonl`, one JSON object per decoding seed,
+test example and tag. Reading checks every line and that every reply an eval asks for is there, so a
+damaged or partial pass is one message naming the file, the line and the command that rebuilds it."""
+
+from __future__ import annotations
+
+import json
+
+from mhsupport.errors import MhsError
+
+REPLIES = "replies.jsonl"
+LINE_KEYS = ("seed", "conversation_id", "turn_index", "tag", "response", "tokens", "own_logprob", "recognised")
+
+
+def read_replies(run, examples: list[dict], tags: list[str | None], seeds: list[int]) -> dict:
+    """A generation pass's replies by (seed, conversation_id, turn_index, tag), checked to cover every
+    example, tag and seed an eval asks for: a damaged or partial file is one line naming the run and
+    the command that rebuilds it."""
+    path = run.path / REPLIES
+    fix = f"rebuild it with {run.rebuild_hint}"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        raise MhsError(f"generate run {run.path}: {REPLIES} unreadable ({err.strerror or err}); {fix}") from None
+    except UnicodeDecodeError as err:
+        raise MhsError(f"{path}: byte {err.start} is not UTF-8 (the file is damaged); {fix}") from None
+    replies = {}
+    for number, raw in enumerate(text.splitlines(), start=1):
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
+        if not isinstance(line, dict) or any(key not in line for key in LINE_KEYS):
+            missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
+            raise MhsError(f"{path}, line {number}: expected an object with {', '.join(missing)}; {fix}")
+        replies[(line["seed"], line["conversation_id"], line["turn_index"], line["tag"])] = line
+    wanted = [(seed, e["conversation_id"], e["turn_index"], tag) for seed in seeds for e in examples for tag in tags]
+    absent = [key for key in wanted if key not in replies]
+    if absent:
+        seed, conversation, turn, tag = absent[0]
+        raise MhsError(f"{path}: no reply for conversation {conversation}, turn {turn}, tag {tag!r}, seed {seed} "
+                       f"({len(absent)} of {len(wanted)} missing: the pass was made for other examples or is "
+                       f"partial); {fix}")
+    return replies
