@@ -289,7 +289,8 @@ def test_gpu_check_flags_a_model_off_the_rules_device(tmp_path):
 
     def manifest(stage, run, models_):
         (tmp_path / stage / run).mkdir(parents=True)
-        (tmp_path / stage / run / "manifest.json").write_text(json.dumps({"device": {"models": models_}}))
+        record = {} if models_ is None else {"device": {"models": models_}}
+        (tmp_path / stage / run / "manifest.json").write_text(json.dumps(record))
 
     manifest("train_generator", "g", {"generator": {"device": "cpu", "dtype": "float32"}})
     manifest("train_classifier", "c", {"classifier": {"device": "cpu", "dtype": "float32"}})
@@ -303,7 +304,7 @@ def test_gpu_check_flags_a_model_off_the_rules_device(tmp_path):
     checked = gpu_check.model_placements(tmp_path, cpu_fp32)
     assert not checked["ok"] and [m["model"] for m in checked["misplaced"]] == ["recogniser"]
     assert not gpu_check.model_placements(tmp_path, devices.Placement(torch.device("cpu"), torch.bfloat16))["ok"]
-    manifest("eval", "e3", {})  # a run that did not record its models
+    manifest("eval", "e3", None)  # a run that did not record its models
     assert gpu_check.model_placements(tmp_path, cpu_fp32)["unrecorded"] == ["eval/e3: no device record"]
 
 
@@ -322,7 +323,7 @@ def test_gpu_check_runs_on_the_cpu_in_quick_mode(real_raw_dir, tmp_path):
     # 4 generators, 2 classifiers, 5 likelihood runs, 2 generation passes, and the 5 evals that load a model
     # (3 untagged, 2 classifier-sampler); the 6 other tagged evals choose among a pass's replies
     assert chain["runs_checked"] == 4 + 2 + 5 + 2 + 5
-    assert len(chain["stages"]) == 1 + 4 + 2 + 5 + 11 + 1  # each distinct eval is built once
+    assert len(chain["stages"]) == 1 + 4 + 2 + 5 + 2 + 11 + 1  # each distinct eval (and generation pass) is built once
     measured = result["throughput"]
     for part in ("generator_training", "classifier_training"):
         assert measured[part]["tokens_per_s"] > 0 and 0 <= measured[part]["padding_share"] < 1
