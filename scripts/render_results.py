@@ -22,6 +22,7 @@ HEADLINE_END = "<!-- end of headline results -->"
 FIGURES = (("table2_bleu.png", "Table 2: BLEU with 95% intervals"),
            ("table4_bleu.png", "Table 4: BLEU with 95% intervals"),
            ("tag_use_confusion.png", "Lowest-NLL tag against the gold tag"),
+           ("steering_confusion.png", "Replies under every forced category, as the recogniser reads them"),
            ("judge_tables.png", "The LLM judge's tables"))
 
 
@@ -80,12 +81,14 @@ def headline(report: Path) -> str:
     """The README's compact results: Table 2's BLEU, esconv B-2 and PPL, and tag use, with the machine."""
     table2 = read_rows(report, "table2.csv")
     tag_use = {r["system"]: r for r in read_rows(report, "tag_use.csv")}
-    lines = ["| System | BLEU [95% CI] | esconv B-2 | PPL | Tag discrimination (chance) |",
-             "| --- | --- | ---: | ---: | --- |"]
+    steering = {r["system"]: r for r in read_rows(report, "steering.csv")} if (report / "steering.csv").is_file() else {}
+    lines = ["| System | BLEU [95% CI] | esconv B-2 | PPL | Tag discrimination (chance) | Tag following % (human replies) |",
+             "| --- | --- | ---: | ---: | --- | --- |"]
     for r in table2:
-        used = tag_use.get(r["system"])
+        used, steered = tag_use.get(r["system"]), steering.get(r["system"])
         lines.append(f"| {r['system']} | {r['bleu']} {r['bleu_ci']} | {r.get('esconv_bleu_2', '')} | {r['ppl']} | "
-                     + (f"{used['tag_discrimination']} ({used['chance']})" if used else "") + " |")
+                     + (f"{used['tag_discrimination']} ({used['chance']})" if used else "") + " | "
+                     + (f"{steered['tag_following']} ({steered['recogniser_on_references']})" if steered else "") + " |")
     profile = json.loads((report / "metrics.json").read_text())["profile"]
     return (f"Latest `{profile}` reproduce, {provenance(report)} (all tables, the paired tests of the paper's "
             f"orderings and the figures: [docs/results.md](docs/results.md)):\n\n" + "\n".join(lines))
