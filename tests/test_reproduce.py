@@ -56,8 +56,16 @@ def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepa
         assert t["verdict"] == expected
     assert "- **tag > no tag (ESConv)**: " in text and " of 4 metrics)" in text
     stages = [t["stage"] for t in first.timings]
-    # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once; 5 likelihood runs.
-    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 5 + 11 + 1
+    # Table 2's tagged rows are Table 4's "none" cells: 11 distinct evals, each built once; 5 likelihood runs;
+    # 2 generation passes (one per tagged generator), which the 8 tagged evals choose from.
+    assert stages[0] == "prepare-data" and stages[-1] == "report" and len(stages) == 1 + 4 + 2 + 5 + 2 + 11 + 1
+    assert "## Steering: replies under every forced category" in text and "| Tag following % |" in text
+    steering = list(csv.DictReader(open(out / "steering.csv")))
+    assert [r["system"] for r in steering] == ["ESConv+tag", "Unified+tag"]
+    assert all(0 <= float(r["tag_following"]) <= 100 for r in steering)
+    baselines = [r["system"] for r in csv.DictReader(open(out / "classifier_baselines.csv"))]
+    assert baselines == ["classifier", "majority", "previous_category", "tfidf_lr"]
+    assert all(float(t["detectable"]) >= 0 for t in tests) and any(float(t["detectable"]) > 0 for t in tests)
     assert json.loads(first.timings_file.read_text())["total_seconds"] > 0
 
     again = pipeline.reproduce(cfg)
