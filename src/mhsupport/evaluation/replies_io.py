@@ -30,8 +30,8 @@ def read_replies(run, examples: list[dict], tags: list[str | None], seeds: list[
             line = json.loads(raw)
         except json.JSONDecodeError as err:
             raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
-        if not isinstance(line, dict) or any(key not in line for key in LINE_KEYS):
-            missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
+        missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
+        if missing:
             raise MhsError(f"{path}, line {number}: expected an object with {', '.join(missing)}; {fix}")
         replies[(line["seed"], line["conversation_id"], line["turn_index"], line["tag"])] = line
     wanted = [(seed, e["conversation_id"], e["turn_index"], tag) for seed in seeds for e in examples for tag in tags]

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import softmax
 
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
@@ -131,10 +132,8 @@ class TagSelectionResponder(GeneratorResponder):
         own = None
         if cfg.sampler == "none" and None not in variants:  # the model's own tag: drawn from its opening probabilities
             first = seeds[0]
-            log_probabilities = np.array([[passed[(first, e["conversation_id"], e["turn_index"], label)]["own_logprob"]
-                                           for label in labels] for e in examples], dtype=np.float64)
-            own = np.exp(log_probabilities - log_probabilities.max(axis=1, keepdims=True))
-            own /= own.sum(axis=1, keepdims=True)
+            own = softmax(np.array([[passed[(first, e["conversation_id"], e["turn_index"], label)]["own_logprob"]
+                                     for label in labels] for e in examples], dtype=np.float64), axis=1)
         tags = sampling.choose_tags(cfg.sampler, examples, labels or [], label_key, cfg.seed, prior=prior,
                                     classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
                                     own_probabilities=own, own_strategy=cfg.own_strategy)
