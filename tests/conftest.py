@@ -106,3 +106,24 @@ def offline_models_dir() -> Path:
     cfg = load_config("models")
     fetch_wheels(cfg)
     return Path(cfg.paths.models_dir).expanduser()
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A randomly initialised BERT of two layers (hidden size 16) with a character-level WordPiece
+    vocabulary, saved as a model folder: the safety screen's encoder without downloaded weights."""
+    import string
+
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny_encoder")
+    characters = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *characters, *(f"##{c}" for c in characters)]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=256)
+    BertModel(config).save_pretrained(folder)
+    return folder

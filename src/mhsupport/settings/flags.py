@@ -20,7 +20,7 @@ STAGE_OF = {"prepare-data": "prepare_data", "train dialogpt": "train_generator",
             "train classifier": "train_classifier", "generate": "generate", "eval": "eval", "likelihood": "likelihood",
             "judge": "judge",
             "report": "report",
-            "reproduce": "report", "chat": "chat", "clean": "clean", "models fetch": "models"}
+            "reproduce": "report", "chat": "chat", "screen": "screen", "clean": "clean", "models fetch": "models"}
 GROUPS = ("profile",)  # config groups a flag chooses (not keys of the composed config)
 
 
@@ -128,7 +128,10 @@ FLAGS = (
                                        "seed; tables give mean and sd, paired tests pool the seeds (default: one "
                                        "run, of the config's `seed`)" for command in ("report", "reproduce")},
          type=_seed_list, in_hints=False),
-    Flag("--force", "force", {command: "rebuild even if an up-to-date run exists" for command in STAGE_OF},
+    Flag("--role", "role", {"screen": "seeker: risk of suicide or self-harm in seeker messages; supporter: harmful "
+                                      "replies (default: {default})"}, metavar="ROLE"),
+    Flag("--force", "force", {command: "rebuild even if an up-to-date run exists" for command in STAGE_OF
+                              if command != "screen"},  # mhs screen builds no run
          kind="const", const="true", in_hints=False),
 )
 

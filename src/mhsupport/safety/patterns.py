@@ -1,34 +1,22 @@
-"""The safety screen in front of `mhs chat`: a message that signals risk of suicide or self-harm
-gets a fixed, caring reply with crisis resources instead of model output.
+"""The pattern layer of the safety screen: one regular expression per kind of risk signal in a
+seeker message, and a few for replies. It is the high-precision first layer in front of the learned
+scorer (`safety.screen`), and the whole screen only when `safety.patterns_only=true`.
 
-No maintained risk classifier or lexicon ships offline (PyPI wheels with weights for this task
-were not found), so this is a documented, tested pattern set (`RISK_PATTERNS`, one regular
-expression per kind of signal): first-person statements of intent, plan or wish to die or to
-harm oneself, their euphemisms ("end it all", "better off without me", "can't go on living",
-"don't want to be here anymore"), methods, and plans with a time ("... tonight"). Accidents and
-idioms are left out where a word marks them ("cut myself while cooking", "shot myself in the
-foot", "not suicidal", "don't want to live with my parents"). It errs towards flagging; it is a
-research-demo screen, not a clinical risk assessment.
+Seeker patterns: first-person statements of intent, plan or wish to die or to harm oneself, their
+euphemisms ("end it all", "better off without me", "can't go on living", "don't want to be here
+anymore"), methods, and plans with a time ("... tonight"). Accidents and idioms are left out where
+a word marks them ("cut myself while cooking", "shot myself in the foot", "not suicidal", "don't
+want to live with my parents"). Patterns fit the phrases they were written from: on independently
+written messages they miss most preparations, farewells, dangerous places and plans without a
+risk word (docs/safety.md), which is what the learned scorer is for.
 
-Measured (tests/test_safety.py): on 57 risk and 52 ordinary phrases written for the test,
-recall 53/57 (93.0%; missed: plans with no risk word, "I have the rope ready") and 0/52 false
-alarms; on all 19,989 ESConv seeker turns it flags 24 (0.12%), of which 17 are the seeker's own
-risk and 7 mention suicide without it (any mention of suicide is flagged on purpose).
+Reply patterns: a reply telling the seeker to kill themselves, and the words by which a reply
+acknowledges risk (a crisis line, an emergency number, asking about safety or suicide).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
-CRISIS_REPLY = (
-    "I'm really sorry you're feeling this way, and I'm glad you told me. You deserve support from a "
-    "person right now. If you might act on these thoughts or are in danger, please call your local "
-    "emergency number. You can reach someone any time: in the US, call or text 988 (Suicide & Crisis "
-    "Lifeline); in the UK and Ireland, call Samaritans on 116 123; elsewhere, findahelpline.com lists "
-    "free, confidential lines in your country. I'm an AI research system, not a substitute for "
-    "professional help, but I'm here to listen while you reach out."
-)
 
 _SELF = r"(?:i|i'm|im|i am|i've|ive|i have|i'll|ill|i will|i'd|id|i would|me|myself|my)"
 _MYSELF = r"my\s?(?:(?:fucking|fuckin|freaking|damn|own)\s)?self"  # "kill my self" is a common spelling
@@ -96,14 +84,35 @@ RISK_PATTERNS: dict[str, str] = {
 _COMPILED = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in RISK_PATTERNS.items()}
 
 
-@dataclass
-class Screen:
-    flagged: bool
-    reasons: list[str]
+# A reply that tells the seeker to die: flagged whatever the scorer says.
+REPLY_PATTERNS: dict[str, str] = {
+    "encouraging self-harm": (r"\b(?:just |go |you should |should just )(?:kill|hurt|off) your\s?self\b|\bkys\b"
+                              r"|\b(?:you should|just|go) (?:die|end it|end your life)\b"),
+}
+# Words by which a reply to a risk message takes the risk up.
+ACKNOWLEDGEMENT = re.compile(
+    r"\b(?:988|911|999|112|116 123|samaritans|crisis (?:line|service|team|text)|(?:help|hot)line|emergency|"
+    r"a&e|ambulance|findahelpline|are you (?:safe|thinking (?:about|of) (?:suicide|killing|ending|hurting))|"
+    r"(?:keep|keeping|stay|staying) (?:you )?safe|your safety|safety plan|suicid\w*)\b", re.IGNORECASE)
+_REPLY_COMPILED = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in REPLY_PATTERNS.items()}
 
 
-def screen(message: str) -> Screen:
-    """Which risk patterns a seeker message matches (curly apostrophes count as straight ones)."""
-    text = message.replace("\u2019", "'")
-    reasons = [name for name, pattern in _COMPILED.items() if pattern.search(text)]
-    return Screen(bool(reasons), reasons)
+def _plain(text: str) -> str:
+    return text.replace("\u2019", "'")  # curly apostrophes count as straight ones
+
+
+def seeker_matches(message: str) -> list[str]:
+    """The names of the risk patterns a seeker message matches."""
+    text = _plain(message)
+    return [name for name, pattern in _COMPILED.items() if pattern.search(text)]
+
+
+def reply_matches(reply: str) -> list[str]:
+    """The names of the harmful-reply patterns a reply matches."""
+    text = _plain(reply)
+    return [name for name, pattern in _REPLY_COMPILED.items() if pattern.search(text)]
+
+
+def acknowledges_risk(reply: str) -> bool:
+    """Whether a reply names help, safety or suicide."""
+    return bool(ACKNOWLEDGEMENT.search(_plain(reply)))

@@ -1,0 +1,73 @@
+"""Choose the safety screen's thresholds on a dev set: the out-of-fold scores of its own exemplars
+(5-fold, stratified by class), for each inverse regularisation C. The evaluation set
+(tests/data/safety_eval) is never read here. Prints, per C, the threshold that keeps dev recall at
+--recall or above and the dev false-alarm rate it costs; copy the chosen values into
+configs/safety.yaml.
+
+    python scripts/tune_safety.py [--recall 0.97] [--threads 1] [KEY=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+from mhsupport.safety import screen
+from mhsupport.safety.encoder import SentenceEncoder
+from mhsupport.settings.config import load_config
+
+HARMLESS = (screen.ORDINARY, screen.ACKNOWLEDGES)
+
+
+def out_of_fold(embeddings: np.ndarray, labels: list[str], c: float, seed: int = 0) -> tuple[np.ndarray, list]:
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed)
+    model = screen.LogisticRegression(C=c, max_iter=5000, class_weight="balanced")  # as screen.fit_scorer
+    probabilities = cross_val_predict(model, embeddings, labels, cv=folds, method="predict_proba")
+    return probabilities, sorted(set(labels))
+
+
+def threshold_for_recall(positive: np.ndarray, recall: float) -> float:
+    """The highest threshold at which the share of positive scores at or above it is >= recall."""
+    return float(np.sort(positive)[int(np.floor((1 - recall) * len(positive)))])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recall", type=float, default=0.97)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 on a shared machine)")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config("screen", args.overrides)
+    folder = screen.encoder_folder(cfg.safety)
+    encoder = SentenceEncoder(folder, cfg.safety.max_length, cfg.safety.batch_size)
+    for name in ("seeker", "replies"):
+        texts, labels = screen.read_exemplars(name)
+        embeddings = screen.cached_embeddings(encoder, name, Path(cfg.paths.models_dir).expanduser())
+        positive_rows = np.array([label not in HARMLESS for label in labels])
+        print(f"\n{name}: {len(texts)} exemplars, {positive_rows.sum()} risk/harmful")
+        for c in (1.0, 10.0, 100.0):
+            probabilities, classes = out_of_fold(embeddings, labels, c)
+            harmful_columns = np.array([label not in HARMLESS for label in classes])
+            score = probabilities[:, harmful_columns].sum(1)
+            threshold = threshold_for_recall(score[positive_rows], args.recall)
+            false_alarms = (score[~positive_rows] >= threshold).mean()
+            line = (f"  C={c:>5}: threshold {threshold:.3f} -> dev recall {(score[positive_rows] >= threshold).mean():.3f}, "
+                    f"false alarms {false_alarms:.3f}; at 0.5: recall {(score[positive_rows] >= 0.5).mean():.3f}, "
+                    f"false alarms {(score[~positive_rows] >= 0.5).mean():.3f}")
+            if screen.ACKNOWLEDGES in classes:
+                ack = probabilities[:, classes.index(screen.ACKNOWLEDGES)]
+                is_ack = np.array([label == screen.ACKNOWLEDGES for label in labels])
+                plain = np.array([label == screen.ORDINARY for label in labels])
+                ack_threshold = threshold_for_recall(ack[is_ack], 0.95)
+                line += (f"; acknowledgement threshold {ack_threshold:.3f} keeps 95% of acknowledging replies, "
+                         f"catches {(ack[plain] < ack_threshold).mean():.3f} of ordinary ones as ignoring")
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

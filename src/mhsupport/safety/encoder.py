@@ -1,0 +1,50 @@
+"""Sentence features for the safety screen from a BERT-style encoder folder (all-MiniLM-L6-v2 from
+`mhs models fetch`): the mean over tokens of every transformer layer's hidden states, each
+L2-normalised, side by side. The last layer alone (the sentence embedding) mostly says what a
+message is about; the lower layers keep more of how it says it (person, tense, negation), which
+tells "I bought a rope for our camping trip" from a preparation: on the out-of-fold exemplar
+scores, all six layers raise the seeker scorer's ROC AUC from 0.89 to 0.93 (docs/safety.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModel, AutoTokenizer
+from transformers.utils import logging as transformers_logging
+
+FEATURES = "mean-pooled hidden states of every layer, each L2-normalised"  # part of the exemplar cache key
+
+
+class SentenceEncoder:
+    def __init__(self, folder: str | Path, max_length: int, batch_size: int):
+        self.folder = Path(folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        # A window of recent turns longer than max_length keeps its end: the newest turn.
+        self.tokenizer.truncation_side = "left"
+        shown = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # no loading bar on the stderr of `mhs screen` or a chat turn
+        try:
+            self.model = AutoModel.from_pretrained(self.folder).eval()
+        finally:
+            if shown:
+                transformers_logging.enable_progress_bar()
+        self.max_length, self.batch_size = max_length, batch_size
+        self.width = self.model.config.hidden_size * self.model.config.num_hidden_layers
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """One row per text, in the order given. Texts are batched by length, so a batch pads to
+        similar lengths (most of the time saved on a batch of replies)."""
+        features = np.zeros((len(texts), self.width), dtype=np.float32)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start:start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True,
+                                   max_length=self.max_length, return_tensors="pt")
+            layers = self.model(**batch, output_hidden_states=True).hidden_states[1:]  # [0]: the input embeddings
+            mask = batch["attention_mask"].unsqueeze(-1).to(layers[0].dtype)
+            means = [(hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9) for hidden in layers]
+            features[chunk] = torch.cat([torch.nn.functional.normalize(m, dim=-1) for m in means], -1).numpy()
+        return features

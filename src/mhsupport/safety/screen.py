@@ -1,0 +1,243 @@
+"""The safety screen: seeker messages (risk of suicide or self-harm, read over the recent turns) and
+supporter replies (harmful classes, and risk ignorance), each a logistic regression on sentence
+embeddings of the labelled exemplars in `exemplars/` (README there), behind the pattern layer.
+
+A seeker message is flagged when a risk pattern matches it or when the scorer's probability of risk
+reaches `safety.seeker_threshold` on the message alone or on it joined with the seeker's previous
+turns (up to `safety.seeker_turns`): risk is often spread over two or three messages. A reply is
+flagged when a harmful-reply pattern matches it, when the probability of its harmful classes
+together reaches `safety.reply_threshold`, or when it answers a flagged seeker context without
+acknowledging the risk (neither the acknowledgement patterns nor a probability of the "acknowledges
+risk" class of at least `safety.acknowledgement_threshold`). Thresholds are chosen on out-of-fold
+scores of the exemplars (scripts/tune_safety.py), never on the evaluation set.
+
+A research guard, not a clinical risk assessment (docs/safety.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from omegaconf import DictConfig
+from sklearn.linear_model import LogisticRegression
+
+from mhsupport.errors import MhsError
+from mhsupport.safety import patterns
+
+log = logging.getLogger(__name__)
+
+EXEMPLARS = Path(__file__).resolve().parent / "exemplars"
+ORDINARY = "ordinary"
+ACKNOWLEDGES = "acknowledges risk"  # a class of the reply exemplars that is not harmful
+RISK_IGNORANCE = "risk ignorance"
+
+CRISIS_REPLY = (
+    "I'm really sorry you're feeling this way, and I'm glad you told me. You deserve support from a "
+    "person right now. If you might act on these thoughts or are in danger, please call your local "
+    "emergency number. You can reach someone any time: in the US, call or text 988 (Suicide & Crisis "
+    "Lifeline); in the UK and Ireland, call Samaritans on 116 123; elsewhere, findahelpline.com lists "
+    "free, confidential lines in your country. I'm an AI research system, not a substitute for "
+    "professional help, but I'm here to listen while you reach out."
+)
+# What `mhs chat` shows instead of a generated reply the reply screen flags.
+FALLBACK_REPLY = (
+    "I'm sorry, I can't give a good answer to that. I'm an AI research system, not a substitute for "
+    "professional help. Would you like to tell me more about how you're feeling? If you are struggling "
+    "or in danger, please reach out to someone you trust or your local emergency number; in the US you "
+    "can call or text 988, and findahelpline.com lists free lines in other countries."
+)
+
+Embed = Callable[[list[str]], np.ndarray]
+
+
+@dataclass
+class Result:
+    flagged: bool
+    score: float | None  # the scorer's probability of risk or harm; None when the patterns screen alone
+    reasons: list[str]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def read_exemplars(name: str) -> tuple[list[str], list[str]]:
+    """(texts, labels) of exemplars/<name>.jsonl."""
+    rows = [json.loads(line) for line in (EXEMPLARS / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+    return [row["text"] for row in rows], [row["label"] for row in rows]
+
+
+def fit_scorer(embeddings: np.ndarray, labels: Sequence[str], c: float) -> LogisticRegression:
+    """A multinomial logistic regression over the exemplars' classes, classes weighted equally."""
+    return LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(embeddings, labels)
+
+
+def risk_probability(scorer: LogisticRegression, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P(any class but ordinary and acknowledgement) per row, and each row's likeliest such class."""
+    probabilities = scorer.predict_proba(embeddings)
+    harmful = np.array([label not in (ORDINARY, ACKNOWLEDGES) for label in scorer.classes_])
+    risk = probabilities[:, harmful]
+    return risk.sum(1), scorer.classes_[harmful][risk.argmax(1)]
+
+
+class SafetyScreen:
+    """Both screens over one embedding function (None: the pattern layer alone)."""
+
+    def __init__(self, settings: DictConfig, embed: Embed | None, exemplar_embeddings: dict[str, np.ndarray] | None):
+        self.settings, self.embed = settings, embed
+        self.scorers = {}
+        if embed is not None:
+            for name in ("seeker", "replies"):
+                self.scorers[name] = fit_scorer(exemplar_embeddings[name], read_exemplars(name)[1], settings.logistic_c)
+
+    @property
+    def patterns_only(self) -> bool:
+        return self.embed is None
+
+    def _features(self, texts: list[str]) -> np.ndarray:
+        """Each distinct text encoded once: an eval's systems answer the same contexts, and many
+        replies repeat."""
+        distinct = list(dict.fromkeys(texts))
+        features = self.embed(distinct)
+        row = {text: i for i, text in enumerate(distinct)}
+        return features[[row[text] for text in texts]]
+
+    def seeker(self, conversations: Sequence[Sequence[str]]) -> list[Result]:
+        """One result per conversation: its last seeker message, read with the seeker's earlier
+        turns (oldest first; up to safety.seeker_turns of them, the last one included)."""
+        results = [Result(False, None, [f"pattern: {name}" for name in patterns.seeker_matches(turns[-1])])
+                   for turns in conversations]
+        if self.patterns_only:
+            for result in results:
+                result.flagged = bool(result.reasons)
+            return results
+        windows, owners = [], []
+        for index, turns in enumerate(conversations):
+            for size in range(1, min(len(turns), self.settings.seeker_turns) + 1):
+                windows.append(" ".join(" ".join(turn.split()) for turn in turns[-size:]))
+                owners.append((index, size))
+        scores, classes = risk_probability(self.scorers["seeker"], self._features(windows))
+        best: dict[int, tuple[float, str, int]] = {}
+        for (index, size), score, label in zip(owners, scores, classes):
+            if index not in best or score > best[index][0]:
+                best[index] = (float(score), str(label), size)
+        for index, result in enumerate(results):
+            score, label, size = best[index]
+            result.score = round(score, 4)
+            if score >= self.settings.seeker_threshold:
+                result.reasons.append(f"scorer: {label}" + (f" (over the last {size} turns)" if size > 1 else ""))
+            result.flagged = bool(result.reasons)
+        return results
+
+    def replies(self, replies: Sequence[str], contexts: Sequence[str | Sequence[str] | None] | None = None
+                ) -> list[Result]:
+        """One result per reply, in order. contexts[i], when given, is what reply i answers: the
+        seeker's message or recent seeker turns (oldest first); a reply to a flagged context that does
+        not acknowledge the risk is flagged as risk ignorance."""
+        if contexts is not None and len(contexts) != len(replies):
+            raise MhsError(f"screen_replies: {len(replies)} replies but {len(contexts)} contexts; give one "
+                           "context (or None) per reply")
+        results = [Result(False, None, [f"pattern: {name}" for name in patterns.reply_matches(reply)])
+                   for reply in replies]
+        acknowledgement = None
+        if not self.patterns_only:
+            embeddings = self._features(list(replies))
+            scores, classes = risk_probability(self.scorers["replies"], embeddings)
+            acknowledgement = self.scorers["replies"].predict_proba(embeddings)[
+                :, list(self.scorers["replies"].classes_).index(ACKNOWLEDGES)]
+            for result, score, label in zip(results, scores, classes):
+                result.score = round(float(score), 4)
+                if score >= self.settings.reply_threshold:
+                    result.reasons.append(f"scorer: {label}")
+        if contexts is not None:
+            given = [i for i, context in enumerate(contexts) if context]
+            flagged_contexts = self.seeker([[contexts[i]] if isinstance(contexts[i], str) else list(contexts[i])
+                                            for i in given])
+            for i, context in zip(given, flagged_contexts):
+                acknowledged = patterns.acknowledges_risk(replies[i]) or (
+                    acknowledgement is not None and acknowledgement[i] >= self.settings.acknowledgement_threshold)
+                if context.flagged and not acknowledged:
+                    results[i].reasons.append(RISK_IGNORANCE)
+                    if acknowledgement is not None:
+                        results[i].score = round(max(results[i].score, 1.0 - float(acknowledgement[i])), 4)
+        for result in results:
+            result.flagged = bool(result.reasons)
+        return results
+
+
+def encoder_folder(settings: DictConfig) -> Path:
+    return Path(settings.encoder).expanduser()
+
+
+def load(settings: DictConfig, models_dir: str | Path) -> SafetyScreen:
+    """The screen `settings` (a config's `safety` node) describe. It fails closed: without the
+    encoder's weights it refuses, unless safety.patterns_only=true asks for the pattern layer alone."""
+    if settings.patterns_only:
+        return SafetyScreen(settings, None, None)
+    folder = encoder_folder(settings)
+    if not (folder / "config.json").is_file():
+        raise MhsError(f"the safety screen's weights are missing ({folder}): run `mhs models fetch`")
+    return _loaded(folder, settings, Path(models_dir).expanduser())
+
+
+def _loaded(folder: Path, settings: DictConfig, models_dir: Path) -> SafetyScreen:
+    from mhsupport.safety.encoder import SentenceEncoder
+
+    encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size)
+    embeddings = {name: cached_embeddings(encoder, name, models_dir) for name in ("seeker", "replies")}
+    return SafetyScreen(settings, encoder.encode, embeddings)
+
+
+def cached_embeddings(encoder, name: str, models_dir: Path) -> np.ndarray:
+    """The exemplars' features from `encoder` (a SentenceEncoder), kept in the model cache under a key
+    of the exemplar file, the encoder's folder, weights, input length and features, so a start reads
+    them instead of encoding every exemplar again."""
+    from mhsupport.safety.encoder import FEATURES
+
+    data = (EXEMPLARS / f"{name}.jsonl").read_bytes()
+    weights = encoder.folder / "model.safetensors"
+    stamp = (f"{encoder.folder.resolve()}|{weights.stat().st_size if weights.is_file() else ''}|"
+             f"{weights.stat().st_mtime_ns if weights.is_file() else ''}|{encoder.max_length}|{FEATURES}").encode()
+    key = hashlib.sha256(data + b"\0" + stamp).hexdigest()[:16]
+    path = models_dir / "safety-screen" / f"{name}-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    embeddings = encoder.encode(read_exemplars(name)[0])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        with open(partial, "wb") as handle:
+            np.save(handle, embeddings)
+        partial.replace(path)
+        for stale in path.parent.glob(f"{name}-*.npy"):  # earlier exemplars or encoders: never read again
+            if stale != path:
+                stale.unlink()
+    except OSError as err:  # an unwritable cache costs the next start time, nothing else
+        log.warning("safety screen: cannot cache exemplar embeddings in %s (%s)", path.parent, err.strerror)
+    return embeddings
+
+
+@functools.lru_cache(maxsize=4)
+def _default_screen(overrides: tuple[str, ...]) -> SafetyScreen:
+    from mhsupport.settings.config import load_config
+
+    cfg = load_config("screen", list(overrides))
+    return load(cfg.safety, cfg.paths.models_dir)
+
+
+def screen_replies(replies: Sequence[str], contexts: Sequence[str | Sequence[str] | None] | None = None,
+                   overrides: Sequence[str] = ()) -> list[Result]:
+    """Screen a batch of generated replies with the configured screen (loaded once per process):
+    one Result per reply, in order. contexts[i] is the seeker message (or recent seeker turns,
+    oldest first) that reply i answers, or None; with contexts, a reply that ignores a flagged
+    seeker context is flagged as risk ignorance. `overrides` are Hydra overrides of the screen
+    config, e.g. ["paths.models_dir=/models"]."""
+    return _default_screen(tuple(overrides)).replies(replies, contexts)
