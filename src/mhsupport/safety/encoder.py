@@ -2,8 +2,9 @@
 `mhs models fetch`): the mean over tokens of every transformer layer's hidden states, each
 L2-normalised, side by side. The last layer alone (the sentence embedding) mostly says what a
 message is about; the lower layers keep more of how it says it (person, tense, negation), which
-tells "I bought a rope for our camping trip" from a preparation: on the out-of-fold exemplar
-scores, all six layers raise the seeker scorer's ROC AUC from 0.89 to 0.93 (docs/safety.md)."""
+tells "I bought a rope for our camping trip" from a preparation: on out-of-fold exemplar scores,
+all six layers raise the ROC AUC from 0.89 to 0.91 for seekers and 0.90 to 0.94 for replies
+(docs/safety.md)."""
 
 from __future__ import annotations
 
