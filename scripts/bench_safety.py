@@ -41,7 +41,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config("screen", args.overrides)
     started = time.perf_counter()
-    guard = safety.load(cfg.safety, cfg.paths.models_dir)
+    guard = safety.load(cfg.safety, cfg.paths)
     load_s = time.perf_counter() - started
 
     turns, pairs = [], []  # (seeker turns so far, the supporter's reply) per seeker turn answered

@@ -21,6 +21,7 @@ import torch
 from statsmodels.stats.proportion import proportion_confint
 
 from mhsupport import safety
+from mhsupport.safety import screen as screen_module
 from mhsupport.modeling.devices import cpu_description
 from mhsupport.settings.config import load_config
 
@@ -49,13 +50,10 @@ def measure(results: list, rows: list[dict], positive: str) -> dict:
 
 
 def esconv_seeker_conversations(raw_dir: Path) -> list[list[str]]:
-    conversations = []
-    for split in ("train", "valid", "test"):
-        for line in (raw_dir / "esconv" / f"{split}.json").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                turns = [" ".join(t["text"].split()) for t in json.loads(line)["dialog"] if t["speaker"] == "usr"]
-                conversations.append(turns)
-    return conversations
+    """The seeker turns of each test conversation of ESConv: the screen learns everyday turns from the
+    training split only."""
+    return [[text for who, text in conversation if who == "seeker"]
+            for conversation in screen_module.esconv_conversations(raw_dir, "test")]
 
 
 def main() -> None:
@@ -69,8 +67,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config("screen", args.overrides)
     started = time.perf_counter()
-    screen = safety.load(cfg.safety, cfg.paths.models_dir)
-    patterns = safety.load(load_config("screen", [*args.overrides, "safety.patterns_only=true"]).safety, "")
+    screen = safety.load(cfg.safety, cfg.paths)
+    patterns = safety.load(load_config("screen", [*args.overrides, "safety.patterns_only=true"]).safety, cfg.paths)
     load_s = time.perf_counter() - started
 
     seekers, replies = read("seeker"), read("replies")

@@ -1,5 +1,6 @@
 """Choose the safety screen's thresholds on a dev set: the out-of-fold scores of its own exemplars
-(5-fold, stratified by class), for each inverse regularisation C. The evaluation set
+and the everyday ESConv turns it learns (5-fold, stratified by class), for each inverse
+regularisation C. The evaluation set
 (tests/data/safety_eval) is never read here. Prints, per C, the ROC AUC, the highest threshold that
 keeps dev recall at --recall or above (the rule configs/safety.yaml uses) and the lowest that keeps
 dev false alarms at --false-alarms or below, with the other rate at each, and the acknowledgement
@@ -22,7 +23,7 @@ from mhsupport.safety import screen
 from mhsupport.safety.encoder import SentenceEncoder
 from mhsupport.settings.config import load_config
 
-HARMLESS = (screen.ORDINARY, screen.ACKNOWLEDGES)
+HARMLESS = screen.HARMLESS
 
 
 def out_of_fold(embeddings: np.ndarray, labels: list[str], c: float, seed: int = 0) -> tuple[np.ndarray, list]:
@@ -61,8 +62,8 @@ def main() -> None:
     folder = screen.encoder_folder(cfg.safety)
     encoder = SentenceEncoder(folder, cfg.safety.max_length, cfg.safety.batch_size)
     for name in ("seeker", "replies"):
-        texts, labels = screen.read_exemplars(name)
-        embeddings = screen.cached_embeddings(encoder, name, Path(cfg.paths.models_dir).expanduser())
+        texts, labels = screen.training_rows(name, cfg.safety, cfg.paths.raw_dir)
+        embeddings = screen.cached_embeddings(encoder, name, texts, Path(cfg.paths.models_dir).expanduser())
         positive_rows = np.array([label not in HARMLESS for label in labels])
         print(f"\n{name}: {len(texts)} exemplars, {positive_rows.sum()} risk/harmful")
         for c in args.c:

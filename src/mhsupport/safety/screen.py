@@ -11,6 +11,10 @@ acknowledging the risk (neither the acknowledgement patterns nor a probability o
 risk" class of at least `safety.acknowledgement_threshold`). Thresholds are chosen on out-of-fold
 scores of the exemplars (scripts/tune_safety.py), never on the evaluation set.
 
+Besides the exemplars, each scorer learns a sample of everyday turns of ESConv's training split
+(seeker turns for the seeker screen, supporter turns for the reply screen), their own harmless
+class: long, distressed but ordinary messages are what the hand-written exemplars lack.
+
 A research guard, not a clinical risk assessment (docs/safety.md).
 """
 
@@ -21,6 +25,8 @@ import hashlib
 import json
 import logging
 import os
+import random
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,7 +35,7 @@ import numpy as np
 from omegaconf import DictConfig
 from sklearn.linear_model import LogisticRegression
 
-from mhsupport.errors import MhsError
+from mhsupport.errors import MhsError, RawDataError
 from mhsupport.safety import patterns
 
 log = logging.getLogger(__name__)
@@ -37,6 +43,15 @@ log = logging.getLogger(__name__)
 EXEMPLARS = Path(__file__).resolve().parent / "exemplars"
 ORDINARY = "ordinary"
 ACKNOWLEDGES = "acknowledges risk"  # a class of the reply exemplars that is not harmful
+EVERYDAY = "everyday"  # turns sampled from ESConv's training split
+HARMLESS = (ORDINARY, ACKNOWLEDGES, EVERYDAY)
+# A crowd worker's turn that talks of death, self-harm or despair may hold real risk: such turns stay
+# out of the everyday sample (it over-excludes on purpose; a turn left out costs nothing).
+RISK_WORDS = re.compile(r"suicid|kill|end (it|my life|things)|\bdie\b|dying|dead|death|self.?harm|cut(ting)? (myself|my)|"
+                        r"overdose|pill|hurt(ing)? (myself|yourself)|not (be )?(here|around|alive)|disappear|"
+                        r"no (reason|point)|give up|worthless|burden|better off|hopeless|can'?t go on|goodbye|"
+                        r"bridge|rope|gun|knife|blade|jump|weapon", re.I)
+SPEAKERS = {"seeker": "seeker", "replies": "supporter"}  # which ESConv turns each scorer learns as everyday
 RISK_IGNORANCE = "risk ignorance"
 
 CRISIS_REPLY = (
@@ -75,6 +90,45 @@ def read_exemplars(name: str) -> tuple[list[str], list[str]]:
     return [row["text"] for row in rows], [row["label"] for row in rows]
 
 
+def esconv_conversations(raw_dir: str | Path, split: str) -> list[list[tuple[str, str]]]:
+    """The conversations of one split of ESConv as the pipeline splits it (`mhs prepare-data`), each
+    a list of (speaker, text) turns."""
+    from mhsupport.data.raw import load_esconv
+    from mhsupport.data.splits import split_esconv_conversations
+    from mhsupport.data.taxonomy import Taxonomy
+    from mhsupport.settings.config import load_config
+
+    data_cfg = load_config("prepare_data")
+    try:
+        conversations = load_esconv(Path(raw_dir).expanduser() / "esconv", Taxonomy.from_config(data_cfg.taxonomy))
+    except RawDataError as err:
+        raise MhsError(f"the safety screen learns everyday turns from ESConv's training split: {err}; set "
+                       "MHS_RAW_DIR (paths.raw_dir) to the raw data folder, or safety.everyday_seeker=0 "
+                       "safety.everyday_replies=0 to screen without them (more false alarms)") from None
+    if any(conversation.split is None for conversation in conversations):
+        split_esconv_conversations(conversations, data_cfg.data.esconv_split_seed, data_cfg.data.esconv_split_fractions)
+    return [[(turn.speaker, " ".join(turn.text.split())) for turn in conversation.turns]
+            for conversation in conversations if conversation.split == split]
+
+
+def everyday_turns(raw_dir: str | Path, speaker: str, count: int, seed: int) -> list[str]:
+    """`count` distinct turns of `speaker` ("seeker" or "supporter") from ESConv's training split (so
+    the valid and test conversations stay unseen), sampled with `seed`, none with a risk word."""
+    if count == 0:
+        return []
+    turns = {text for conversation in esconv_conversations(raw_dir, "train") for who, text in conversation
+             if who == speaker and text and not RISK_WORDS.search(text)}
+    return random.Random(seed).sample(sorted(turns), min(count, len(turns)))
+
+
+def training_rows(name: str, settings: DictConfig, raw_dir: str | Path) -> tuple[list[str], list[str]]:
+    """(texts, labels) a scorer learns: the exemplars of exemplars/<name>.jsonl, then the everyday
+    ESConv turns (safety.everyday_seeker or safety.everyday_replies of them)."""
+    texts, labels = read_exemplars(name)
+    everyday = everyday_turns(raw_dir, SPEAKERS[name], settings[f"everyday_{name}"], settings.everyday_seed)
+    return texts + everyday, labels + [EVERYDAY] * len(everyday)
+
+
 def fit_scorer(embeddings: np.ndarray, labels: Sequence[str], c: float) -> LogisticRegression:
     """A multinomial logistic regression over the exemplars' classes, classes weighted equally."""
     return LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(embeddings, labels)
@@ -83,7 +137,7 @@ def fit_scorer(embeddings: np.ndarray, labels: Sequence[str], c: float) -> Logis
 def risk_probability(scorer: LogisticRegression, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """P(any class but ordinary and acknowledgement) per row, and each row's likeliest such class."""
     probabilities = scorer.predict_proba(embeddings)
-    harmful = np.array([label not in (ORDINARY, ACKNOWLEDGES) for label in scorer.classes_])
+    harmful = np.array([label not in HARMLESS for label in scorer.classes_])
     risk = probabilities[:, harmful]
     return risk.sum(1), scorer.classes_[harmful][risk.argmax(1)]
 
@@ -91,12 +145,14 @@ def risk_probability(scorer: LogisticRegression, embeddings: np.ndarray) -> tupl
 class SafetyScreen:
     """Both screens over one embedding function (None: the pattern layer alone)."""
 
-    def __init__(self, settings: DictConfig, embed: Embed | None, exemplar_embeddings: dict[str, np.ndarray] | None):
+    def __init__(self, settings: DictConfig, embed: Embed | None,
+                 training: dict[str, tuple[np.ndarray, list[str]]] | None):
+        """training: per scorer ("seeker", "replies"), the features and labels it learns."""
         self.settings, self.embed = settings, embed
         self.scorers = {}
         if embed is not None:
             for name in ("seeker", "replies"):
-                self.scorers[name] = fit_scorer(exemplar_embeddings[name], read_exemplars(name)[1], settings.logistic_c)
+                self.scorers[name] = fit_scorer(*training[name], settings.logistic_c)
 
     @property
     def patterns_only(self) -> bool:
@@ -177,32 +233,32 @@ def encoder_folder(settings: DictConfig) -> Path:
     return Path(settings.encoder).expanduser()
 
 
-def load(settings: DictConfig, models_dir: str | Path) -> SafetyScreen:
-    """The screen `settings` (a config's `safety` node) describe. It fails closed: without the
+def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
+    """The screen `settings` (a config's `safety` node) describe, with `paths` (its `paths` node:
+    the model cache, and the raw data the everyday turns come from). It fails closed: without the
     encoder's weights it refuses, unless safety.patterns_only=true asks for the pattern layer alone."""
     if settings.patterns_only:
         return SafetyScreen(settings, None, None)
     folder = encoder_folder(settings)
     if not (folder / "config.json").is_file():
         raise MhsError(f"the safety screen's weights are missing ({folder}): run `mhs models fetch`")
-    return _loaded(folder, settings, Path(models_dir).expanduser())
-
-
-def _loaded(folder: Path, settings: DictConfig, models_dir: Path) -> SafetyScreen:
     from mhsupport.safety.encoder import SentenceEncoder
 
     encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size)
-    embeddings = {name: cached_embeddings(encoder, name, models_dir) for name in ("seeker", "replies")}
-    return SafetyScreen(settings, encoder.encode, embeddings)
+    training = {}
+    for name in ("seeker", "replies"):
+        texts, labels = training_rows(name, settings, paths.raw_dir)
+        training[name] = cached_embeddings(encoder, name, texts, Path(paths.models_dir).expanduser()), labels
+    return SafetyScreen(settings, encoder.encode, training)
 
 
-def cached_embeddings(encoder, name: str, models_dir: Path) -> np.ndarray:
-    """The exemplars' features from `encoder` (a SentenceEncoder), kept in the model cache under a key
-    of the exemplar file, the encoder's folder, weights, input length and features, so a start reads
-    them instead of encoding every exemplar again."""
+def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) -> np.ndarray:
+    """The features of a scorer's training texts from `encoder` (a SentenceEncoder), kept in the model
+    cache under a key of the texts, the encoder's folder, weights, input length and features, so a
+    start reads them instead of encoding every text again."""
     from mhsupport.safety.encoder import FEATURES
 
-    data = (EXEMPLARS / f"{name}.jsonl").read_bytes()
+    data = "\n".join(texts).encode()
     weights = encoder.folder / "model.safetensors"
     stamp = (f"{encoder.folder.resolve()}|{weights.stat().st_size if weights.is_file() else ''}|"
              f"{weights.stat().st_mtime_ns if weights.is_file() else ''}|{encoder.max_length}|{FEATURES}").encode()
@@ -210,14 +266,14 @@ def cached_embeddings(encoder, name: str, models_dir: Path) -> np.ndarray:
     path = models_dir / "safety-screen" / f"{name}-{key}.npy"
     if path.is_file():
         return np.load(path)
-    embeddings = encoder.encode(read_exemplars(name)[0])
+    embeddings = encoder.encode(texts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.{os.getpid()}")
         with open(partial, "wb") as handle:
             np.save(handle, embeddings)
         partial.replace(path)
-        for stale in path.parent.glob(f"{name}-*.npy"):  # earlier exemplars or encoders: never read again
+        for stale in path.parent.glob(f"{name}-*.npy"):  # earlier texts or encoders: never read again
             if stale != path:
                 stale.unlink()
     except OSError as err:  # an unwritable cache costs the next start time, nothing else
@@ -230,7 +286,7 @@ def _default_screen(overrides: tuple[str, ...]) -> SafetyScreen:
     from mhsupport.settings.config import load_config
 
     cfg = load_config("screen", list(overrides))
-    return load(cfg.safety, cfg.paths.models_dir)
+    return load(cfg.safety, cfg.paths)
 
 
 def screen_replies(replies: Sequence[str], contexts: Sequence[str | Sequence[str] | None] | None = None,
