@@ -19,6 +19,7 @@ import torch
 
 from mhsupport import safety
 from mhsupport.modeling.devices import cpu_description
+from mhsupport.safety.screen import encoder_bf16
 from mhsupport.settings.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,7 @@ def main() -> None:
     guard.replies([reply for _, reply in batch], [context for context, _ in batch])
     batch_s = time.perf_counter() - started
     machine = cpu_description()
+    machine["encoder_dtype"] = "bfloat16" if encoder_bf16(cfg.safety) else "float32"
     machine["torch_threads"] = torch.get_num_threads()
     machine["load_average"] = os.getloadavg()
     result = {"machine": machine, "load_s": round(load_s, 2),

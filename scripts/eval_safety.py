@@ -74,7 +74,8 @@ def main() -> None:
     seekers, replies = read("seeker"), read("replies")
     conversations = [[*row.get("context", []), row["text"]] for row in seekers]
     reply_texts, contexts = [row["text"] for row in replies], [row.get("context") for row in replies]
-    out = {"settings": {k: v for k, v in cfg.safety.items() if k != "encoder"}, "machine": cpu_description(),
+    machine = {**cpu_description(), "encoder_dtype": "bfloat16" if screen_module.encoder_bf16(cfg.safety) else "float32"}
+    out = {"settings": {k: v for k, v in cfg.safety.items() if k != "encoder"}, "machine": machine,
            "load_s": round(load_s, 1), "seeker": {}, "replies": {}}
     out["machine"]["torch_threads"] = torch.get_num_threads()
     for name, guard in (("screen", screen), ("patterns only", patterns)):

@@ -156,6 +156,21 @@ def test_a_tiny_encoder_screens_and_caches_the_exemplars(tiny_encoder, tmp_path)
     assert np.allclose(features[1], guard.embed(["a much longer message than the first"])[0], atol=1e-5)
 
 
+def test_bf16_features_stay_close_to_fp32_and_the_setting_is_checked(tiny_encoder):
+    from mhsupport.modeling.devices import cpu_supports_bf16
+    from mhsupport.safety.encoder import SentenceEncoder
+
+    texts = ["I have been saving my pills", "hello", "exams are hard this year and I can't sleep"]
+    fp32 = SentenceEncoder(tiny_encoder, 128, 2).encode(texts)
+    bf16 = SentenceEncoder(tiny_encoder, 128, 2, bf16=True).encode(texts)
+    assert fp32.dtype == bf16.dtype == np.float32 and np.abs(fp32 - bf16).max() < 0.05 and not np.array_equal(fp32, bf16)
+    settings = load_config("screen").safety
+    assert screen.encoder_bf16(settings) == cpu_supports_bf16()
+    settings.bf16 = "yes"
+    with pytest.raises(MhsError, match=r"^config key safety.bf16='yes': expected auto, true or false"):
+        screen.encoder_bf16(settings)
+
+
 def test_everyday_turns_come_from_the_training_split_without_risk_words():
     raw = load_config("screen").paths.raw_dir
     turns = screen.everyday_turns(raw, "seeker", 300, seed=0)

@@ -233,6 +233,15 @@ def encoder_folder(settings: DictConfig) -> Path:
     return Path(settings.encoder).expanduser()
 
 
+def encoder_bf16(settings: DictConfig) -> bool:
+    """safety.bf16: auto (bf16 on a CPU with bf16 instructions), true or false."""
+    from mhsupport.modeling.devices import cpu_supports_bf16
+
+    if settings.bf16 not in ("auto", True, False):
+        raise MhsError(f"config key safety.bf16={settings.bf16!r}: expected auto, true or false (e.g. safety.bf16=false)")
+    return cpu_supports_bf16() if settings.bf16 == "auto" else settings.bf16
+
+
 def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
     """The screen `settings` (a config's `safety` node) describe, with `paths` (its `paths` node:
     the model cache, and the raw data the everyday turns come from). It fails closed: without the
@@ -244,7 +253,7 @@ def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
         raise MhsError(f"the safety screen's weights are missing ({folder}): run `mhs models fetch`")
     from mhsupport.safety.encoder import SentenceEncoder
 
-    encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size)
+    encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size, encoder_bf16(settings))
     training = {}
     for name in ("seeker", "replies"):
         texts, labels = training_rows(name, settings, paths.raw_dir)
@@ -260,8 +269,9 @@ def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) ->
 
     data = "\n".join(texts).encode()
     weights = encoder.folder / "model.safetensors"
-    stamp = (f"{encoder.folder.resolve()}|{weights.stat().st_size if weights.is_file() else ''}|"
-             f"{weights.stat().st_mtime_ns if weights.is_file() else ''}|{encoder.max_length}|{FEATURES}").encode()
+    size, mtime = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else ("", "")
+    stamp = (f"{encoder.folder.resolve()}|{'bf16' if encoder.bf16 else 'fp32'}|{size}|{mtime}|{encoder.max_length}|"
+             f"{FEATURES}").encode()
     key = hashlib.sha256(data + b"\0" + stamp).hexdigest()[:16]
     path = models_dir / "safety-screen" / f"{name}-{key}.npy"
     if path.is_file():
