@@ -106,9 +106,12 @@ def test_a_judge_that_prefers_the_first_position_gives_only_ties(make_cfg, two_r
     assert overall["position_consistent"] == {**overall["position_consistent"], "count": 0, "pct": 0.0}
     assert overall["first_position_chosen"]["pct"] == 100.0
     assert overall["first_position_chosen"]["p"] == pytest.approx(binomtest(2 * len(asked), 2 * len(asked)).pvalue)
-    # both orders of every pair were asked, each once
+    # both orders of every pair (and of every known pair the validity check asked) were asked, each once
     prompts = Counter(r["messages"][-1]["content"] for r in ScriptedJudge.requests)
-    assert len(prompts) == 2 * len(asked) and set(prompts.values()) == {1}
+    assert len(prompts) == 2 * len(asked) + result.metrics["validity"]["timing"]["sent"] and set(prompts.values()) == {1}
+    # a judge that always picks the first position decides no known pair either
+    assert result.metrics["validity"]["overall"]["accuracy"]["count"] == 0 and not result.metrics["validity"]["evidence"]
+    assert "so this run's tables are not evidence" in (result.run.path / "judge.md").read_text()
     assert all(r["verdicts"] == {"ab": "A", "ba": "A"} and r["consistent"] is False for r in asked)
 
 
@@ -164,8 +167,11 @@ def test_503_twice_then_an_answer_is_retried_and_cached(make_cfg, two_runs, serv
     result = judged(make_cfg, two_runs, server, "judge.dimensions=[overall]", "runtime.judge.concurrency=2")
     prompts = Counter(r["messages"][-1]["content"] for r in ScriptedJudge.requests)
     assert prompts and set(prompts.values()) == {3}  # two 503s and the answer, per request
-    assert result.metrics["requests"]["sent"] == len(prompts) and result.metrics["requests"]["unparseable"] == 0
-    cached = [json.loads(l) for l in (result.run.path / judge.REQUESTS).read_text().splitlines()]
+    validity_sent = result.metrics["validity"]["timing"]["sent"]
+    assert result.metrics["requests"]["sent"] + validity_sent == len(prompts)
+    assert result.metrics["requests"]["unparseable"] == 0
+    cached = [json.loads(l) for name in (judge.REQUESTS, "validity_requests.jsonl")
+              for l in (result.run.path / name).read_text().splitlines()]
     assert len(cached) == len(prompts) and all(re.search(r"\[\[[ABC]\]\]", c["answer"]) for c in cached)
     # the same command again: the run is up to date; --force rebuilds from the cached answers alone
     ScriptedJudge.requests.clear()

@@ -34,6 +34,7 @@ PROFILE_GROUPS = ("generator", "classifier")
 REPORT = "judge.md"
 VALIDITY = "validity.json"
 VALIDITY_REQUESTS = "validity_requests.jsonl"
+VALIDITY_JUDGEMENTS = "validity_judgements.jsonl"
 JUDGE_ENDPOINT_KEYS = llm.EndpointKeys(base_url="endpoint.base_url", model="judge.model",
                                        api_key_env="endpoint.api_key_env", timeout="runtime.judge.timeout_s",
                                        what="judge endpoint")
@@ -193,7 +194,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                      for row in rows],
         }
         run_.device = devices.describe(cfg.runtime, loaded) if loaded else None
-        (out / judge.JUDGEMENTS).write_text("".join(json.dumps(r) + "\n" for r in [*known_records, *records]))
+        (out / judge.JUDGEMENTS).write_text("".join(json.dumps(r) + "\n" for r in records))
+        (out / VALIDITY_JUDGEMENTS).write_text("".join(json.dumps(r) + "\n" for r in known_records))
         (out / judge.REQUESTS).write_text("".join(json.dumps(cache.answers[key]) + "\n" for key in used))
         (out / VALIDITY_REQUESTS).write_text("".join(json.dumps(validity_cache.answers[key]) + "\n"
                                                      for key in request_keys(known_records)))
