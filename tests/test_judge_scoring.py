@@ -330,3 +330,38 @@ def test_reply_likelihood_answers_one_question_only(make_cfg):
                                        r"judge.dimensions=\[overall\]"):
         pipeline.Pipeline().plan("judge", make_cfg("judge", "generator=tiny", "judge.backend=local",
                                                    "judge.scoring.method=reply_likelihood", "judge.known_pairs=true"))
+
+
+def test_a_neutral_weight_subtracts_each_replys_score_without_the_conversation(make_cfg, tmp_path):
+    model, tokenizer = tiny_chat_model()
+    p = prompts(make_cfg)
+    pair = make_pair("That sounds really hard.", "Have you talked to anyone about it?")
+    alone = ReplyScorer(model, tokenizer, "tiny")
+    conditional = alone.reply_scores([p.reply_messages(pair, side) for side in "ab"], batch_size=2)
+    neutral = alone.reply_scores([p.reply_messages(pair, side, neutral=True) for side in "ab"], batch_size=2)
+    assert TEXTS[0] not in p.reply_messages(pair, "a", neutral=True)[0]["content"]
+    row = judge.Row("r", "A", "B", "a", "b", [pair])
+    for weight in (0.0, 0.5, 1.0):
+        cache = judge.RequestCache(tmp_path / "requests.jsonl")  # one cache: each weight asks nothing new
+        record, = judge.judge_rows([row], ["overall"], p, ReplyScorer(model, tokenizer, "tiny", weight), "tiny", {},
+                                   cache, 0, 2, False, 0.0)
+        cache.close()
+        a, b = (c - weight * n for c, n in zip(conditional, neutral))
+        assert record["answers"]["ab"] == pytest.approx(a - b, abs=1e-5) and record["consistent"] is True
+    assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == 4  # two replies, with and without
+
+
+def test_the_tuning_script_scores_each_request_once_across_neutral_weights(make_cfg, tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("tune_judge", Path(__file__).parents[1] / "scripts" / "tune_judge.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    model, tokenizer = tiny_chat_model()
+    cfg = make_cfg("judge", "generator=tiny", "judge.backend=local")
+    examples = [{"conversation_id": f"c{i}", "turn_index": 1, "context": [{"speaker": "seeker", "text": TEXTS[0]}],
+                 "response": f"{TEXTS[1]} It is {i} weeks now, is it not?"} for i in range(6)]
+    rows = judge_validity.known_pair_rows(examples, 2, 0, 3, 8)
+    result = tune.run_variant("pmi_2turns", cfg, rows, model, tokenizer, "tiny", 2, tmp_path / "requests.jsonl")
+    assert set(result["by_neutral_weight"]) == {str(w) for w in tune.NEUTRAL_WEIGHTS}
+    assert result["pairs"] == 6 and result["seconds_per_pair"] >= 0
+    assert result["by_neutral_weight"]["0.5"]["all"]["position_consistent"]["pct"] == 100.0

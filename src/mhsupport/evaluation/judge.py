@@ -118,18 +118,20 @@ class Prompts:
     descriptions: dict[str, str] = field(default_factory=dict)
     context_turns: int | None = None  # the last turns of the conversation shown (None: all)
     reply_context: str = "{conversation}"  # what a reply-scoring judge reads before each reply
+    reply_neutral: str = ""  # what it reads before each reply scored without the conversation
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Prompts:
         p = cfg.judge.prompts
         return cls(p.system.strip(), p.user, p.empty_reply, dict(p.questions), dict(cfg.strategy_words),
-                   p.context_turns, p.reply_context)
+                   p.context_turns, p.reply_context, p.reply_neutral)
 
     def sha256(self) -> str:
         """A hash of everything a judge is shown besides the data: in the signature (the run id covers
         the config they come from)."""
         return hashlib.sha256(json.dumps([self.system, self.user, self.empty_reply, self.questions,
-                                          self.descriptions, self.context_turns, self.reply_context],
+                                          self.descriptions, self.context_turns, self.reply_context,
+                                          self.reply_neutral],
                                          sort_keys=True).encode()).hexdigest()
 
     def strategy(self, tag: str) -> str:
@@ -154,11 +156,12 @@ class Prompts:
     def shown_context(self, pair: Pair) -> list[dict]:
         return pair.context[-self.context_turns:] if self.context_turns else pair.context
 
-    def reply_messages(self, pair: Pair, side: str) -> list[dict]:
-        """One system's reply as the assistant's turn after the conversation (a reply-scoring judge)."""
-        return [{"role": "user", "content": self.reply_context.format(
-                    conversation=conversation_text(self.shown_context(pair)))},
-                {"role": "assistant", "content": pair.reply[side] or self.empty_reply}]
+    def reply_messages(self, pair: Pair, side: str, neutral: bool = False) -> list[dict]:
+        """One system's reply as the assistant's turn after the conversation (a reply-scoring judge),
+        or (`neutral`) after `reply_neutral`, which shows no conversation."""
+        user = self.reply_neutral if neutral else self.reply_context.format(
+            conversation=conversation_text(self.shown_context(pair)))
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": pair.reply[side] or self.empty_reply}]
 
 
 def conversation_text(context: list[dict]) -> str:
@@ -229,8 +232,20 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
                tie_band: float | None = None) -> list[dict]:
     """Every (row, example, dimension) judged in both orders: one record each, with both answers (texts,
     or margins from a scoring backend, whose verdicts use `tie_band`), both verdicts, the outcome and
-    the replies' lengths. Answers come from the cache where it has them."""
+    the replies' lengths. Answers come from the cache where it has them. A reply-scoring backend with
+    a `neutral_weight` w also scores each reply without the conversation: its score is then
+    score(reply | conversation) - w * score(reply | no conversation)."""
     planned, requests, keys, pending = [], [], [], set()
+    weight = getattr(backend, "neutral_weight", 0.0) if scores_replies(backend) else 0.0
+
+    def ask(messages: list[dict]) -> str:
+        key = request_key(model_id, parameters, messages)
+        if cache.get(key) is None and key not in pending:
+            pending.add(key)
+            keys.append(key)
+            requests.append(messages)
+        return key
+
     for row in rows:
         for pair in row.pairs:
             for dimension in dimensions:
@@ -242,17 +257,13 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
                 order_keys = {}
                 # A reply-scoring judge reads each reply alone (keyed by side); the others both orders.
                 for slot in ("a", "b") if scores_replies(backend) else ORDERS:
-                    messages = (prompts.reply_messages(pair, slot) if scores_replies(backend) else
-                                prompts.messages(pair, dimension, slot))
-                    key = request_key(model_id, parameters, messages)
-                    order_keys[slot] = key
-                    if cache.get(key) is None and key not in pending:
-                        pending.add(key)
-                        keys.append(key)
-                        requests.append(messages)
+                    order_keys[slot] = ask(prompts.reply_messages(pair, slot) if scores_replies(backend) else
+                                           prompts.messages(pair, dimension, slot))
+                    if weight:
+                        order_keys[f"{slot}_neutral"] = ask(prompts.reply_messages(pair, slot, neutral=True))
                 planned.append((row, pair, dimension, order_keys))
-    asked = 2 * sum(order_keys is not None for *_, order_keys in planned)
-    log.info("judge: %d requests (both orders), %d answered by the cache, %d to send", asked, asked - len(requests),
+    asked = sum(len(order_keys) for *_, order_keys in planned if order_keys is not None)
+    log.info("judge: %d requests (both orders or sides), %d answered by the cache, %d to send", asked, asked - len(requests),
              len(requests))
     if requests and scores_replies(backend):
         backend.reply_scores(requests, batch_size, progress=progress,
@@ -274,7 +285,9 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
         else:
             answers = {slot: cache.get(key)["answer"] for slot, key in order_keys.items()}
             if scores_replies(backend):  # as margins for the reply shown first, so both kinds read alike
-                answers = {"ab": answers["a"] - answers["b"], "ba": answers["b"] - answers["a"]}
+                score = {side: answers[side] - weight * answers[f"{side}_neutral"] if weight else answers[side]
+                         for side in ("a", "b")}
+                answers = {"ab": score["a"] - score["b"], "ba": score["b"] - score["a"]}
             if scores(backend):
                 verdicts = {order: margin_verdict(answers[order], tie_band) for order in ORDERS}
             else:
@@ -302,7 +315,8 @@ def scores_replies(backend) -> bool:
 def signature(cfg: DictConfig, model_name: str, prompts: Prompts) -> str:
     """What a judge's figures depend on, in one line (like sacrebleu's signature)."""
     j = cfg.judge
-    method = ("reply_likelihood" if j.scoring.method == "reply_likelihood" else
+    method = (f"reply_likelihood(neutral_weight {j.scoring.neutral_weight:g})"
+              if j.scoring.method == "reply_likelihood" else
               f"margin({'/'.join(j.scoring.options)} after {j.scoring.answer_prefix!r})")
     decoding = (f"scoring:{method}|tie_band:{j.scoring.tie_band:g}|dtype:{j.scoring.dtype}" if j.backend == "local"
                 else f"temperature:{j.temperature:g}|max_tokens:{j.max_tokens}|seed:{j.seed}")

@@ -5,7 +5,9 @@ every request and the score's size says how sure it is:
   log P(first option) - log P(second option) of the next token;
 - `ReplyScorer`: each reply alone, as the assistant's turn after the conversation: the mean
   log-probability of its tokens (the chat template's end of turn included, so a reply cut short
-  pays for ending where no reply would).
+  pays for ending where no reply would), less `neutral_weight` times the same without the
+  conversation (a pointwise-mutual-information score: a generic reply, likely anywhere, gains
+  nothing from fitting this conversation).
 
 The softmax's normaliser cancels in the difference, so the margin is the difference of the two
 options' logits; it is computed in fp32 from the model's last hidden state and the two options'
@@ -87,13 +89,15 @@ class OptionScorer:
 class ReplyScorer:
     """Any causal LM with a chat template as a judge that reads each reply alone: `reply_scores`
     gives, per request (messages ending with the reply as the assistant's turn), the mean
-    log-probability of the reply's tokens after the messages before it."""
+    log-probability of the reply's tokens after the messages before it. `judge_rows` also asks for
+    each reply without the conversation and subtracts `neutral_weight` times that score."""
 
-    def __init__(self, model, tokenizer, name: str):
+    def __init__(self, model, tokenizer, name: str, neutral_weight: float = 0.0):
         if tokenizer.chat_template is None:
             raise MhsError(f"the local judge needs a chat model: {name}'s tokenizer has no chat template "
                            "(judge.model)")
         self.model, self.tokenizer, self.name = model.eval(), tokenizer, name
+        self.neutral_weight = neutral_weight
         self.tokenizer.padding_side = "right"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -117,6 +121,9 @@ class ReplyScorer:
         pieces = [self.split(request) for request in requests]
         order = sorted(range(len(pieces)), key=lambda i: sum(map(len, pieces[i])))
         head = self.model.get_output_embeddings()
+        # The output layer in fp32 (bf16 logits move in steps of 0.125 and would round the scores).
+        weight = head.weight.float()
+        bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         found: list[float | None] = [None] * len(pieces)
         for start in tqdm(range(0, len(order), batch_size), desc=f"judge {self.name}", disable=not progress):
             chunk = order[start:start + batch_size]
@@ -131,7 +138,9 @@ class ReplyScorer:
             for r, i in enumerate(chunk):
                 context, reply = pieces[i]
                 # The reply's tokens are predicted from the positions just before each of them.
-                logits = head(hidden[r, len(context) - 1:len(context) + len(reply) - 1]).float()
+                logits = hidden[r, len(context) - 1:len(context) + len(reply) - 1].float() @ weight.T
+                if bias is not None:
+                    logits = logits + bias
                 targets = torch.tensor(reply, device=device)
                 score = torch.log_softmax(logits, -1).gather(1, targets[:, None]).mean().item()
                 found[i] = score

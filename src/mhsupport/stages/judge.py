@@ -252,7 +252,7 @@ def load_backend(cfg: DictConfig):
     started = time.perf_counter()
     model, tokenizer, name = local_judge_model(cfg)
     log.info("judge: %s loaded in %.0f s", name, time.perf_counter() - started)
-    backend = (ReplyScorer(model, tokenizer, name) if j.scoring.method == "reply_likelihood" else
+    backend = (ReplyScorer(model, tokenizer, name, j.scoring.neutral_weight) if j.scoring.method == "reply_likelihood" else
                OptionScorer(model, tokenizer, tuple(j.scoring.options), j.scoring.answer_prefix, name))
     size = sum(p.numel() for p in model.parameters())
     note = (f"**The judge is {name}, a local model of {size / 1e6:.0f}M parameters: far too small to trust as a "
