@@ -17,6 +17,7 @@ rows of the output embedding, whatever dtype the model runs in (bf16 logits move
 
 from __future__ import annotations
 
+import copy
 from typing import Callable
 
 import torch
@@ -115,30 +116,49 @@ class ReplyScorer:
     @torch.inference_mode()
     def reply_scores(self, requests: list[list[dict]], batch_size: int, progress: bool = False,
                      on_score: ScoreCallback | None = None) -> list[float]:
-        """One mean log-probability per request, in batches of similar length (right-padded: the
-        positions of real tokens are those of each request alone); `on_score(i, score)` as each
-        batch finishes."""
+        """One mean log-probability per request. Requests that share their context (the two replies of
+        a pair; every reply scored without the conversation) read it once: its keys and values are
+        kept, and each batch of up to `batch_size` of its replies (right-padded, shortest first)
+        continues from them. `on_score(i, score)` as each batch finishes."""
         pieces = [self.split(request) for request in requests]
-        order = sorted(range(len(pieces)), key=lambda i: sum(map(len, pieces[i])))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (context, _) in enumerate(pieces):
+            groups.setdefault(tuple(context), []).append(i)
+        batches = [(context, members[s:s + batch_size]) for context, members in groups.items()
+                   for members in [sorted(members, key=lambda i: len(pieces[i][1]))]
+                   for s in range(0, len(members), batch_size)]
         head = self.model.get_output_embeddings()
+        device = head.weight.device
         # The output layer in fp32 (bf16 logits move in steps of 0.125 and would round the scores).
         weight = head.weight.float()
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         found: list[float | None] = [None] * len(pieces)
-        for start in tqdm(range(0, len(order), batch_size), desc=f"judge {self.name}", disable=not progress):
-            chunk = order[start:start + batch_size]
-            rows = [pieces[i][0] + pieces[i][1] for i in chunk]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), self.tokenizer.pad_token_id)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                ids[r, :len(row)], mask[r, :len(row)] = torch.tensor(row), 1
-            device = head.weight.device
-            hidden = self.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            for r, i in enumerate(chunk):
-                context, reply = pieces[i]
-                # The reply's tokens are predicted from the positions just before each of them.
-                logits = hidden[r, len(context) - 1:len(context) + len(reply) - 1].float() @ weight.T
+        kept = {}  # the context being read: its last hidden state and its keys and values
+        for context, chunk in tqdm(batches, desc=f"judge {self.name}", disable=not progress):
+            if context not in kept:
+                out = self.model.base_model(input_ids=torch.tensor([context], device=device), use_cache=True)
+                kept = {context: (out.last_hidden_state[0, -1:], out.cache)}
+            last, past = kept[context]
+            replies = [pieces[i][1] for i in chunk]
+            # The context's last position predicts each reply's first token; the reply's own positions
+            # (all but its last token) the rest.
+            width = max(map(len, replies)) - 1
+            if width:
+                ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id)
+                mask = torch.zeros((len(chunk), len(context) + width), dtype=torch.long)
+                mask[:, :len(context)] = 1
+                for r, reply in enumerate(replies):
+                    ids[r, :len(reply) - 1] = torch.tensor(reply[:-1])
+                    mask[r, len(context):len(context) + len(reply) - 1] = 1
+                cache = copy.deepcopy(past)  # a forward pass appends to the cache it is given
+                cache.batch_repeat_interleave(len(chunk))
+                positions = torch.arange(len(context), len(context) + width)[None].expand(len(chunk), -1)
+                hidden = self.model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                               position_ids=positions.to(device), cache=cache,
+                                               use_cache=True).last_hidden_state
+            for r, (i, reply) in enumerate(zip(chunk, replies)):
+                states = torch.cat([last, hidden[r, :len(reply) - 1]]) if len(reply) > 1 else last
+                logits = states.float() @ weight.T
                 if bias is not None:
                     logits = logits + bias
                 targets = torch.tensor(reply, device=device)
