@@ -329,7 +329,11 @@ def test_reply_likelihood_answers_one_question_only(make_cfg):
     with pytest.raises(MhsError, match=r"judge.scoring.method=reply_likelihood scores each reply.*"
                                        r"judge.dimensions=\[overall\]"):
         pipeline.Pipeline().plan("judge", make_cfg("judge", "generator=tiny", "judge.backend=local",
-                                                   "judge.scoring.method=reply_likelihood", "judge.known_pairs=true"))
+                                                   "judge.scoring.method=reply_likelihood", "judge.known_pairs=true",
+                                                   "judge.dimensions=[exploration,insight]"))
+    cfg = make_cfg("judge", "generator=tiny", "judge.backend=local", "judge.scoring.method=reply_likelihood")
+    assert judge.judged_dimensions(cfg) == ["overall"] and "dimensions:overall|" in judge.signature(cfg, "m", prompts(make_cfg))
+    assert len(judge.judged_dimensions(make_cfg("judge", "generator=tiny", "judge.backend=openai"))) == 5
 
 
 def test_a_neutral_weight_subtracts_each_replys_score_without_the_conversation(make_cfg, tmp_path):

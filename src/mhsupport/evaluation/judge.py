@@ -321,8 +321,17 @@ def signature(cfg: DictConfig, model_name: str, prompts: Prompts) -> str:
     decoding = (f"scoring:{method}|tie_band:{j.scoring.tie_band:g}|dtype:{j.scoring.dtype}" if j.backend == "local"
                 else f"temperature:{j.temperature:g}|max_tokens:{j.max_tokens}|seed:{j.seed}")
     return (f"backend:{j.backend}|model:{model_name}|{decoding}"
-            f"|prompt:sha256:{prompts.sha256()[:16]}|orders:both|dimensions:{','.join(j.dimensions)}"
+            f"|prompt:sha256:{prompts.sha256()[:16]}|orders:both|dimensions:{','.join(judged_dimensions(cfg))}"
             f"|examples:{j.examples if j.examples is not None else 'all'}@{j.example_seed}")
+
+
+def judged_dimensions(cfg: DictConfig) -> list[str]:
+    """The questions a run asks: judge.dimensions, but only overall for a local judge that scores each
+    reply's likelihood (it answers no question)."""
+    j = cfg.judge
+    if j.backend == "local" and j.scoring.method == "reply_likelihood":
+        return ["overall"]
+    return list(j.dimensions)
 
 
 def parameters(cfg: DictConfig) -> dict:

@@ -52,9 +52,9 @@ def check(cfg: DictConfig) -> None:
     if sum([j.pair is not None, j.table is not None, bool(j.known_pairs)]) != 1:
         raise MhsError("mhs judge compares two eval runs (mhs judge RUN_A RUN_B), one of the paper's tables "
                        f"(--table {'|'.join(j.tables)}) or only the known pairs (--known-pairs): give exactly one")
-    if j.backend == "local" and j.scoring.method == "reply_likelihood" and list(j.dimensions) != ["overall"]:
+    if j.backend == "local" and j.scoring.method == "reply_likelihood" and "overall" not in j.dimensions:
         raise MhsError(f"judge.dimensions={list(j.dimensions)}: judge.scoring.method=reply_likelihood scores each "
-                       "reply, not an answer to a question; set judge.dimensions=[overall]")
+                       "reply, not an answer to a question, so it judges overall only; set judge.dimensions=[overall]")
     if j.backend == "local" and (len(j.scoring.options) != 2 or len(set(j.scoring.options)) != 2):
         raise MhsError(f"judge.scoring.options={list(j.scoring.options)}: expected two different tokens, e.g. "
                        "judge.scoring.options=[A,B]")
@@ -137,6 +137,10 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     backend, model_name, note, loaded = load_backend(cfg)
     prompts = judge.Prompts.from_config(cfg)
     tie_band = j.scoring.tie_band if j.backend == "local" else None
+    dimensions = judge.judged_dimensions(cfg)
+    if dimensions != list(j.dimensions):
+        log.info("judge: judge.scoring.method=reply_likelihood scores each reply, not an answer to a question: "
+                 "judging overall only, not %s", ", ".join(d for d in j.dimensions if d not in dimensions))
     batch_size = j.scoring.batch_size if j.backend == "local" else cfg.decoding.batch_size
     with run_.build(seed=cfg.seed, resumable=True) as out:
         # The caches live in the resumable folder while the run is built (kept when it is interrupted)
@@ -152,7 +156,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                                              tie_band)
             validity_seconds = time.perf_counter() - started
             started = time.perf_counter()
-            records = judge.judge_rows(rows, list(j.dimensions), prompts, backend, model_name, judge.parameters(cfg),
+            records = judge.judge_rows(rows, dimensions, prompts, backend, model_name, judge.parameters(cfg),
                                        cache, j.max_tokens, batch_size, cfg.runtime.progress, tie_band)
             seconds = time.perf_counter() - started
         finally:
@@ -178,7 +182,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             "signature": judge.signature(cfg, model_name, prompts), "note": note,
             "judge": {"backend": j.backend, "model": model_name, "temperature": j.temperature,
                       "max_tokens": j.max_tokens, "seed": j.seed, "prompt_sha256": prompts.sha256(),
-                      "dimensions": list(j.dimensions), "scoring": OmegaConf.to_container(j.scoring),
+                      "dimensions": dimensions, "scoring": OmegaConf.to_container(j.scoring),
                       "served_models": sorted(getattr(backend, "served_models", []))},
             "examples": j.examples, "example_seed": j.example_seed, "length_match_ratio": j.length_match_ratio,
             "requests": {"asked": len(used), "from_cache": len(used) - (len(cache.answers) - cache.loaded),
@@ -190,7 +194,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                       "paper_loss_pct": row.paper_loss_pct, "human_agreement": agreement.get(row.name),
                       "dimensions": {d: judge_results.dimension_stats(
                           [r for r in records if r["row"] == row.name and r["dimension"] == d], j.length_match_ratio)
-                          for d in j.dimensions}}
+                          for d in dimensions}}
                      for row in rows],
         }
         run_.device = devices.describe(cfg.runtime, loaded) if loaded else None
@@ -252,7 +256,8 @@ def load_backend(cfg: DictConfig):
     started = time.perf_counter()
     model, tokenizer, name = local_judge_model(cfg)
     log.info("judge: %s loaded in %.0f s", name, time.perf_counter() - started)
-    backend = (ReplyScorer(model, tokenizer, name, j.scoring.neutral_weight) if j.scoring.method == "reply_likelihood" else
+    backend = (ReplyScorer(model, tokenizer, name, j.scoring.neutral_weight)
+               if j.scoring.method == "reply_likelihood" else
                OptionScorer(model, tokenizer, tuple(j.scoring.options), j.scoring.answer_prefix, name))
     size = sum(p.numel() for p in model.parameters())
     note = (f"**The judge is {name}, a local model of {size / 1e6:.0f}M parameters: far too small to trust as a "
