@@ -369,3 +369,13 @@ def test_the_tuning_script_scores_each_request_once_across_neutral_weights(make_
     assert set(result["by_neutral_weight"]) == {str(w) for w in tune.NEUTRAL_WEIGHTS}
     assert result["pairs"] == 6 and result["seconds_per_pair"] >= 0
     assert result["by_neutral_weight"]["0.5"]["all"]["position_consistent"]["pct"] == 100.0
+
+
+def test_a_reply_scoring_judge_reads_its_own_number_of_turns(make_cfg):
+    p = judge.Prompts.from_config(make_cfg("judge", "generator=tiny", "judge.prompts.context_turns=4",
+                                           "judge.prompts.reply_context_turns=1"))
+    turns = [{"speaker": "seeker" if i % 2 == 0 else "supporter", "text": f"turn {i}"} for i in range(5)]
+    pair = judge.Pair(("c1", 5), turns, {"a": "x", "b": "y"}, {"a": None, "b": None})
+    shown = p.reply_messages(pair, "a")[0]["content"]
+    assert "turn 4" in shown and "turn 3" not in shown
+    assert "turn 1" in p.messages(pair, "overall", "ab")[-1]["content"]  # the A/B prompt keeps its four

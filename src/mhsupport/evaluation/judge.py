@@ -119,19 +119,20 @@ class Prompts:
     context_turns: int | None = None  # the last turns of the conversation shown (None: all)
     reply_context: str = "{conversation}"  # what a reply-scoring judge reads before each reply
     reply_neutral: str = ""  # what it reads before each reply scored without the conversation
+    reply_context_turns: int | None = None  # the last turns a reply-scoring judge reads (None: context_turns)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Prompts:
         p = cfg.judge.prompts
         return cls(p.system.strip(), p.user, p.empty_reply, dict(p.questions), dict(cfg.strategy_words),
-                   p.context_turns, p.reply_context, p.reply_neutral)
+                   p.context_turns, p.reply_context, p.reply_neutral, p.reply_context_turns)
 
     def sha256(self) -> str:
         """A hash of everything a judge is shown besides the data: in the signature (the run id covers
         the config they come from)."""
         return hashlib.sha256(json.dumps([self.system, self.user, self.empty_reply, self.questions,
                                           self.descriptions, self.context_turns, self.reply_context,
-                                          self.reply_neutral],
+                                          self.reply_neutral, self.reply_context_turns],
                                          sort_keys=True).encode()).hexdigest()
 
     def strategy(self, tag: str) -> str:
@@ -159,8 +160,9 @@ class Prompts:
     def reply_messages(self, pair: Pair, side: str, neutral: bool = False) -> list[dict]:
         """One system's reply as the assistant's turn after the conversation (a reply-scoring judge),
         or (`neutral`) after `reply_neutral`, which shows no conversation."""
+        turns = self.reply_context_turns or self.context_turns
         user = self.reply_neutral if neutral else self.reply_context.format(
-            conversation=conversation_text(self.shown_context(pair)))
+            conversation=conversation_text(pair.context[-turns:] if turns else pair.context))
         return [{"role": "user", "content": user}, {"role": "assistant", "content": pair.reply[side] or self.empty_reply}]
 
 
