@@ -118,27 +118,29 @@ class ReplyScorer:
                      on_score: ScoreCallback | None = None) -> list[float]:
         """One mean log-probability per request. Requests that share their context (the two replies of
         a pair; every reply scored without the conversation) read it once: its keys and values are
-        kept, and each batch of up to `batch_size` of its replies (right-padded, shortest first)
-        continues from them. `on_score(i, score)` as each batch finishes."""
+        kept, and each batch of up to `batch_size` of its replies (right-padded) continues from them.
+        `on_score(i, score)` as each batch finishes."""
         pieces = [self.split(request) for request in requests]
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, (context, _) in enumerate(pieces):
             groups.setdefault(tuple(context), []).append(i)
-        batches = [(context, members[s:s + batch_size]) for context, members in groups.items()
-                   for members in [sorted(members, key=lambda i: len(pieces[i][1]))]
-                   for s in range(0, len(members), batch_size)]
+        # Batches in the requests' order (a caller's pairs are finished one after another, so an
+        # interrupted run keeps whole pairs); a context is read once and kept until its last batch.
+        batches = sorted(((context, members[s:s + batch_size]) for context, members in groups.items()
+                          for s in range(0, len(members), batch_size)), key=lambda batch: batch[1][0])
+        last_batch = {context: n for n, (context, _) in enumerate(batches)}
         head = self.model.get_output_embeddings()
         device = head.weight.device
         # The output layer in fp32 (bf16 logits move in steps of 0.125 and would round the scores).
         weight = head.weight.float()
         bias = head.bias.float() if getattr(head, "bias", None) is not None else None
         found: list[float | None] = [None] * len(pieces)
-        kept = {}  # the context being read: its last hidden state and its keys and values
-        for context, chunk in tqdm(batches, desc=f"judge {self.name}", disable=not progress):
+        kept = {}  # each context read and still to be continued: its last hidden state, keys and values
+        for n, (context, chunk) in enumerate(tqdm(batches, desc=f"judge {self.name}", disable=not progress)):
             if context not in kept:
                 out = self.model.base_model(input_ids=torch.tensor([context], device=device), use_cache=True)
-                kept = {context: (out.last_hidden_state[0, -1:], out.cache)}
-            last, past = kept[context]
+                kept[context] = (out.last_hidden_state[0, -1:], out.cache)
+            last, past = kept[context] if last_batch[context] > n else kept.pop(context)
             replies = [pieces[i][1] for i in chunk]
             # The context's last position predicts each reply's first token; the reply's own positions
             # (all but its last token) the rest.
