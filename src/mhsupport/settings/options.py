@@ -139,6 +139,8 @@ RULES = {
     "judge.validity.pairs_per_kind": _int(1), "judge.validity.seed": _int(0), "judge.validity.truncate_words": _int(1),
     "judge.validity.min_words": _int(2), "judge.prompts.context_turns": _int(1, optional=True),
     "judge.prompts.reply_context_turns": _int(1, optional=True),
+    "judge.validity.bars.accuracy": _number(0, high=100), "judge.validity.bars.position_consistency": _number(0, high=100),
+    "judge_model.size_bytes": _int(1),
     "runtime.judge.concurrency": _int(1), "runtime.judge.timeout_s": _number(0, inclusive=False),
     "runtime.judge.max_retries": _int(0),
     "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
