@@ -188,6 +188,12 @@ def test_a_killed_judge_run_pays_for_nothing_twice(two_runs, server, mhs_env, pr
             "--base-url", server, "judge.dimensions=[overall,exploration]", "runtime.judge.concurrency=2",
             "runtime.progress=false"]
     env = mhs_env()
+    # The known pairs are judged first: answered once here, every later run reads them from this run's
+    # cache, so the answers the server gives below all go to the pair's requests.
+    known = subprocess.run([sys.executable, "-m", "mhsupport.cli", "judge", "--known-pairs", *args[3:]], env=env,
+                           capture_output=True, text=True)
+    assert known.returncode == 0, known.stderr
+    ScriptedJudge.requests.clear()
     ScriptedJudge.answer_limit = 5
     process = subprocess.Popen([sys.executable, "-m", "mhsupport.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
