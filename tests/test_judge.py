@@ -225,6 +225,7 @@ def test_endpoint_faults_are_one_line_each_and_keep_cached_answers(make_cfg, two
                                                                    prepared):
     raw, _ = prepared
     a, b = two_runs
+    pipeline.Pipeline().ensure("prepare_data", make_cfg("prepare_data", artifacts=tmp_path / "artifacts"))  # known pairs
     base = ["judge", str(a), str(b), "--profile", "tiny", "--backend", "openai", f"paths.raw_dir={raw}",
             f"paths.artifacts_dir={tmp_path / 'artifacts'}", "judge.dimensions=[overall]", "runtime.progress=false",
             "runtime.judge.max_retries=1"]
