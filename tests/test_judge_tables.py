@@ -49,7 +49,7 @@ def test_a_table_judges_each_row_on_the_evals_its_config_names(table3):
                                                   "esconv+tag / none"]
     assert {r["system_b"] for r in m["rows"]} == {"unified+tag / none"}
     inputs = json.loads((table3.run.path / "manifest.json").read_text())["inputs"]
-    assert sorted(inputs) == [f"row{i}/{side}" for i in range(4) for side in "ab"]
+    assert sorted(inputs) == ["prepare_data", *[f"row{i}/{side}" for i in range(4) for side in "ab"]]  # + the known pairs' data
     assert len({inputs[f"row{i}/b"]["run"] for i in range(4)}) == 1  # one eval of Unified+tag serves every row
     records = [json.loads(l) for l in (table3.run.path / judge.JUDGEMENTS).read_text().splitlines()]
     for row in m["rows"]:
