@@ -106,9 +106,12 @@ def test_a_judge_that_prefers_the_first_position_gives_only_ties(make_cfg, two_r
     assert overall["position_consistent"] == {**overall["position_consistent"], "count": 0, "pct": 0.0}
     assert overall["first_position_chosen"]["pct"] == 100.0
     assert overall["first_position_chosen"]["p"] == pytest.approx(binomtest(2 * len(asked), 2 * len(asked)).pvalue)
-    # both orders of every pair were asked, each once
+    # both orders of every pair (and of every known pair the validity check asked) were asked, each once
     prompts = Counter(r["messages"][-1]["content"] for r in ScriptedJudge.requests)
-    assert len(prompts) == 2 * len(asked) and set(prompts.values()) == {1}
+    assert len(prompts) == 2 * len(asked) + result.metrics["validity"]["timing"]["sent"] and set(prompts.values()) == {1}
+    # a judge that always picks the first position decides no known pair either
+    assert result.metrics["validity"]["overall"]["accuracy"]["count"] == 0 and not result.metrics["validity"]["evidence"]
+    assert "so this run's tables are not evidence" in (result.run.path / "judge.md").read_text()
     assert all(r["verdicts"] == {"ab": "A", "ba": "A"} and r["consistent"] is False for r in asked)
 
 
@@ -164,8 +167,11 @@ def test_503_twice_then_an_answer_is_retried_and_cached(make_cfg, two_runs, serv
     result = judged(make_cfg, two_runs, server, "judge.dimensions=[overall]", "runtime.judge.concurrency=2")
     prompts = Counter(r["messages"][-1]["content"] for r in ScriptedJudge.requests)
     assert prompts and set(prompts.values()) == {3}  # two 503s and the answer, per request
-    assert result.metrics["requests"]["sent"] == len(prompts) and result.metrics["requests"]["unparseable"] == 0
-    cached = [json.loads(l) for l in (result.run.path / judge.REQUESTS).read_text().splitlines()]
+    validity_sent = result.metrics["validity"]["timing"]["sent"]
+    assert result.metrics["requests"]["sent"] + validity_sent == len(prompts)
+    assert result.metrics["requests"]["unparseable"] == 0
+    cached = [json.loads(l) for name in (judge.REQUESTS, "validity_requests.jsonl")
+              for l in (result.run.path / name).read_text().splitlines()]
     assert len(cached) == len(prompts) and all(re.search(r"\[\[[ABC]\]\]", c["answer"]) for c in cached)
     # the same command again: the run is up to date; --force rebuilds from the cached answers alone
     ScriptedJudge.requests.clear()
@@ -182,6 +188,12 @@ def test_a_killed_judge_run_pays_for_nothing_twice(two_runs, server, mhs_env, pr
             "--base-url", server, "judge.dimensions=[overall,exploration]", "runtime.judge.concurrency=2",
             "runtime.progress=false"]
     env = mhs_env()
+    # The known pairs are judged first: answered once here, every later run reads them from this run's
+    # cache, so the answers the server gives below all go to the pair's requests.
+    known = subprocess.run([sys.executable, "-m", "mhsupport.cli", "judge", "--known-pairs", *args[3:]], env=env,
+                           capture_output=True, text=True)
+    assert known.returncode == 0, known.stderr
+    ScriptedJudge.requests.clear()
     ScriptedJudge.answer_limit = 5
     process = subprocess.Popen([sys.executable, "-m", "mhsupport.cli", *args], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -213,6 +225,7 @@ def test_endpoint_faults_are_one_line_each_and_keep_cached_answers(make_cfg, two
                                                                    prepared):
     raw, _ = prepared
     a, b = two_runs
+    pipeline.Pipeline().ensure("prepare_data", make_cfg("prepare_data", artifacts=tmp_path / "artifacts"))  # known pairs
     base = ["judge", str(a), str(b), "--profile", "tiny", "--backend", "openai", f"paths.raw_dir={raw}",
             f"paths.artifacts_dir={tmp_path / 'artifacts'}", "judge.dimensions=[overall]", "runtime.progress=false",
             "runtime.judge.max_retries=1"]
@@ -238,6 +251,8 @@ def test_endpoint_faults_are_one_line_each_and_keep_cached_answers(make_cfg, two
 def test_answers_before_a_fault_are_kept_for_the_rerun(make_cfg, two_runs, server, tmp_path):
     """The server goes down after some answers: the run fails with one line, the answers stay, and
     the rerun against the server that is back asks only for the rest."""
+    # The known pairs need the prepared data in this run's artifacts folder.
+    pipeline.Pipeline().ensure("prepare_data", make_cfg("prepare_data", artifacts=tmp_path / "artifacts"))
     ScriptedJudge.answer_limit = 3
     ScriptedJudge.release.set()  # held requests end without an answer: the client sees the connection drop
     with pytest.raises(MhsError, match="unreachable|HTTP"):
@@ -249,7 +264,8 @@ def test_answers_before_a_fault_are_kept_for_the_rerun(make_cfg, two_runs, serve
     result = judged(make_cfg, two_runs, server, "judge.dimensions=[overall]", "runtime.judge.max_retries=0",
                     "runtime.judge.concurrency=1", artifacts=tmp_path / "artifacts")
     assert not {r["messages"][-1]["content"] for r in ScriptedJudge.requests} & set(first)
-    assert result.metrics["requests"]["from_cache"] == 3
+    known = result.metrics["validity"]["timing"]  # the known pairs, judged first, may hold the three answers
+    assert result.metrics["requests"]["from_cache"] + known["requests"] - known["sent"] == 3
 
 
 def test_runs_of_different_examples_are_refused_naming_both(make_cfg, two_runs, server, capsys, prepared):

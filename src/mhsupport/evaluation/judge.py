@@ -1,13 +1,17 @@
 """Pairwise judging of two systems' replies by an LLM (MT-Bench's pairwise judge, Zheng et al. 2023;
 ESC-Judge's Exploration / Insight / Action skills; ESConv-SRA's strategy adherence).
 
-Every pair is shown to the judge in both orders. A verdict counts only when both orders pick the
-same system (or both say tie); otherwise the pair is a tie, and it is not position-consistent. An
-answer without a verdict (`[[A]]`, `[[B]]` or `[[C]]`) makes the pair unparseable: it is counted
-and reported, never dropped. Identical replies are a tie without asking.
+Every pair is shown to the judge in both orders. A judge that writes (the openai backend): a
+verdict counts only when both orders pick the same system (or both say tie); otherwise the pair is
+a tie, and it is not position-consistent. An answer without a verdict (`[[A]]`, `[[B]]` or `[[C]]`)
+makes the pair unparseable: it is counted and reported, never dropped. A judge that scores (the
+local backend, judge_scoring.py): each order gives a margin log P(A) - log P(B); the two orders'
+margins for system B are averaged (a constant preference for one position cancels) and a mean
+within the tie band is a tie; an order's own verdict (its margin outside the band) gives position
+consistency. Identical replies are a tie without asking.
 
 Requests are kept in a cache file keyed by (model, parameters, messages), one JSON line per answer
-as it arrives, so an interrupted or repeated run asks the server nothing twice.
+(or margin) as it arrives, so an interrupted or repeated run asks nothing twice.
 """
 
 from __future__ import annotations
@@ -49,6 +53,18 @@ def system_of(verdict: str, order: str) -> str:
         return "tie"
     first, second = order
     return first if verdict == "A" else second
+
+
+def margin_verdict(margin: float, tie_band: float) -> str:
+    """A scoring judge's verdict on the shown slots in one order ("A", "B" or "tie")."""
+    return "A" if margin > tie_band else "B" if margin < -tie_band else "tie"
+
+
+def margins_outcome(margin_ab: float, margin_ba: float, tie_band: float) -> str:
+    """Outcome of system B against system A from both orders' margins, averaged: in order "ab" a
+    positive margin favours system A, in order "ba" system B."""
+    for_b = (margin_ba - margin_ab) / 2
+    return "win" if for_b > tie_band else "loss" if for_b < -tie_band else "tie"
 
 
 def combine(first: str | None, second: str | None) -> tuple[str, bool | None]:
@@ -100,17 +116,24 @@ class Prompts:
     empty_reply: str
     questions: dict[str, str]
     descriptions: dict[str, str] = field(default_factory=dict)
+    context_turns: int | None = None  # the last turns of the conversation shown (None: all)
+    reply_context: str = "{conversation}"  # what a reply-scoring judge reads before each reply
+    reply_neutral: str = ""  # what it reads before each reply scored without the conversation
+    reply_context_turns: int | None = None  # the last turns a reply-scoring judge reads (None: context_turns)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Prompts:
         p = cfg.judge.prompts
-        return cls(p.system.strip(), p.user, p.empty_reply, dict(p.questions), dict(cfg.strategy_words))
+        return cls(p.system.strip(), p.user, p.empty_reply, dict(p.questions), dict(cfg.strategy_words),
+                   p.context_turns, p.reply_context, p.reply_neutral, p.reply_context_turns)
 
     def sha256(self) -> str:
         """A hash of everything a judge is shown besides the data: in the signature (the run id covers
         the config they come from)."""
         return hashlib.sha256(json.dumps([self.system, self.user, self.empty_reply, self.questions,
-                                          self.descriptions], sort_keys=True).encode()).hexdigest()
+                                          self.descriptions, self.context_turns, self.reply_context,
+                                          self.reply_neutral, self.reply_context_turns],
+                                         sort_keys=True).encode()).hexdigest()
 
     def strategy(self, tag: str) -> str:
         description = self.descriptions.get(tag)
@@ -124,10 +147,23 @@ class Prompts:
             # follows strategy S better?"); when both were given one, each against its own.
             tags = {side: pair.tag[side] or pair.tag[other] for side, other in (("a", "b"), ("b", "a"))}
             question = question.format(strategy_a=self.strategy(tags[first]), strategy_b=self.strategy(tags[second]))
-        user = self.user.format(conversation=conversation_text(pair.context),
+        user = self.user.format(conversation=conversation_text(self.shown_context(pair)),
                                 reply_a=pair.reply[first] or self.empty_reply,
                                 reply_b=pair.reply[second] or self.empty_reply, question=question.strip())
-        return [{"role": "system", "content": self.system}, {"role": "user", "content": user}]
+        # An empty system prompt is left out (the model's chat template then uses its own default).
+        return [*([{"role": "system", "content": self.system}] if self.system else []), {"role": "user", "content": user}]
+
+
+    def shown_context(self, pair: Pair) -> list[dict]:
+        return pair.context[-self.context_turns:] if self.context_turns else pair.context
+
+    def reply_messages(self, pair: Pair, side: str, neutral: bool = False) -> list[dict]:
+        """One system's reply as the assistant's turn after the conversation (a reply-scoring judge),
+        or (`neutral`) after `reply_neutral`, which shows no conversation."""
+        turns = self.reply_context_turns or self.context_turns
+        user = self.reply_neutral if neutral else self.reply_context.format(
+            conversation=conversation_text(pair.context[-turns:] if turns else pair.context))
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": pair.reply[side] or self.empty_reply}]
 
 
 def conversation_text(context: list[dict]) -> str:
@@ -170,7 +206,7 @@ class RequestCache:
     def get(self, key: str) -> dict | None:
         return self.answers.get(key)
 
-    def put(self, key: str, answer: str, model: str) -> None:
+    def put(self, key: str, answer: str | float, model: str) -> None:
         entry = {"key": key, "model": model, "answer": answer}
         self.answers[key] = entry
         self._file.write(json.dumps(entry) + "\n")
@@ -194,10 +230,24 @@ class Row:
 
 
 def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend, model_id: str, parameters: dict,
-               cache: RequestCache, max_tokens: int, batch_size: int, progress: bool) -> list[dict]:
-    """Every (row, example, dimension) judged in both orders: one record each, with both answers, both
-    verdicts, the outcome and the replies' lengths. Answers come from the cache where it has them."""
+               cache: RequestCache, max_tokens: int, batch_size: int, progress: bool,
+               tie_band: float | None = None) -> list[dict]:
+    """Every (row, example, dimension) judged in both orders: one record each, with both answers (texts,
+    or margins from a scoring backend, whose verdicts use `tie_band`), both verdicts, the outcome and
+    the replies' lengths. Answers come from the cache where it has them. A reply-scoring backend with
+    a `neutral_weight` w also scores each reply without the conversation: its score is then
+    score(reply | conversation) - w * score(reply | no conversation)."""
     planned, requests, keys, pending = [], [], [], set()
+    weight = getattr(backend, "neutral_weight", 0.0) if scores_replies(backend) else 0.0
+
+    def ask(messages: list[dict]) -> str:
+        key = request_key(model_id, parameters, messages)
+        if cache.get(key) is None and key not in pending:
+            pending.add(key)
+            keys.append(key)
+            requests.append(messages)
+        return key
+
     for row in rows:
         for pair in row.pairs:
             for dimension in dimensions:
@@ -207,19 +257,23 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
                     planned.append((row, pair, dimension, None))
                     continue
                 order_keys = {}
-                for order in ORDERS:
-                    messages = prompts.messages(pair, dimension, order)
-                    key = request_key(model_id, parameters, messages)
-                    order_keys[order] = key
-                    if cache.get(key) is None and key not in pending:
-                        pending.add(key)
-                        keys.append(key)
-                        requests.append(messages)
+                # A reply-scoring judge reads each reply alone (keyed by side); the others both orders.
+                for slot in ("a", "b") if scores_replies(backend) else ORDERS:
+                    order_keys[slot] = ask(prompts.reply_messages(pair, slot) if scores_replies(backend) else
+                                           prompts.messages(pair, dimension, slot))
+                    if weight:
+                        order_keys[f"{slot}_neutral"] = ask(prompts.reply_messages(pair, slot, neutral=True))
                 planned.append((row, pair, dimension, order_keys))
-    asked = 2 * sum(order_keys is not None for *_, order_keys in planned)
-    log.info("judge: %d requests (both orders), %d answered by the cache, %d to send", asked, asked - len(requests),
+    asked = sum(len(order_keys) for *_, order_keys in planned if order_keys is not None)
+    log.info("judge: %d requests (both orders or sides), %d answered by the cache, %d to send", asked, asked - len(requests),
              len(requests))
-    if requests:
+    if requests and scores_replies(backend):
+        backend.reply_scores(requests, batch_size, progress=progress,
+                             on_score=lambda i, score: cache.put(keys[i], score, model_id))
+    elif requests and scores(backend):
+        backend.margins(requests, batch_size, progress=progress,
+                        on_score=lambda i, margin: cache.put(keys[i], margin, model_id))
+    elif requests:
         backend.complete(requests, max_tokens, batch_size, progress=progress,
                          on_answer=lambda i, answer: cache.put(keys[i], answer, model_id), answer_every=batch_size * 4)
     records = []
@@ -231,26 +285,66 @@ def judge_rows(rows: list[Row], dimensions: list[str], prompts: Prompts, backend
             record.update(identical=True, outcome="tie", consistent=None, answers=None, verdicts=None,
                           request_keys=None)
         else:
-            answers = {order: cache.get(order_keys[order])["answer"] for order in ORDERS}
-            verdicts = {order: parse_verdict(answers[order]) for order in ORDERS}
+            answers = {slot: cache.get(key)["answer"] for slot, key in order_keys.items()}
+            if scores_replies(backend):  # as margins for the reply shown first, so both kinds read alike
+                score = {side: answers[side] - weight * answers[f"{side}_neutral"] if weight else answers[side]
+                         for side in ("a", "b")}
+                answers = {"ab": score["a"] - score["b"], "ba": score["b"] - score["a"]}
+            if scores(backend):
+                verdicts = {order: margin_verdict(answers[order], tie_band) for order in ORDERS}
+            else:
+                verdicts = {order: parse_verdict(answers[order]) for order in ORDERS}
             systems = [None if verdicts[order] is None else system_of(verdicts[order], order) for order in ORDERS]
             outcome, consistent = combine(*systems)
+            if scores(backend):
+                outcome = margins_outcome(answers["ab"], answers["ba"], tie_band)
             record.update(identical=False, outcome=outcome, consistent=consistent, answers=answers, verdicts=verdicts,
                           request_keys=order_keys)
         records.append(record)
     return records
 
 
+def scores(backend) -> bool:
+    """Whether the backend scores (margins, or each reply's likelihood) rather than writes answers."""
+    return hasattr(backend, "margins") or scores_replies(backend)
+
+
+def scores_replies(backend) -> bool:
+    """Whether the backend scores each reply alone (no order to show them in)."""
+    return hasattr(backend, "reply_scores")
+
+
 def signature(cfg: DictConfig, model_name: str, prompts: Prompts) -> str:
     """What a judge's figures depend on, in one line (like sacrebleu's signature)."""
     j = cfg.judge
-    return (f"backend:{j.backend}|model:{model_name}|temperature:{j.temperature:g}|max_tokens:{j.max_tokens}"
-            f"|seed:{j.seed}|prompt:sha256:{prompts.sha256()[:16]}|orders:both|dimensions:{','.join(j.dimensions)}"
+    method = (f"reply_likelihood(neutral_weight {j.scoring.neutral_weight:g})"
+              if j.scoring.method == "reply_likelihood" else
+              f"margin({'/'.join(j.scoring.options)} after {j.scoring.answer_prefix!r})")
+    decoding = (f"scoring:{method}|tie_band:{j.scoring.tie_band:g}|dtype:{j.scoring.dtype}" if j.backend == "local"
+                else f"temperature:{j.temperature:g}|max_tokens:{j.max_tokens}|seed:{j.seed}")
+    return (f"backend:{j.backend}|model:{model_name}|{decoding}"
+            f"|prompt:sha256:{prompts.sha256()[:16]}|orders:both|dimensions:{','.join(judged_dimensions(cfg))}"
             f"|examples:{j.examples if j.examples is not None else 'all'}@{j.example_seed}")
 
 
+def judged_dimensions(cfg: DictConfig) -> list[str]:
+    """The questions a run asks: judge.dimensions, but only overall for a local judge that scores each
+    reply's likelihood (it answers no question)."""
+    j = cfg.judge
+    if j.backend == "local" and j.scoring.method == "reply_likelihood":
+        return ["overall"]
+    return list(j.dimensions)
+
+
 def parameters(cfg: DictConfig) -> dict:
-    """The sampling parameters a request is sent with (part of its cache key)."""
+    """What an answer depends on besides the model and messages (part of its cache key): the sampling
+    parameters of a request, or what a scoring judge compares (the tie band is not: verdicts are
+    made from the kept margins)."""
+    if cfg.judge.backend == "local" and cfg.judge.scoring.method == "reply_likelihood":
+        return {"scoring": "reply_likelihood", "dtype": cfg.judge.scoring.dtype}
+    if cfg.judge.backend == "local":
+        s = cfg.judge.scoring
+        return {"scoring": "margin", "options": list(s.options), "answer_prefix": s.answer_prefix, "dtype": s.dtype}
     return {"temperature": float(cfg.judge.temperature), "max_tokens": int(cfg.judge.max_tokens),
             "seed": int(cfg.judge.seed)}
 

@@ -225,17 +225,60 @@ def agreement_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def validity_verdict(validity: dict) -> str:
+    """One line: the judge's accuracy and position consistency on the known pairs, and whether its
+    tables count as evidence."""
+    o, bars = validity["overall"], validity["bars"]
+    figures = (f"accuracy {_pct(o['accuracy'], True)}%, position consistency {_pct(o['position_consistent'], True)}% "
+               f"on {o['n']} known pairs of the ESConv {validity['split']} split")
+    if validity["evidence"]:
+        return f"Judge validity: {figures}: above the bars ({bars['accuracy']}%, {bars['position_consistency']}%)."
+    return (f"**Judge validity: {figures}: below the bars ({bars['accuracy']}% accuracy, "
+            f"{bars['position_consistency']}% position consistency), so this run's tables are not evidence.**")
+
+
+def validity_table(validity: dict) -> str:
+    lines = ["| known pair: the human reply vs | n | accuracy % [95% CI] | tie % | position-consistent % [95% CI] "
+             "| first position chosen % | longer reply chosen % |",
+             "| --- | ---: | --- | ---: | --- | ---: | ---: |"]
+    for figures in [*validity["kinds"].values(), {**validity["overall"], "row": "all known pairs"}]:
+        name = figures["row"].split(" vs ", 1)[-1]
+        lines.append(f"| {name} | {figures['n']} | {_pct(figures['accuracy'], True)} | {_pct(figures['ties'])} "
+                     f"| {_pct(figures['position_consistent'], True)} | {_pct(figures['first_position_chosen'])} "
+                     f"| {_pct(figures['longer_chosen'])} |")
+    return "\n".join(lines)
+
+
+def timing_sentence(timing: dict, what: str) -> str:
+    if not timing["sent"]:
+        return f"{what}: {timing['requests']} requests, all answered from the cache."
+    return (f"{what}: {timing['requests']} requests ({timing['sent']} asked) in {timing['seconds']:.0f} s, "
+            f"{timing['seconds_per_pair']:.2f} s per pair (both orders).")
+
+
 def run_markdown(metrics: dict, heading: str = "##") -> str:
-    """A judge run's tables: the paper's question beside the paper's figures, the skills, the biases,
-    agreement with raters, and the judge's answer in words."""
+    """A judge run's tables: its validity on known pairs, the paper's question beside the paper's
+    figures, the skills, the biases, agreement with raters, and the judge's answer in words."""
     rows = metrics["rows"]
     dims = metrics["judge"]["dimensions"]
     agreement = agreement_table(rows)
+    validity = metrics["validity"]
     parts = [f"{heading} {metrics['title']}", "",
              f"Judge: `{metrics['signature']}`.", "",
              *([metrics["note"], ""] if metrics.get("note") else []),
-             "Each pair was judged in both orders; a verdict counts only when both orders agree, otherwise it is "
-             "a tie. Win / loss are system B's against system A; intervals are Wilson 95%; the sign test is "
+             validity_verdict(validity), "",
+             f"{heading}# Validity on known pairs", "", validity_table(validity), "",
+             "The human reply is system B of every known pair; accuracy is its share of wins (a tie counts as "
+             "wrong). Longer reply chosen: single-order verdicts on replies from another conversation, whose "
+             "lengths vary freely. " + timing_sentence(validity["timing"], "Known pairs"), ""]
+    if not rows:
+        return "\n".join(parts) + "\n"
+    rule = ("Each pair was scored in both orders; the two orders' margins for system B are averaged and a mean "
+            "within the tie band is a tie (position consistency: both orders' own verdicts agree)."
+            if metrics["judge"]["backend"] == "local" else
+            "Each pair was judged in both orders; a verdict counts only when both orders agree, otherwise it is a tie.")
+    parts += [timing_sentence(metrics["timing"], "This run's pairs"), "",
+              rule + " Win / loss are system B's against system A; intervals are Wilson 95%; the sign test is "
              "two-sided with ties left out. Pairs with an unparseable answer are counted, not dropped; identical "
              "replies are ties without asking (counted under \"identical\"). "
              f"Requests: {metrics['requests']['asked']} ({metrics['requests']['from_cache']} from the cache); "
@@ -274,7 +317,10 @@ def csv_rows(metrics: dict) -> list[dict]:
                          length_matched_win_pct=s["length_matched"]["win"]["pct"],
                          length_matched_loss_pct=s["length_matched"]["loss"]["pct"],
                          paper_win_pct=row.get("paper_win_pct"), paper_loss_pct=row.get("paper_loss_pct"),
-                         signature=metrics["signature"])
+                         signature=metrics["signature"],
+                         validity_accuracy_pct=metrics["validity"]["overall"]["accuracy"]["pct"],
+                         validity_position_consistent_pct=metrics["validity"]["overall"]["position_consistent"]["pct"],
+                         evidence=metrics["validity"]["evidence"])
             out.append(entry)
     return out
 

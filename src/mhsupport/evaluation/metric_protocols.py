@@ -74,6 +74,11 @@ def _punkt_english() -> PunktSentenceTokenizer:
 _NLTK_WORDS = NLTKWordTokenizer()
 
 
+def sentences(text: str) -> list[str]:
+    """The text's sentences by nltk's Punkt model (English)."""
+    return _punkt_english().tokenize(text)
+
+
 def tokens_nltk(text: str) -> list[str]:
     """`nltk.word_tokenize(text.lower())`: Punkt sentences, then nltk's Treebank-style words."""
     return [token for sentence in _punkt_english().tokenize(text.lower()) for token in _NLTK_WORDS.tokenize(sentence)]

@@ -103,10 +103,10 @@ def _pretrained_causal_lm(model_cfg):
     raise MhsError(f"generator.source={source!r}: expected scratch, pretrained or gguf")
 
 
-def load_gguf(folder: Path, gguf_file: str):
-    """(model, tokenizer) from a GGUF file, its tensors de-quantised to fp32."""
+def load_gguf(folder: Path, gguf_file: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a GGUF file, its tensors de-quantised to `dtype`."""
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, dtype=dtype)
     # An ordinary model from here on, trainable and saved without a quantisation config.
     model.is_quantized, model.hf_quantizer = False, None
     if hasattr(model.config, "quantization_config"):

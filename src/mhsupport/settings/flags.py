@@ -116,11 +116,16 @@ FLAGS = (
                                             "(default: {default})"}, choices=options.PROMPTS),
     Flag("--table", "judge.table", {"judge": "judge one of the paper's human-evaluation tables on this profile's "
                                              "eval runs"}, choices=options.JUDGE_TABLES),
+    Flag("--known-pairs", "judge.known_pairs", {"judge": "judge only the known pairs (the validity check every run "
+                                                         "makes), e.g. with judge.validity.split=valid to tune prompts"},
+         kind="const", const="true"),
     Flag("--backend", "judge.backend", {"judge": "openai (any OpenAI-compatible server: vLLM, llama.cpp, Ollama, "
-                                                 "hosted) or local (a transformers chat model) (default: {default})"},
+                                                 "hosted) or local (a transformers chat model, scored) "
+                                                 "(default: {default})"},
          choices=options.JUDGE_BACKENDS[1:]),
     Flag("--model", "judge.model", {"judge": "openai: the model name the server serves; local: a model folder, Hub "
-                                             "id or .gguf file (default: the offline SmolLM2-135M-Instruct)"}),
+                                             "id or .gguf file (default: the offline Qwen2.5-Coder-1.5B-Instruct of "
+                                             "`mhs models fetch judge=true`)"}),
     Flag("--base-url", "endpoint.base_url", {"judge": "the server's OpenAI-compatible base URL (default: {default})"}),
     Flag("--examples", "judge.examples", {"judge": "examples judged per pair, a seeded subset (default: {default})"},
          type=int),

@@ -28,6 +28,7 @@ GENERATOR_SOURCES = ("finetuned", "base", "llm")
 PROMPTS = ("vanilla", "cot", "strategy", "oracle")
 LLM_BACKENDS = ("local", "openai")
 JUDGE_BACKENDS = ("none", "openai", "local")
+JUDGE_DTYPES = ("float32", "bfloat16")
 JUDGE_TABLES = ("table3", "table5", "table6")
 TRAINABLE = ("all", "top_layers", "lora")
 LORA_SAVES = ("adapter", "merged")
@@ -131,6 +132,15 @@ RULES = {
     "judge.backend": _choice(JUDGE_BACKENDS), "judge.temperature": _number(0), "judge.max_tokens": _int(1),
     "judge.seed": _int(0), "judge.examples": _int(1, optional=True), "judge.example_seed": _int(0),
     "judge.length_match_ratio": _number(0, high=1.0, high_inclusive=False),
+    "judge.scoring.tie_band": _number(0), "judge.scoring.neutral_weight": _number(0, high=1.0),
+    "judge.scoring.dtype": _choice(JUDGE_DTYPES),
+    "judge.scoring.batch_size": _int(1), "judge.scoring.method": _choice(("options", "reply_likelihood")),
+    "judge.known_pairs": _bool, "judge.validity.split": _choice(("test", "valid")),
+    "judge.validity.pairs_per_kind": _int(1), "judge.validity.seed": _int(0), "judge.validity.truncate_words": _int(1),
+    "judge.validity.min_words": _int(2), "judge.prompts.context_turns": _int(1, optional=True),
+    "judge.prompts.reply_context_turns": _int(1, optional=True),
+    "judge.validity.bars.accuracy": _number(0, high=100), "judge.validity.bars.position_consistency": _number(0, high=100),
+    "judge_model.size_bytes": _int(1),
     "runtime.judge.concurrency": _int(1), "runtime.judge.timeout_s": _number(0, inclusive=False),
     "runtime.judge.max_retries": _int(0),
     "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
@@ -165,7 +175,7 @@ RULES = {
     **{f"safety.{key}_threshold": _number(0) for key in ("seeker", "reply", "acknowledgement")},  # above 1: off
     "safety.max_length": _int(1), "safety.batch_size": _int(1), "safety.everyday_seeker": _int(0),
     "safety.everyday_replies": _int(0), "safety.everyday_seed": _int(0),
-    "judge_model.size_bytes": _int(1), "safety_encoder.size_bytes": _int(1),
+    "safety_encoder.size_bytes": _int(1),
 }
 
 
