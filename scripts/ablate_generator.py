@@ -26,6 +26,7 @@ from mhsupport.settings.config import classifier_config, load_config, prepare_da
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import FormatterSettings
 from mhsupport.modeling.decoding import generate
+from mhsupport.evaluation.generation_metrics import GenerationScores
 from mhsupport.evaluation.tag_use import paired_nll_test, tag_use_scores
 from mhsupport.modeling.tag_likelihood import reference_nll
 from mhsupport.modeling.loading import load_saved_causal_lm
@@ -60,6 +61,10 @@ def adherence(model, tokenizer, formatter, examples, recogniser, batch_size):
     return {"oracle_adherence": float(np.mean(adhered)),
             "recogniser_on_references": float(np.mean([h == g for h, g in zip(human, gold)])),
             "empty_replies": sum(not r for r in replies), "mean_words": float(np.mean([len(r.split()) for r in replies])),
+            # replies that never wrote their end token (loops run to the limit), and their variety
+            "at_token_limit": float(np.mean([o["tokens"] >= 40 for o in outputs])),
+            "distinct_2": GenerationScores(replies, [e["response"] for e in examples], protocols=["default"]).scores(
+                names=["distinct_2"])["distinct_2"],
             "examples": len(examples), "generate_seconds": round(seconds, 1),
             "samples": [{"gold": g, "reply": r} for g, r in zip(gold[:8], replies[:8])]}
 

@@ -8,6 +8,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from omegaconf import open_dict
 
 from mhsupport.modeling import classifier as classifier_api
 from mhsupport.cli import main
@@ -15,6 +16,8 @@ from mhsupport.errors import MhsError
 from mhsupport import pipeline
 from mhsupport.stages import generate as generate_stage
 from mhsupport.evaluation.sampling import choose_tags
+from mhsupport.evaluation.tag_use import read_likelihoods
+from mhsupport.settings.config import likelihood_config
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
@@ -95,7 +98,22 @@ def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
     assert "strategy_accuracy" not in untagged["metrics"] and untagged["system"] == "esconv / none"
     base = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "generator_source=base")).metrics
     assert base["system"] == "pretrained (untrained model)"
-    assert "ppl" not in base["metrics"] and "ppl" not in untagged["metrics"]
+    # each untagged reply's reference NLL, read from its prompt's cache, is what `mhs likelihood` scores
+    # (in fp32: in bf16 a row's numbers depend on its batch)
+    for source in ("finetuned", "base"):
+        cfg = make_cfg("eval", *EVAL, f"generator_source={source}", "runtime.bf16=false")
+        metrics = pipeline.Pipeline().ensure("eval", cfg).metrics
+        run = pipeline.Pipeline().ensure("eval", cfg).run
+        same_examples = likelihood_config(cfg)
+        with open_dict(same_examples):
+            same_examples.test_subset = cfg.test_subset
+        scored = pipeline.Pipeline().ensure("likelihood", same_examples).run
+        assert ([(line["conversation_id"], line["turn_index"]) for line in read_likelihoods(run.path)] ==
+                [(line["conversation_id"], line["turn_index"]) for line in read_likelihoods(scored.path)])
+        np.testing.assert_allclose([line["nll"] for line in read_likelihoods(run.path)],
+                                   [line["nll"] for line in read_likelihoods(scored.path)], rtol=1e-4)
+        assert metrics["metrics"]["ppl"]["value"] == pytest.approx(scored.read_metrics()["metrics"]["ppl"]["value"],
+                                                                 rel=1e-4)
 
 
 def test_empty_replies_are_counted_kept_as_empty_and_never_judged(make_cfg, trained, monkeypatch):

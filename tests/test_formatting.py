@@ -10,7 +10,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from mhsupport.modeling.formatting import (IGNORE_INDEX, SETTINGS_FILE, ChatTemplateFormatter, EosJoinedFormatter,
-                                  FormatterSettings, tag_token)
+                                  FormatterSettings, tag_token, whole_sentences)
 from mhsupport.modeling.edits import add_tag_tokens
 from mhsupport.modeling.loading import train_bpe_tokenizer
 
@@ -67,6 +67,19 @@ def test_context_is_truncated_from_the_left_and_response_capped(tokenizer):
     features = short.training_features(EXAMPLE)
     assert len(features["input_ids"]) == 7 + 3 + 1  # untagged: capped response + EOS
     assert features["labels"][:7] == [IGNORE_INDEX] * 7
+
+
+def test_a_long_training_reply_is_cut_after_its_last_whole_sentence_that_fits(tokenizer):
+    def length(text):
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    reply = "That sounds really hard. What kind of work did you do? I lost my job today too, and I do not know"
+    budget = length("That sounds really hard. What kind of work did you do?") + 1
+    assert length(reply) > budget
+    assert whole_sentences(reply, tokenizer, budget) == "That sounds really hard. What kind of work did you do?"
+    assert whole_sentences(reply, tokenizer, length(reply)) == reply  # fits: unchanged
+    # no whole sentence fits: left whole, for the formatter to truncate
+    assert whole_sentences(reply, tokenizer, 2) == reply
 
 
 def test_history_tags_only_when_asked(tokenizer):

@@ -58,13 +58,25 @@ def test_every_tags_reply_equals_generating_under_that_tag_alone(tiny_lm, tag_fo
     formatter = formatter_class(tokenizer, 60, 20, LABELS, system_prompt="Be kind." if family == "chat_template" else None,
                                 tag_format=tag_format, words=WORDS)
     tags = LABELS + ([] if formatter.model_writes_tag else [None])
+    references = ["i am so sorry about that", "what happened next?", "ok"] * 3
+    examples = [{"context": c, "response": r} for c, r in zip(CONTEXTS, references)]
     passed = generate_under_tags(model, tokenizer, formatter, CONTEXTS, tags, batch_size=3, max_new_tokens=10,
-                                 do_sample=do_sample, seed=5, progress=False)
+                                 do_sample=do_sample, seed=5, progress=False,
+                                 references=[formatter.response_ids(e["response"]) for e in examples])
+    # the reference scored in the pass equals the likelihood stage's teacher-forced scoring, tag by tag
+    nll, tokens = tag_likelihood.reference_nll(model, formatter, examples, LABELS, batch_size=2, progress=False)
+    labelled = [tags.index(label) for label in LABELS]
+    np.testing.assert_allclose(np.array([[p["reference_nll"][j] for j in labelled] for p in passed]), nll, rtol=1e-5)
+    assert [p["reference_tokens"] for p in passed] == tokens.tolist()
     for j, tag in enumerate(tags):
         # another batch size, one tag at a time: the same replies
         alone = generate(model, tokenizer, formatter, CONTEXTS, [tag] * len(CONTEXTS), batch_size=2, max_new_tokens=10,
-                         do_sample=do_sample, seed=5, progress=False)
-        assert [p["replies"][j] for p in passed] == alone
+                         do_sample=do_sample, seed=5, progress=False,
+                         references=[formatter.response_ids(e["response"]) for e in examples])
+        assert [p["replies"][j] for p in passed] == [{k: a[k] for k in ("tag", "response", "tokens")} for a in alone]
+        # generating alone reads the same reference NLL from its prompt's cache
+        np.testing.assert_allclose([a["reference_nll"] for a in alone], [p["reference_nll"][j] for p in passed],
+                                   rtol=1e-5)
     responses = {r["response"] for p in passed for r in p["replies"]}
     assert len(responses) > len(CONTEXTS)  # the tags change the replies: the test compares different texts
     if formatter.model_writes_tag:

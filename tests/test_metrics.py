@@ -112,6 +112,19 @@ def test_paired_randomisation_separates_a_better_system_and_not_an_identical_one
     assert all(r["delta"] == 0 and r["p_value"] == 1.0 for r in same.values())
 
 
+def test_many_draws_and_swaps_at_once_score_what_each_scored_alone_gives():
+    a = GenerationScores(HYPS * 10, REFS * 10)
+    b = GenerationScores(["hello there", "i am sorry to hear that"] * 25, REFS * 10)
+    draws = [np.random.default_rng(seed).integers(0, a.n, a.n) for seed in range(3)]
+    for drawn, rows in zip(a.drawn_scores(draws, chunk=2), draws):
+        assert drawn == pytest.approx(a.scores(rows))
+    swaps = np.random.default_rng(0).random((3, a.n)) < 0.5
+    hypotheses_a, hypotheses_b = HYPS * 10, ["hello there", "i am sorry to hear that"] * 25
+    for swapped, take_b in zip(a.swapped_scores(b, swaps, chunk=2), swaps):
+        mixed = GenerationScores([hb if t else ha for ha, hb, t in zip(hypotheses_a, hypotheses_b, take_b)], REFS * 10)
+        assert swapped == pytest.approx(mixed.scores())
+
+
 def test_paired_randomisation_of_one_differing_example_is_not_significant():
     a = GenerationScores(HYPS * 10, REFS * 10)
     b = GenerationScores(["hello there"] + (HYPS * 10)[1:], REFS * 10)

@@ -136,9 +136,25 @@ def test_report_plans_prepare_data_once_and_lists_every_missing_run(make_cfg, tm
     commands = [line.strip() for line in str(caught.value).splitlines()[1:]]
     assert commands[0].startswith("mhs prepare-data")
     kinds = [" ".join(c.split()[:3]) if c.startswith("mhs train") else " ".join(c.split()[:2]) for c in commands]
+    # every likelihood is read where the replies were generated: the passes and the untagged evals
     assert {k: kinds.count(k) for k in set(kinds)} == {"mhs prepare-data": 1, "mhs train dialogpt": 4,
-                                                       "mhs train classifier": 2, "mhs likelihood": 5, "mhs generate": 2,
+                                                       "mhs train classifier": 2, "mhs generate": 2,
                                                        "mhs eval": 11}
+
+
+def test_a_systems_likelihood_comes_from_its_replies_run_only_where_it_scored_the_same_examples(make_cfg):
+    from mhsupport.stages.report import likelihood_source
+    from omegaconf import open_dict
+
+    system = make_cfg("eval", "generator=tiny", "classifier=tiny", "strategy_tag=true")
+    stage, cfg = likelihood_source(system)
+    assert stage == "generate" and cfg.score_references and cfg.test_subset == system.test_subset
+    untagged = make_cfg("eval", "generator=tiny", "classifier=tiny")
+    assert likelihood_source(untagged) == ("eval", untagged)
+    for cfg in (system, untagged):
+        with open_dict(cfg):
+            cfg.test_subset = cfg.test_subset + 1  # the likelihood budget no longer matches the replies' examples
+        assert likelihood_source(cfg)[0] == "likelihood"
 
 
 def cli_config(command: str):

@@ -62,15 +62,37 @@ class GenerationScores:
                             {name: [ids[i] for i in rows] for name, ids in self.ngrams.items() if _wanted(name, names)},
                             len(rows))
 
-    def mixed_scores(self, other: GenerationScores, take_other: np.ndarray, names=None) -> dict[str, float]:
-        """Scores of the system that answers example i as `other` did where take_other[i], else as
-        this one (the metrics both systems have, or those in `names`)."""
-        column = take_other[:, None]
-        return self._values({name: np.where(column, other.sums[name], a).sum(axis=0)
-                             for name, a in self.sums.items() if name in other.sums and _wanted(name, names)},
-                            {name: [o if t else s for s, o, t in zip(ids, other.ngrams[name], take_other)]
-                             for name, ids in self.ngrams.items() if name in other.ngrams and _wanted(name, names)},
-                            self.n)
+    def drawn_scores(self, draws: list[np.ndarray], names=None, chunk: int = 1000) -> list[dict[str, float]]:
+        """`scores(rows, names)` of each draw (example indices, repeats allowed), the summed statistics
+        of many draws at once: each draw's count of every example times the examples' rows."""
+        out = []
+        for start in range(0, len(draws), chunk):
+            part = draws[start:start + chunk]
+            counts = np.stack([np.bincount(rows, minlength=self.n) for rows in part]).astype(np.float64)
+            summed = {name: counts @ a for name, a in self.sums.items() if _wanted(name, names)}
+            for i, rows in enumerate(part):
+                out.append(self._values({name: s[i] for name, s in summed.items()},
+                                        {name: [ids[j] for j in rows] for name, ids in self.ngrams.items()
+                                         if _wanted(name, names)}, len(rows)))
+        return out
+
+    def swapped_scores(self, other: GenerationScores, swaps: np.ndarray, names=None,
+                       chunk: int = 1000) -> list[dict[str, float]]:
+        """For each row of `swaps` (trials, n), the scores of the system that answers example i as `other`
+        did where the row is true, else as this one (the metrics both have, or those in `names`): this
+        system's sums plus, where a trial swaps, the other's rows less its own, many trials at once."""
+        shared = [name for name in self.sums if name in other.sums and _wanted(name, names)]
+        out = []
+        for start in range(0, len(swaps), chunk):
+            part = swaps[start:start + chunk]
+            summed = {name: self.sums[name].sum(axis=0) + part.astype(np.float64) @ (other.sums[name] - self.sums[name])
+                      for name in shared}
+            for i, take_other in enumerate(part):
+                out.append(self._values({name: s[i] for name, s in summed.items()},
+                                        {name: [o if t else s for s, o, t in zip(ids, other.ngrams[name], take_other)]
+                                         for name, ids in self.ngrams.items()
+                                         if name in other.ngrams and _wanted(name, names)}, self.n))
+        return out
 
     @staticmethod
     def _values(sums: dict[str, np.ndarray], ngrams: dict[str, list[np.ndarray]], examples: int) -> dict[str, float]:
@@ -148,8 +170,9 @@ def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, s
     """Paired bootstrap over the same examples (statistics.paired_bootstrap): for each metric (all
     shared, or `metrics`), A, B, B - A, its interval and two-sided p."""
     names = shared_metrics(a, b, metrics)
-    return statistics.paired_bootstrap(lambda rows: a.scores(rows, names), lambda rows: b.scores(rows, names), a.n,
-                                       resamples, seed)
+    draws = list(statistics.bootstrap_rows(a.n, resamples, seed))
+    return statistics.paired_bootstrap(a.scores(names=names), b.scores(names=names), a.drawn_scores(draws, names),
+                                       b.drawn_scores(draws, names))
 
 
 def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, seed: int,
@@ -158,6 +181,6 @@ def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, 
     trial swaps A's and B's outputs on a random half of the examples and recomputes every metric (all
     shared, or `metrics`)."""
     names = shared_metrics(a, b, metrics)
-    return statistics.paired_randomisation(lambda: a.scores(names=names), lambda: b.scores(names=names),
-                                           lambda swap: (a.mixed_scores(b, swap, names), b.mixed_scores(a, swap, names)),
-                                           a.n, trials, seed)
+    swaps = statistics.randomisation_swaps(a.n, trials, seed)
+    return statistics.paired_randomisation(a.scores(names=names), b.scores(names=names),
+                                           list(zip(a.swapped_scores(b, swaps, names), b.swapped_scores(a, swaps, names))))

@@ -96,14 +96,23 @@ class GeneratorResponder:
                                     classifier=next_classifier, classifier_sampling=cfg.classifier_sampling,
                                     own_probabilities=own, own_strategy=cfg.own_strategy)
 
+        # An untagged model's reference NLL is read from the prompt's cache before decoding (once, with the
+        # first decoding seed): the likelihood the report reads for it, where the likelihood stage would
+        # score the same examples. A tagged model's is scored under every tag, by its generation pass.
+        references = ([formatter.response_ids(e["response"]) for e in examples]
+                      if all(tag is None for tag in tags) else None)
+        first_seed = self.decoding_seeds()[0]
+
         def respond(seed):
+            scored = references if seed == first_seed else None
             outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], tags,
                                batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
                                top_p=d.top_p, temperature=d.temperature, seed=seed, progress=cfg.runtime.progress,
-                               batches=batches, name=f"generate-seed{seed}")
-            # No reference NLL here: a generator's perplexity is computed once, not per sampler, by the
-            # likelihood stage, on more examples than are generated for.
-            return outputs, None, None
+                               batches=batches, name=f"generate-seed{seed}{'-scored' if scored else ''}",
+                               references=scored)
+            if scored is None:
+                return outputs, None, None
+            return outputs, [o["reference_nll"] for o in outputs], [o["reference_tokens"] for o in outputs]
 
         return Replies(respond, tags, labels, loaded)
 

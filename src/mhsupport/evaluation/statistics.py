@@ -42,45 +42,40 @@ def bootstrap_p(observed: float, resampled: np.ndarray) -> float:
     return float(min(1.0, 2 * (other_side + 1) / (len(resampled) + 1)))
 
 
-def paired_bootstrap(score_a: Callable[[np.ndarray | None], Scores], score_b: Callable[[np.ndarray | None], Scores],
-                     n: int, resamples: int, seed: int) -> dict[str, dict]:
-    """Paired bootstrap of two systems over the same n examples. score_x(rows) gives a system's
-    metrics on those rows (None: all of them). For each metric both give: A, B, B - A, the 95%
+def paired_bootstrap(point_a: Scores, point_b: Scores, drawn_a: list[Scores], drawn_b: list[Scores]) -> dict[str, dict]:
+    """Paired bootstrap of two systems over the same examples: their metrics on all of them and on
+    each of the same draws (`bootstrap_rows`). For each metric both give: A, B, B - A, the 95%
     interval of B - A and its two-sided p (`bootstrap_p`)."""
-    point_a, point_b = score_a(None), score_b(None)
     names = [name for name in point_a if name in point_b]
-    deltas: dict[str, list[float]] = {name: [] for name in names}
-    for rows in bootstrap_rows(n, resamples, seed):
-        sa, sb = score_a(rows), score_b(rows)
-        for name in names:
-            deltas[name].append(sb[name] - sa[name])
     out = {}
-    for name, values in deltas.items():
+    for name in names:
+        values = np.array([sb[name] - sa[name] for sa, sb in zip(drawn_a, drawn_b)])
         observed = point_b[name] - point_a[name]
         low, high = percentile_interval(values)
         out[name] = {"a": point_a[name], "b": point_b[name], "delta": observed, "ci_low": low, "ci_high": high,
-                     "p_value": bootstrap_p(observed, np.array(values))}
+                     "p_value": bootstrap_p(observed, values)}
     return out
 
 
-def paired_randomisation(score_a: Callable[[], Scores], score_b: Callable[[], Scores],
-                         swapped: Callable[[np.ndarray], tuple[Scores, Scores]], n: int, trials: int,
-                         seed: int) -> dict[str, dict]:
+def randomisation_swaps(n: int, trials: int, seed: int) -> np.ndarray:
+    """(trials, n) booleans: in each trial of approximate randomisation, the examples whose outputs swap."""
+    return np.random.default_rng(seed).random((trials, n)) < 0.5
+
+
+def paired_randomisation(point_a: Scores, point_b: Scores, swapped: list[tuple[Scores, Scores]]) -> dict[str, dict]:
     """Paired approximate randomisation (Noreen 1989; sacrebleu's `--paired-ar` for BLEU): each trial
-    swaps A's and B's outputs on a random half of the n examples (`swapped(swap)` gives both systems'
-    metrics after the swap); the two-sided p is (1 + #trials with |B' - A'| >= |B - A|) / (1 + trials)."""
-    point_a, point_b = score_a(), score_b()
+    swaps A's and B's outputs on a random half of the examples (`randomisation_swaps`; `swapped` holds
+    both systems' metrics after each trial's swap); the two-sided p is (1 + #trials with
+    |B' - A'| >= |B - A|) / (1 + trials)."""
     names = [name for name in point_a if name in point_b]
-    observed = {name: abs(point_b[name] - point_a[name]) for name in names}
-    rng = np.random.default_rng(seed)
-    at_least = dict.fromkeys(names, 0)
-    for _ in range(trials):
-        sa, sb = swapped(rng.random(n) < 0.5)
-        for name in names:
-            # a tolerance, so that float noise in re-summed statistics does not count as a difference
-            at_least[name] += abs(sb[name] - sa[name]) >= observed[name] - 1e-9
-    return {name: {"a": point_a[name], "b": point_b[name], "delta": point_b[name] - point_a[name],
-                   "p_value": (at_least[name] + 1) / (trials + 1)} for name in names}
+    out = {}
+    for name in names:
+        observed = abs(point_b[name] - point_a[name])
+        # a tolerance, so that float noise in re-summed statistics does not count as a difference
+        at_least = sum(abs(sb[name] - sa[name]) >= observed - 1e-9 for sa, sb in swapped)
+        out[name] = {"a": point_a[name], "b": point_b[name], "delta": point_b[name] - point_a[name],
+                     "p_value": (at_least + 1) / (len(swapped) + 1)}
+    return out
 
 
 def bootstrap_interval(statistic, data: tuple, resamples: int, seed: int) -> dict:

@@ -26,6 +26,13 @@ def read_likelihoods(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+def likelihood_lines(examples: list[dict], gold: list[str], nll: np.ndarray, tokens: np.ndarray) -> list[dict]:
+    """The lines of `likelihoods.jsonl`: per example, its reference's NLL under every tag and its token count."""
+    return [{"conversation_id": e["conversation_id"], "turn_index": e["turn_index"], "gold_label": g,
+             "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
+            for e, g, row, n in zip(examples, gold, nll, tokens)]
+
+
 def _per_token(nll_sum, tokens, axis=-1):
     return np.sum(nll_sum, axis=axis) / np.sum(tokens, axis=axis)
 

@@ -12,16 +12,17 @@ reply does not depend on its batch; greedy outputs equal `model.generate`'s (tes
 
 from __future__ import annotations
 
+import copy
 import json
 import zlib
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from mhsupport.modeling.scoring import (can_share_prefix, continue_prefix, encode_prefix, left_padded, positions_of,
-                                        shared_prefix_length)
+                                        right_padded, shared_prefix_length)
 
 
 def row_seed(seed: int, context: list[dict], tag: str | None) -> int:
@@ -38,10 +39,13 @@ def sampling_warpers(do_sample: bool, top_p: float, temperature: float) -> Logit
 def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tags: list[str | None],
              batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
              temperature: float = 0.7, seed: int = 0, progress: bool = True, batches=None,
-             name: str = "generate") -> list[dict]:
+             name: str = "generate", references: list[list[int]] | None = None) -> list[dict]:
     """One {"tag", "response", "tokens"} per context. A forced tag is given in the model's tag format
     (its instruction in the prompt, or its opening forced after the prompt: the reply is what follows).
     Without one, a model whose tag opens the reply writes its own, read back from its opening.
+    With `references` (per context, a reply's scored tokens: formatter.response_ids), each result also
+    holds "reference_nll", their summed NLL after the prompt (and forced opening), read from the
+    prompt's cache before decoding, and "reference_tokens", their count.
     With `batches` (a run's finished batches: get/put by name), a batch stored under `name` (with the
     batch size and its first row) is read back instead of generated, and each generated batch is stored."""
     model.eval()
@@ -64,10 +68,15 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
             continue
         input_ids, attention = left_padded([prompts[i] for i in batch], pad, model.device)
         seeds = [row_seed(seed, contexts[i], forced_tags[i]) for i in batch] if do_sample else None
-        new_tokens = decode(model, input_ids, attention, max_new_tokens, tokenizer.eos_token_id, warpers, prefix,
-                            seeds)
+        cache, logits, cache_mask, last_positions = prefill(model, input_ids, attention, prefix)
+        if references is not None:
+            nll = continuation_nll(model, cache, logits, cache_mask, last_positions, [references[i] for i in batch], pad)
+        new_tokens = decode_from(model, cache, logits, cache_mask, last_positions, max_new_tokens,
+                                 tokenizer.eos_token_id, warpers, seeds, input_ids)
         for row, i in enumerate(batch):
             results[i] = reply(formatter, new_tokens[row], forced_tags[i])
+            if references is not None:
+                results[i].update(reference_nll=nll[row], reference_tokens=len(references[i]))
         if batches is not None:
             batches.put(key, [results[i] for i in batch])
     return results
@@ -77,11 +86,15 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
 def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]], tags: list[str | None],
                         batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
                         temperature: float = 0.7, seed: int = 0, progress: bool = True, batches=None,
-                        name: str = "generate under tags") -> list[dict]:
+                        name: str = "generate under tags", references: list[list[int]] | None = None) -> list[dict]:
     """For each context, one reply under each of `tags` (None: no tag), decoded from one encoding of
     the context: {"replies": [{"tag", "response", "tokens"} per tag], "own": log P(tag's opening |
     prompt) per tag, or None where the tag does not open the reply}. Each reply equals what `generate`
     gives for that context and tag (same seed), so a tag sampler is a choice among them.
+    With `references` (per context, the reference reply's scored tokens: formatter.response_ids), each
+    result also holds "reference_nll", the summed NLL of those tokens after the prompt and opening of
+    each tag (what tag_likelihood.reference_nll gives), read from the same cache before decoding, and
+    "reference_tokens", their count.
     `batch_size` counts contexts; a batch decodes batch_size x len(tags) rows."""
     model.eval()
     pad = pad_id(tokenizer)
@@ -136,15 +149,59 @@ def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]],
         head_output = model.get_output_embeddings()
         own = opening_log_probabilities(head_output, hidden, cont_ids, cont_mask, scored_from)
         first_logits = head_output(hidden[:, -1]).float()
+        if references is not None:
+            reference_sums = continuation_nll(model, cache, first_logits, attention, positions[:, -1:],
+                                              [references[i] for i in batch for _ in tags], pad)
         seeds = [row_seed(seed, contexts[i], tag) for i in batch for tag in tags] if do_sample else None
         new_tokens = decode_from(model, cache, first_logits, attention, positions[:, -1:], max_new_tokens,
                                  tokenizer.eos_token_id, warpers, seeds)
         for b, i in enumerate(batch):
             results[i] = {"replies": [reply(formatter, new_tokens[b * k + j], tag) for j, tag in enumerate(tags)],
                           "own": None if own is None else own[b * k:(b + 1) * k]}
+            if references is not None:
+                results[i].update(reference_nll=reference_sums[b * k:(b + 1) * k],
+                                  reference_tokens=len(references[i]))
         if batches is not None:
             batches.put(key, [results[i] for i in batch])
     return results
+
+
+def continuation_nll(model, cache, first_logits: torch.Tensor, attention: torch.Tensor, last_positions: torch.Tensor,
+                     continuations: list[list[int]], pad: int, rows_per_group: int = 64) -> list[float]:
+    """Per row, the summed NLL of `continuations[row]` (at least one token each) read after what the
+    cache holds, whose next-token logits are `first_logits`; the cache is left as it was, ready to
+    decode from. Rows of similar continuation length are read together, `rows_per_group` at a time,
+    each group right-padded after its rows' last tokens from its own copy of their cache rows (so
+    little is spent on padding), and only real tokens reach the LM head."""
+    sums = F.cross_entropy(first_logits, torch.tensor([c[0] for c in continuations], device=first_logits.device),
+                           reduction="none").tolist()
+    order = sorted(range(len(continuations)), key=lambda r: len(continuations[r]))
+    order = [r for r in order if len(continuations[r]) > 1]
+    for start in range(0, len(order), rows_per_group):
+        group = order[start:start + rows_per_group]
+        rows = torch.tensor(group, device=first_logits.device)
+        ids, mask = right_padded([continuations[r] for r in group], pad, first_logits.device)
+        steps = torch.arange(1, ids.shape[1], device=ids.device)[None, :]
+        hidden = model.get_decoder()(input_ids=ids[:, :-1], attention_mask=torch.cat([attention[rows], mask[:, :-1]], dim=1),
+                                     position_ids=last_positions[rows] + steps, cache=cache_rows(model, cache, rows),
+                                     use_cache=True).last_hidden_state
+        scored = mask[:, 1:] == 1
+        logits = model.get_output_embeddings()(hidden[scored]).float()
+        values = F.cross_entropy(logits, ids[:, 1:][scored], reduction="none")
+        row_sums = torch.zeros(scored.shape, dtype=values.dtype, device=ids.device).masked_scatter(scored, values).sum(1)
+        for r, value in zip(group, row_sums.tolist()):
+            sums[r] += value
+    return sums
+
+
+def cache_rows(model, cache, rows: torch.Tensor):
+    """A new cache holding the given rows of `cache` (which is left as it was)."""
+    if can_share_prefix(model):  # every layer is a plain (keys, values) pair
+        return DynamicCache(ddp_cache_data=[(layer.keys[rows], layer.values[rows]) for layer in cache.layers],
+                            config=model.config)
+    selected = copy.deepcopy(cache)
+    selected.batch_select_indices(rows)
+    return selected
 
 
 def opening_log_probabilities(head_output, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -192,6 +249,18 @@ def read_opening(formatter, new_tokens: list[int]) -> tuple[str | None, str]:
     return tag, text
 
 
+def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor,
+            prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """Encode left-padded prompts (after `prefix`, from `encode_prefix`, if given): (the filled cache,
+    each row's next-token logits, the cache's attention mask, each row's last position (rows, 1))."""
+    # positions count real tokens only, so a left-padded prompt is positioned as if unpadded
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache, attention, positions = continue_prefix(model, prefix, attention, positions)
+    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+    return cache, logits, attention, positions[:, -1:]
+
+
 def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos_id: int,
            warpers: LogitsProcessorList | None = None,
            prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
@@ -200,12 +269,8 @@ def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_toke
     `warpers`, sampled from the warped distribution (row r from a generator seeded with seeds[r];
     without seeds, from torch's global generator). With `prefix` (from `encode_prefix`), every row
     continues that prefix: the rows hold only what follows it."""
-    # positions count real tokens only, so a left-padded prompt is positioned as if unpadded
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache, attention, positions = continue_prefix(model, prefix, attention, positions)
-    logits = model(input_ids=input_ids, attention_mask=attention, position_ids=positions, cache=cache,
-                   use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
-    return decode_from(model, cache, logits, attention, positions[:, -1:], max_new_tokens, eos_id, warpers, seeds,
+    cache, logits, attention, last_positions = prefill(model, input_ids, attention, prefix)
+    return decode_from(model, cache, logits, attention, last_positions, max_new_tokens, eos_id, warpers, seeds,
                        input_ids)
 
 

@@ -195,6 +195,29 @@ class FormatterSettings:
                                        self.tag_format, self.words)
 
 
+LONG_REPLIES = ("truncate", "whole_sentences")
+SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def whole_sentences(text: str, tokenizer, max_tokens: int) -> str:
+    """A training reply longer than `max_tokens` cut after its last whole sentence that fits, so that
+    its end token follows the end of a sentence, never the middle of one; a reply whose first sentence
+    does not fit is returned whole (the formatter then truncates it)."""
+    def length(piece: str) -> int:
+        return len(tokenizer(piece, add_special_tokens=False)["input_ids"])
+
+    if length(text) <= max_tokens:
+        return text
+    sentences = SENTENCE_END.split(text.strip())
+    kept = ""
+    for count in range(1, len(sentences)):
+        candidate = " ".join(sentences[:count])
+        if length(candidate) > max_tokens:
+            break
+        kept = candidate
+    return kept or text
+
+
 def generator_tags(cfg) -> list[str] | None:
     """The tag vocabulary of a generator config: None for an untagged model."""
     return Taxonomy.from_config(cfg.taxonomy).labels(cfg.tag_set) if cfg.strategy_tag else None

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from tokenizers import ByteLevelBPETokenizer, Tokenizer
 from tokenizers.processors import TemplateProcessing
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BertConfig,
-                          GPT2Config, PreTrainedTokenizerFast)
+                          GPT2Config, PreTrainedTokenizerFast, set_seed)
 
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
@@ -173,6 +173,7 @@ def load_scored_generator(cfg, generator_run: Path | None, data_run: Path, place
     if generator_run is not None:
         return load_saved_causal_lm(generator_run / "model", placement)
     train = seeded_subset(read_examples(data_run, cfg.dataset, "train"), cfg.generator.train_subset, cfg.subset_seed)
+    set_seed(cfg.seed)  # an untrained model's weights: the same in every stage that scores it
     return load_causal_lm(cfg.generator, placement, train_texts=tokenizer_texts(train))
 
 

@@ -111,7 +111,7 @@ def pooled_likelihoods(runs: list) -> dict:
     lines = [line for run in runs for line in tag_use.read_likelihoods(run.path)]
     first = runs[0].read_metrics()
     return {"nll": np.array([line["nll"] for line in lines]), "tokens": np.array([line["tokens"] for line in lines]),
-            "gold": [line["gold_label"] for line in lines], "labels": first["labels"],
+            "gold": [line["gold_label"] for line in lines], "labels": first.get("labels"),
             "keys": [(line["conversation_id"], line["turn_index"]) for line in lines], "examples": first["examples"]}
 
 def perplexity(scored: dict, cfg) -> tuple[float, str]:

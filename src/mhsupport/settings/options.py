@@ -15,7 +15,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from mhsupport.errors import MhsError
 from mhsupport.settings.config import CONFIG_DIR
 from mhsupport.evaluation.sampling import SAMPLERS
-from mhsupport.modeling.formatting import FORMATTERS, TAG_FORMATS
+from mhsupport.modeling.formatting import FORMATTERS, LONG_REPLIES, TAG_FORMATS
 
 
 DATASETS = ("esconv", "unified")
@@ -116,7 +116,7 @@ RULES = {
                             "null or a non-empty list of distinct integers, e.g. [1,2,3]"),
     "dataset": _choice(DATASETS), "tag_set": _choice(TAG_SETS), "mode": _choice(MODES),
     "strategy_tag": _bool, "tags_in_history": _bool, "history_categories": _bool, "class_weighting": _bool,
-    "context_turns": _int(1), "tag_adherence": _bool,
+    "context_turns": _int(1), "tag_adherence": _bool, "score_references": _bool,
     "classifier_run.dataset": _choice(DATASETS), "classifier_run.context_turns": _int(1),
     "classifier_run.history_categories": _bool, "classifier_run.class_weighting": _bool,
     "runtime.device": _device, "runtime.bf16": _bf16, "runtime.report_to": _report_to,
@@ -155,6 +155,7 @@ RULES = {
     "generator.source": _choice(MODEL_SOURCES["generator"]), "generator.family": _choice(tuple(FORMATTERS)),
     "generator.trainable": _choice(TRAINABLE), "generator.top_layers": _int(0),
     "generator.tag_lr_scale": _number(0, inclusive=False), "generator.tag_format": _choice(TAG_FORMATS),
+    "generator.long_replies": _choice(LONG_REPLIES),
     "generator.tag_contrast_weight": _number(0), "generator.tag_contrast_negatives": _int(1),
     "generator.lora.r": _int(1), "generator.lora.alpha": _number(0, inclusive=False),
     "generator.lora.dropout": _number(0, high=1.0, high_inclusive=False),

@@ -8,6 +8,7 @@ import logging
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 from transformers import set_seed
 
@@ -15,7 +16,7 @@ from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy
 from mhsupport.errors import MhsError
-from mhsupport.evaluation import responders
+from mhsupport.evaluation import responders, tag_use
 from mhsupport.evaluation.classification import classification_scores
 from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds
 from mhsupport.evaluation.generations_io import GENERATIONS
@@ -66,11 +67,20 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
     with run_.finished_batches(fresh=cfg.force) as batches:
         lines, loaded = generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches)
+    # the reference's NLL where the replies' model read it (the first decoding seed's lines): written as a
+    # likelihood run's file, which the report reads as this system's perplexity
+    first = [line for line in lines[:len(examples)] if line["reference_nll"] is not None]
+    likelihoods = tag_use.likelihood_lines(examples, [line["gold_label"] for line in first],
+                                           np.array([[line["reference_nll"]] for line in first]),
+                                           np.array([line["reference_tokens"] for line in first])) \
+        if len(first) == len(examples) and examples else []
     run_.device = devices.describe(cfg.runtime, loaded)
     text = "".join(json.dumps(line) + "\n" for line in lines)
     try:
         with run_.build(seed=cfg.seed, resumable=True) as out:
             (out / GENERATIONS).write_text(text)
+            if likelihoods:
+                (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in likelihoods))
     except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
         kept = Path(tempfile.gettempdir()) / f"mhs-eval-{run_.run_id}-{GENERATIONS}"
         try:

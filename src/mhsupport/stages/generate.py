@@ -3,7 +3,10 @@ encoded once and a reply decoded under every tag (modeling.decoding.generate_und
 replies, the model's own log-probability of each tag opening its reply, and the recogniser's
 reading of each reply go to `replies.jsonl` (evaluation/replies_io.py), one line per decoding seed, context and tag. `mhs eval`'s
 tag samplers choose among these replies, and the metrics hold the counterfactual test of steering
-(evaluation/counterfactual.py)."""
+(evaluation/counterfactual.py). With score_references, the reference reply's NLL under every tag is
+read from the same cache before decoding and written as a likelihood run's `likelihoods.jsonl`: the
+report's tag use and perplexity of this generator, without a likelihood run encoding every context
+and opening again."""
 
 from __future__ import annotations
 
@@ -11,12 +14,14 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 from omegaconf import DictConfig
 
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy
 from mhsupport.errors import MhsError
+from mhsupport.evaluation import tag_use
 from mhsupport.evaluation.counterfactual import counterfactual_scores
 from mhsupport.evaluation.replies_io import REPLIES
 from mhsupport.modeling import classifier as classifier_api, devices, loading
@@ -72,12 +77,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     d = cfg.decoding
     contexts = [e["context"] for e in examples]
     passes = {}
+    references = [formatter.response_ids(e["response"]) for e in examples] if cfg.score_references else None
     with run_.finished_batches(fresh=cfg.force) as batches:
-        for seed in decoding_seeds(cfg):
+        for n, seed in enumerate(decoding_seeds(cfg)):
+            # the reference's NLL does not depend on the decoding seed: scored in the first seed's pass
             passes[seed] = generate_under_tags(model, tokenizer, formatter, contexts, tags, batch_size=d.batch_size,
                                                max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, top_p=d.top_p,
                                                temperature=d.temperature, seed=seed, progress=cfg.runtime.progress,
-                                               batches=batches, name=f"generate-seed{seed}")
+                                               batches=batches, name=f"generate-seed{seed}",
+                                               references=references if n == 0 else None)
     loaded = {"generator": model}
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     label_key = Taxonomy.label_key(cfg.tag_set)
@@ -106,13 +114,25 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                             for i in range(len(examples))]
             per_seed[str(seed)] = counterfactual_scores([labels] * len(examples), under_labels, labels, reference_hits,
                                                         cfg.bootstrap.resamples, cfg.bootstrap.seed)
+    likelihoods, tag_use_metrics = [], None
+    if references is not None:
+        first = passes[next(iter(passes))]
+        columns = [tags.index(label) for label in labels]
+        nll = np.array([[result["reference_nll"][j] for j in columns] for result in first], dtype=np.float64)
+        tokens = np.array([result["reference_tokens"] for result in first])
+        gold = [e[label_key] for e in examples]
+        tag_use_metrics = tag_use.tag_use_scores(nll, tokens, gold, labels, cfg.bootstrap.resamples, cfg.bootstrap.seed)
+        likelihoods = tag_use.likelihood_lines(examples, gold, nll, tokens)
     empty = sum(not line["response"] for line in lines)
     run_.metrics = {"system": f"{cfg.dataset}+tag", "profile": cfg.generator.profile, "dataset": cfg.dataset,
-                    "examples": len(examples), "tags": tags, "seeds": list(passes),
+                    "examples": len(examples), "tags": tags, "labels": labels, "seeds": list(passes),
+                    "tag_use": tag_use_metrics,
                     "decoding": "sampled" if d.do_sample else "greedy", "replies": len(lines),
                     "empty_replies": {"count": empty, "share": empty / len(lines)},
                     "counterfactual": per_seed.get(str(next(iter(passes)))), "counterfactual_per_seed": per_seed}
     run_.device = devices.describe(cfg.runtime, loaded)
     with run_.build(seed=cfg.seed, resumable=True) as out:
         (out / REPLIES).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        if likelihoods:
+            (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in likelihoods))
     log.info("generate wrote %s", run_.path)

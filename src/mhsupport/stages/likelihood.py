@@ -68,9 +68,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                     "strategy_tag": bool(cfg.strategy_tag), "generator_source": cfg.generator_source,
                     "examples": len(examples), "tokens": int(tokens.sum()), "labels": labels, **scores}
     run_.device = devices.describe(cfg.runtime, {"generator": model})
-    lines = [{"conversation_id": e["conversation_id"], "turn_index": e["turn_index"], "gold_label": g,
-              "nll": [round(float(v), 5) for v in row], "tokens": int(n)}
-             for e, g, row, n in zip(examples, gold, nll, tokens)]
+    lines = tag_use.likelihood_lines(examples, gold, nll, tokens)
     with run_.build(seed=cfg.seed, resumable=True) as out:
         (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in lines))
     log.info("likelihood wrote %s", run_.path)

@@ -50,7 +50,7 @@ def requires(cfg: DictConfig) -> dict:
     for seed in training_seeds(cfg):
         needs.update({f"{key}@{seed}": ("eval", eval_config(cfg, {**values, "seed": seed}))
                       for key, values in systems(cfg.table4_samplers).items()})
-        needs.update({f"likelihood/{name}@{seed}": ("likelihood", likelihood_config(eval_config(cfg, {**values, "seed": seed})))
+        needs.update({f"likelihood/{name}@{seed}": likelihood_source(eval_config(cfg, {**values, "seed": seed}))
                       for name, values in TABLE2_SYSTEMS.items()})
         needs.update({f"generation/{dataset}@{seed}": ("generate", generation_config(eval_config(
             cfg, {"dataset": dataset, "strategy_tag": True, "seed": seed}))) for dataset in DATASET_NAMES})
@@ -59,6 +59,21 @@ def requires(cfg: DictConfig) -> dict:
         needs.update({f"judge/{table}": ("judge", judge_config(cfg, table, training_seeds(cfg)[0]))
                       for table in cfg.judge.report_tables})
     return needs
+
+
+def likelihood_source(system: DictConfig) -> tuple[str, DictConfig]:
+    """The run whose `likelihoods.jsonl` gives a Table 2 system's tag use and perplexity, read where its
+    replies were generated when they were generated for the test examples `mhs likelihood` would score:
+    a tagged generator's generation pass (the run the report's steering reads) or an untagged system's
+    eval (its Table 2 row); else the system's likelihood run."""
+    scored = likelihood_config(system)
+    if system.generator_source == "finetuned" and system.strategy_tag:
+        generation = generation_config(system)
+        if generation.score_references and generation.test_subset == scored.test_subset:
+            return "generate", generation
+    elif system.test_subset == scored.test_subset:
+        return "eval", system
+    return "likelihood", scored
 
 
 def label(cfg: DictConfig) -> str:

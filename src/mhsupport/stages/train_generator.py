@@ -20,7 +20,7 @@ from mhsupport.settings.config import prepare_data_config
 from mhsupport.errors import MhsError
 from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
-from mhsupport.modeling.formatting import FormatterSettings, build_formatter, generator_tags, tag_token
+from mhsupport.modeling.formatting import FormatterSettings, build_formatter, generator_tags, tag_token, whole_sentences
 
 log = logging.getLogger(__name__)
 STAGE = "train_generator"
@@ -66,6 +66,9 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         model = edits.add_lora(model, g.lora, tag_ids)
     trainable_parameters = sum(p.numel() for p in model.parameters() if p.requires_grad)
     formatter = build_formatter(cfg, tokenizer)
+    if g.long_replies == "whole_sentences":  # the end token after a whole sentence (docs/ablations.md, loops)
+        train_examples = [{**e, "response": whole_sentences(e["response"], tokenizer, g.max_response_tokens)}
+                          for e in train_examples]
     train_features = [formatter.training_features(e) for e in train_examples]
     valid_features = [formatter.training_features(e) for e in valid_examples]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
