@@ -33,6 +33,7 @@ from mhsupport.modeling.loading import load_saved_causal_lm
 from mhsupport.data.subsets import seeded_subset
 
 
+ORACLE_TOKENS = 40  # new tokens of each oracle reply
 TAG_ONLY_KEYS = tuple(f"generator.{key}=" for key in ("tag_format", "tag_lr_scale", "strategy_opening", "strategy_instruction",
                                                      "tag_contrast_weight", "tag_contrast_negatives")) + ("strategy_words.",)
 
@@ -50,7 +51,7 @@ def adherence(model, tokenizer, formatter, examples, recogniser, batch_size):
     it) and the recogniser's accuracy on the human references of the same examples."""
     started = time.perf_counter()
     outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], [e["category"] for e in examples],
-                       batch_size=batch_size, max_new_tokens=40, progress=False)
+                       batch_size=batch_size, max_new_tokens=ORACLE_TOKENS, progress=False)
     seconds = time.perf_counter() - started
     replies = [o["response"] for o in outputs]
     judged = recogniser.predict([r for r in replies if r]) if any(replies) else []
@@ -62,7 +63,7 @@ def adherence(model, tokenizer, formatter, examples, recogniser, batch_size):
             "recogniser_on_references": float(np.mean([h == g for h, g in zip(human, gold)])),
             "empty_replies": sum(not r for r in replies), "mean_words": float(np.mean([len(r.split()) for r in replies])),
             # replies that never wrote their end token (loops run to the limit), and their variety
-            "at_token_limit": float(np.mean([o["tokens"] >= 40 for o in outputs])),
+            "at_token_limit": float(np.mean([o["tokens"] >= ORACLE_TOKENS for o in outputs])),
             "distinct_2": GenerationScores(replies, [e["response"] for e in examples], protocols=["default"]).scores(
                 names=["distinct_2"])["distinct_2"],
             "examples": len(examples), "generate_seconds": round(seconds, 1),

@@ -21,10 +21,13 @@ def machine(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    # the oracle replies' loops, where the rows measured them
+    loops = any("at_token_limit" in row.get("adherence", {}) for row in rows)
     lines = ["| recipe | tag discrimination % [95% CI] | most-chosen tag share | gold-tag PPL | untagged PPL "
              "| gold - untagged nats/token (p) | oracle adherence % | recogniser on the references % "
-             "| training s (tagged / untagged) |",
-             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
+             + ("| oracle replies at the 40-token limit % | their Distinct-2 " if loops else "")
+             + "| training s (tagged / untagged) |",
+             "| --- | --- | ---: | ---: | ---: | --- | ---: | ---: | " + ("---: | ---: | " if loops else "") + "--- |"]
     for row in rows:
         tagged, untagged = row["tagged"], row.get("untagged")
         m = tagged["metrics"]
@@ -37,6 +40,8 @@ def table(rows: list[dict]) -> str:
             f"{versus['value']:+.3f} ({versus['p']:.3f})" if versus else "",
             f"{100 * adherence['oracle_adherence']:.1f}" if adherence else "",
             f"{100 * adherence['recogniser_on_references']:.1f}" if adherence else "",
+            *([f"{100 * adherence['at_token_limit']:.1f}" if "at_token_limit" in adherence else "",
+               f"{adherence['distinct_2']:.1f}" if "distinct_2" in adherence else ""] if loops else []),
             f"{tagged['train_seconds']:.0f} / {untagged['train_seconds']:.0f}" if untagged else
             f"{tagged['train_seconds']:.0f}"]) + " |")
     machines = sorted({machine(row) for row in rows})

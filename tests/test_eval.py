@@ -116,6 +116,26 @@ def test_untagged_and_pretrained_rows(make_cfg, trained, capsys):
                                                                  rel=1e-4)
 
 
+def test_sampled_untagged_eval_reads_the_reference_once_for_every_seed(make_cfg, trained):
+    result = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "decoding.do_sample=true", "decoding.seeds=[0,1]"))
+    per_seed = result.metrics["per_seed"]
+    assert per_seed["0"]["ppl"]["value"] == per_seed["1"]["ppl"]["value"] == result.metrics["metrics"]["ppl"]["value"]
+    assert len(read_likelihoods(result.run.path)) == result.metrics["examples"]
+
+
+def test_a_damaged_likelihoods_file_is_one_line_naming_it_and_the_fix(tmp_path):
+    (tmp_path / "likelihoods.jsonl").write_text('{"conversation_id": 1, "turn_index": 2, "gold_label": "A", '
+                                                '"nll": [1.0], "tokens": 3}\n{"conversation_id": 1\n')
+    with pytest.raises(MhsError, match=r"likelihoods.jsonl, line 2: not a JSON object .*; rebuild it"):
+        read_likelihoods(tmp_path, "rebuild it")
+    (tmp_path / "likelihoods.jsonl").write_text('{"conversation_id": 1, "turn_index": 2, "nll": 1.0}\n')
+    with pytest.raises(MhsError, match=r"line 1: expected an object with conversation_id, .*gold_label"):
+        read_likelihoods(tmp_path, "rebuild it")
+    (tmp_path / "likelihoods.jsonl").unlink()
+    with pytest.raises(MhsError, match=r"likelihoods.jsonl: unreadable .*; rebuild it"):
+        read_likelihoods(tmp_path, "rebuild it")
+
+
 def test_empty_replies_are_counted_kept_as_empty_and_never_judged(make_cfg, trained, monkeypatch):
     """A forced tag followed by another tag or EOS decodes to an empty reply: it stays in the
     corpus (every system is scored on the same examples), is counted, and does not adhere to its tag."""

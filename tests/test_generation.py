@@ -6,11 +6,18 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from mhsupport.modeling.decoding import decode
+from mhsupport.modeling.decoding import decode_from, prefill
 from mhsupport.modeling.scoring import encode_prefix, shared_prefix_length
 
 MAX_NEW = 12
 PAD = 0
+
+
+def decode(model, input_ids, attention, max_new_tokens, eos_id, warpers=None, prefix=None, seeds=None):
+    """What generation does with a batch of left-padded prompts: encode them, then decode."""
+    cache, logits, cache_mask, last_positions = prefill(model, input_ids, attention, prefix)
+    return decode_from(model, cache, logits, cache_mask, last_positions, max_new_tokens, eos_id, warpers, seeds,
+                       input_ids)
 
 
 def tiny_model_and_batch():

@@ -150,3 +150,26 @@ def test_a_damaged_pass_is_one_line_naming_the_run_and_its_command(make_cfg, pas
 def test_generate_refuses_an_untagged_generator(make_cfg):
     with pytest.raises(MhsError, match="add --strategy-tag"):
         pipeline.run("generate", make_cfg("generate", *GEN, "strategy_tag=false"))
+
+
+def test_reference_scoring_reads_a_sliding_window_cache_from_a_copy(tiny_lm):
+    """A model whose layers keep only a window of their past cannot be cut back or indexed as plain
+    (keys, values) pairs: the reference is read from a copy of its cache, and decoding is unchanged."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer = tiny_lm
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                             sliding_window=4, max_position_embeddings=256,
+                                             eos_token_id=tokenizer.eos_token_id)).eval()
+    formatter = EosJoinedFormatter(tokenizer, 60, 20, None)
+    examples = [{"context": c, "response": r} for c, r in zip(CONTEXTS, ["i am so sorry", "what happened next?", "ok"] * 3)]
+    references = [formatter.response_ids(e["response"]) for e in examples]
+    scored = generate(model, tokenizer, formatter, CONTEXTS, [None] * len(CONTEXTS), batch_size=3, max_new_tokens=8,
+                      progress=False, references=references)
+    plain = generate(model, tokenizer, formatter, CONTEXTS, [None] * len(CONTEXTS), batch_size=3, max_new_tokens=8,
+                     progress=False)
+    assert [{k: s[k] for k in ("tag", "response", "tokens")} for s in scored] == plain
+    nll, _ = tag_likelihood.reference_nll(model, formatter, examples, None, batch_size=2, progress=False)
+    np.testing.assert_allclose([s["reference_nll"] for s in scored], nll[:, 0], rtol=1e-4)

@@ -116,7 +116,7 @@ def test_many_draws_and_swaps_at_once_score_what_each_scored_alone_gives():
     a = GenerationScores(HYPS * 10, REFS * 10)
     b = GenerationScores(["hello there", "i am sorry to hear that"] * 25, REFS * 10)
     draws = [np.random.default_rng(seed).integers(0, a.n, a.n) for seed in range(3)]
-    for drawn, rows in zip(a.drawn_scores(draws, chunk=2), draws):
+    for drawn, rows in zip(a.drawn_scores(draws), draws):
         assert drawn == pytest.approx(a.scores(rows))
     swaps = np.random.default_rng(0).random((3, a.n)) < 0.5
     hypotheses_a, hypotheses_b = HYPS * 10, ["hello there", "i am sorry to hear that"] * 25

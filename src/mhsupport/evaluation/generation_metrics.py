@@ -7,6 +7,7 @@ tests stay exact and fast."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -62,19 +63,15 @@ class GenerationScores:
                             {name: [ids[i] for i in rows] for name, ids in self.ngrams.items() if _wanted(name, names)},
                             len(rows))
 
-    def drawn_scores(self, draws: list[np.ndarray], names=None, chunk: int = 1000) -> list[dict[str, float]]:
+    def drawn_scores(self, draws: list[np.ndarray], names=None) -> list[dict[str, float]]:
         """`scores(rows, names)` of each draw (example indices, repeats allowed), the summed statistics
-        of many draws at once: each draw's count of every example times the examples' rows."""
-        out = []
-        for start in range(0, len(draws), chunk):
-            part = draws[start:start + chunk]
-            counts = np.stack([np.bincount(rows, minlength=self.n) for rows in part]).astype(np.float64)
-            summed = {name: counts @ a for name, a in self.sums.items() if _wanted(name, names)}
-            for i, rows in enumerate(part):
-                out.append(self._values({name: s[i] for name, s in summed.items()},
-                                        {name: [ids[j] for j in rows] for name, ids in self.ngrams.items()
-                                         if _wanted(name, names)}, len(rows)))
-        return out
+        of all the draws at once: each draw's count of every example times the examples' rows."""
+        counts = np.stack([np.bincount(rows, minlength=self.n) for rows in draws]).astype(np.float64)
+        summed = {name: counts @ a for name, a in self.sums.items() if _wanted(name, names)}
+        return [self._values({name: s[i] for name, s in summed.items()},
+                             {name: [ids[j] for j in rows] for name, ids in self.ngrams.items() if _wanted(name, names)},
+                             len(rows))
+                for i, rows in enumerate(draws)]
 
     def swapped_scores(self, other: GenerationScores, swaps: np.ndarray, names=None,
                        chunk: int = 1000) -> list[dict[str, float]]:
@@ -170,9 +167,12 @@ def paired_bootstrap(a: GenerationScores, b: GenerationScores, resamples: int, s
     """Paired bootstrap over the same examples (statistics.paired_bootstrap): for each metric (all
     shared, or `metrics`), A, B, B - A, its interval and two-sided p."""
     names = shared_metrics(a, b, metrics)
-    draws = list(statistics.bootstrap_rows(a.n, resamples, seed))
-    return statistics.paired_bootstrap(a.scores(names=names), b.scores(names=names), a.drawn_scores(draws, names),
-                                       b.drawn_scores(draws, names))
+    draws = statistics.bootstrap_rows(a.n, resamples, seed)
+    drawn_a, drawn_b = [], []
+    while chunk := list(itertools.islice(draws, 1000)):  # the same draws for both, a thousand at a time
+        drawn_a += a.drawn_scores(chunk, names)
+        drawn_b += b.drawn_scores(chunk, names)
+    return statistics.paired_bootstrap(a.scores(names=names), b.scores(names=names), drawn_a, drawn_b)
 
 
 def paired_randomisation(a: GenerationScores, b: GenerationScores, trials: int, seed: int,

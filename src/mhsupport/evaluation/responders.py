@@ -97,22 +97,22 @@ class GeneratorResponder:
                                     own_probabilities=own, own_strategy=cfg.own_strategy)
 
         # An untagged model's reference NLL is read from the prompt's cache before decoding (once, with the
-        # first decoding seed): the likelihood the report reads for it, where the likelihood stage would
-        # score the same examples. A tagged model's is scored under every tag, by its generation pass.
+        # first decoding seed): its ppl, and the likelihoods the report reads for it where the likelihood
+        # stage would score the same examples. A tagged model's comes from its generation pass.
         references = ([formatter.response_ids(e["response"]) for e in examples]
                       if all(tag is None for tag in tags) else None)
-        first_seed = self.decoding_seeds()[0]
+        scored = {}  # the reference's NLL and tokens, read with the first decoding seed: the same for every seed
 
         def respond(seed):
-            scored = references if seed == first_seed else None
+            reading = references if references is not None and not scored else None
             outputs = generate(model, tokenizer, formatter, [e["context"] for e in examples], tags,
                                batch_size=d.batch_size, max_new_tokens=d.max_new_tokens, do_sample=d.do_sample,
                                top_p=d.top_p, temperature=d.temperature, seed=seed, progress=cfg.runtime.progress,
-                               batches=batches, name=f"generate-seed{seed}{'-scored' if scored else ''}",
-                               references=scored)
-            if scored is None:
-                return outputs, None, None
-            return outputs, [o["reference_nll"] for o in outputs], [o["reference_tokens"] for o in outputs]
+                               batches=batches, name=f"generate-seed{seed}{'-scored' if reading else ''}",
+                               references=reading)
+            if reading is not None:
+                scored.update(nll=[o["reference_nll"] for o in outputs], tokens=[o["reference_tokens"] for o in outputs])
+            return outputs, scored.get("nll"), scored.get("tokens")
 
         return Replies(respond, tags, labels, loaded)
 

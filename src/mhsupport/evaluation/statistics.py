@@ -12,7 +12,7 @@ is that one sequence of draws, seeded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from scipy import stats

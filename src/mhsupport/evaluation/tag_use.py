@@ -15,15 +15,35 @@ from pathlib import Path
 
 import numpy as np
 
+from mhsupport.errors import MhsError
 from mhsupport.evaluation.classification import classification_scores
 from mhsupport.evaluation.statistics import bootstrap_interval, paired_permutation_p
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
 
 
-def read_likelihoods(run_dir: Path) -> list[dict]:
-    with open(Path(run_dir) / LIKELIHOODS) as f:
-        return [json.loads(line) for line in f]
+LINE_KEYS = ("conversation_id", "turn_index", "gold_label", "nll", "tokens")
+
+
+def read_likelihoods(run_dir: Path, fix: str = "rebuild the run with its command and --force") -> list[dict]:
+    """The lines of a run's `likelihoods.jsonl`, each checked: a missing or damaged file is one line
+    naming it, the line and `fix`."""
+    path = Path(run_dir) / LIKELIHOODS
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise MhsError(f"{path}: unreadable ({getattr(err, 'strerror', None) or err}); {fix}") from None
+    lines = []
+    for number, raw in enumerate(text.splitlines(), start=1):
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
+        missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
+        if missing or not isinstance(line["nll"], list):
+            raise MhsError(f"{path}, line {number}: expected an object with {', '.join(LINE_KEYS)} (nll a list); {fix}")
+        lines.append(line)
+    return lines
 
 
 def likelihood_lines(examples: list[dict], gold: list[str], nll: np.ndarray, tokens: np.ndarray) -> list[dict]:

@@ -261,19 +261,6 @@ def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor,
     return cache, logits, attention, positions[:, -1:]
 
 
-def decode(model, input_ids: torch.Tensor, attention: torch.Tensor, max_new_tokens: int, eos_id: int,
-           warpers: LogitsProcessorList | None = None,
-           prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-           seeds: list[int] | None = None) -> list[list[int]]:
-    """The new tokens of each left-padded row (EOS included where it was written), greedy or, with
-    `warpers`, sampled from the warped distribution (row r from a generator seeded with seeds[r];
-    without seeds, from torch's global generator). With `prefix` (from `encode_prefix`), every row
-    continues that prefix: the rows hold only what follows it."""
-    cache, logits, attention, last_positions = prefill(model, input_ids, attention, prefix)
-    return decode_from(model, cache, logits, attention, last_positions, max_new_tokens, eos_id, warpers, seeds,
-                       input_ids)
-
-
 def decode_from(model, cache, logits: torch.Tensor, attention: torch.Tensor, last_positions: torch.Tensor,
                 max_new_tokens: int, eos_id: int, warpers: LogitsProcessorList | None = None,
                 seeds: list[int] | None = None, input_ids: torch.Tensor | None = None) -> list[list[int]]:

@@ -108,7 +108,7 @@ def pooled_generations(runs: list) -> list[dict]:
 def pooled_likelihoods(runs: list) -> dict:
     """One system's likelihood runs over every training seed as one set of examples (each seed scores
     the same test examples, so two systems pair row by row): nll[i, tag], tokens[i], gold[i]."""
-    lines = [line for run in runs for line in tag_use.read_likelihoods(run.path)]
+    lines = [line for run in runs for line in tag_use.read_likelihoods(run.path, f"rebuild it with {run.rebuild_hint}")]
     first = runs[0].read_metrics()
     return {"nll": np.array([line["nll"] for line in lines]), "tokens": np.array([line["tokens"] for line in lines]),
             "gold": [line["gold_label"] for line in lines], "labels": first.get("labels"),

@@ -69,7 +69,7 @@ def likelihood_source(system: DictConfig) -> tuple[str, DictConfig]:
     scored = likelihood_config(system)
     if system.generator_source == "finetuned" and system.strategy_tag:
         generation = generation_config(system)
-        if generation.score_references and generation.test_subset == scored.test_subset:
+        if generation.test_subset == scored.test_subset:
             return "generate", generation
     elif system.test_subset == scored.test_subset:
         return "eval", system
