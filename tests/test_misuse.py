@@ -16,6 +16,7 @@ import pytest
 from mhsupport import pipeline
 from mhsupport.cli import main
 from mhsupport.settings.config import prepare_data_config
+from mhsupport.training.loop import last_complete_checkpoint
 
 TINY_EVAL = ["--profile", "tiny", "test_subset=8", "decoding.max_new_tokens=4", "bootstrap.resamples=20",
              "generator.train_subset=48", "generator.valid_subset=8"]
@@ -96,7 +97,9 @@ def test_sigint_during_training_is_one_line_and_the_same_command_resumes(mhs_env
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     stage_dir = tmp_path / "artifacts" / "train_generator"
     deadline = time.time() + 300
-    while time.time() < deadline and not list(stage_dir.glob(".*.partial/checkpoints/checkpoint-*/scheduler.pt")):
+    # interrupted once a checkpoint is whole (one still being written is skipped on resume, by design)
+    while time.time() < deadline and not any(last_complete_checkpoint(folder)
+                                             for folder in stage_dir.glob(".*.partial/checkpoints")):
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
