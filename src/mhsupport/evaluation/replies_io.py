@@ -4,9 +4,8 @@ damaged or partial pass is one message naming the file, the line and the command
 
 from __future__ import annotations
 
-import json
-
 from mhsupport.errors import MhsError
+from mhsupport.evaluation.jsonl_io import read_checked_lines
 
 REPLIES = "replies.jsonl"
 LINE_KEYS = ("seed", "conversation_id", "turn_index", "tag", "response", "tokens", "own_logprob", "recognised")
@@ -18,22 +17,8 @@ def read_replies(run, examples: list[dict], tags: list[str | None], seeds: list[
     the command that rebuilds it."""
     path = run.path / REPLIES
     fix = f"rebuild it with {run.rebuild_hint}"
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as err:
-        raise MhsError(f"generate run {run.path}: {REPLIES} unreadable ({err.strerror or err}); {fix}") from None
-    except UnicodeDecodeError as err:
-        raise MhsError(f"{path}: byte {err.start} is not UTF-8 (the file is damaged); {fix}") from None
-    replies = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
-        missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
-        if missing:
-            raise MhsError(f"{path}, line {number}: expected an object with {', '.join(missing)}; {fix}")
-        replies[(line["seed"], line["conversation_id"], line["turn_index"], line["tag"])] = line
+    replies = {(line["seed"], line["conversation_id"], line["turn_index"], line["tag"]): line
+               for line in read_checked_lines(path, LINE_KEYS, fix)}
     wanted = [(seed, e["conversation_id"], e["turn_index"], tag) for seed in seeds for e in examples for tag in tags]
     absent = [key for key in wanted if key not in replies]
     if absent:

@@ -9,7 +9,6 @@ and least noisy: in how likely the human reference becomes under the gold tag ve
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from mhsupport.errors import MhsError
 from mhsupport.evaluation.classification import classification_scores
+from mhsupport.evaluation.jsonl_io import read_checked_lines
 from mhsupport.evaluation.statistics import bootstrap_interval, paired_permutation_p
 
 LIKELIHOODS = "likelihoods.jsonl"  # a likelihood run's per-example NLL under every tag
@@ -29,20 +29,10 @@ def read_likelihoods(run_dir: Path, fix: str = "rebuild the run with its command
     """The lines of a run's `likelihoods.jsonl`, each checked: a missing or damaged file is one line
     naming it, the line and `fix`."""
     path = Path(run_dir) / LIKELIHOODS
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise MhsError(f"{path}: unreadable ({getattr(err, 'strerror', None) or err}); {fix}") from None
-    lines = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        try:
-            line = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise MhsError(f"{path}, line {number}: not a JSON object ({err.msg}); {fix}") from None
-        missing = [key for key in LINE_KEYS if not isinstance(line, dict) or key not in line]
-        if missing or not isinstance(line["nll"], list):
-            raise MhsError(f"{path}, line {number}: expected an object with {', '.join(LINE_KEYS)} (nll a list); {fix}")
-        lines.append(line)
+    lines = read_checked_lines(path, LINE_KEYS, fix)
+    for number, line in enumerate(lines, start=1):
+        if not isinstance(line["nll"], list):
+            raise MhsError(f"{path}, line {number}: expected nll to be a list (one NLL per tag); {fix}")
     return lines
 
 
