@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
-from mhsupport.training import trainers
+from mhsupport.training import loop, trainers, validation
 from mhsupport.modeling.tag_likelihood import reference_nll
 from mhsupport.modeling.formatting import IGNORE_INDEX
 from test_likelihood import CONTEXTS, LABELS, REPLIES, tiny_model_and_formatter, toy_examples
@@ -30,6 +30,52 @@ def test_labelled_positions_loss_equals_the_models_own_loss(tmp_path):
     model.eval()  # no dropout: both losses see the same activations
     own = model(**batch).loss
     assert trainer.compute_loss(model, batch).item() == pytest.approx(own.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_prefix_gives_the_models_own_loss_and_gradients(tmp_path, family):
+    # every context opens with the same turn, as every chat prompt opens with the system prompt
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()) + ["welcome to the chat"])
+    if family == "llama":  # rotary positions: the rows' own tokens must be positioned after the shared ones
+        config = LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                             pad_token_id=model.config.pad_token_id, eos_token_id=model.config.eos_token_id)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+    examples = [{**e, "context": [{"speaker": "supporter", "text": "welcome to the chat"}] + e["context"]}
+                for e in toy_examples(8, seed=3)]
+    batch = DataCollatorForSeq2Seq(formatter.tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(
+        [formatter.training_features(e) for e in examples])
+    assert batch["attention_mask"].eq(0).any()  # rows of different lengths: right padding is in play
+    trainer = trainers.LabelledPositionsTrainer(model=model, args=TrainingArguments(str(tmp_path), use_cpu=True,
+                                                                                   report_to="none"))
+    model.eval()
+    shared = trainers.shared_batch_prefix(model, batch["input_ids"], batch["attention_mask"],
+                                          batch["labels"][:, 1:] != IGNORE_INDEX)
+    assert shared > 3
+    own = model(**batch).loss
+    own.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    assert loss.item() == pytest.approx(own.item(), rel=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_no_prefix_is_shared_where_a_row_differs_from_the_first_token_or_checkpointing_is_on(tmp_path):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    features, collator = features_and_collator(formatter)
+    batch = collator(features)
+    scored = batch["labels"][:, 1:] != IGNORE_INDEX
+    ids = batch["input_ids"].clone()
+    ids[1, 0] = (ids[0, 0] + 1) % model.config.vocab_size
+    assert trainers.shared_batch_prefix(model, ids, batch["attention_mask"], scored) == 0
+    ids[:, 0] = ids[0, 0]
+    assert trainers.shared_batch_prefix(model, ids, batch["attention_mask"], scored) >= 1
+    model.activation_checkpointing_enable()
+    assert trainers.shared_batch_prefix(model, ids, batch["attention_mask"], scored) == 0
 
 
 @pytest.mark.parametrize("tag_format", ["token", "words"])
@@ -110,3 +156,29 @@ def test_tag_rows_step_is_scaled_and_nothing_else_changes(tmp_path):
     others = torch.ones(len(plain), dtype=torch.bool)
     others[rows] = False
     torch.testing.assert_close(scaled[others], plain[others])
+
+
+def test_validation_keeps_the_final_epochs_result_for_the_final_model(tmp_path):
+    model, formatter = tiny_model_and_formatter(CONTEXTS + list(REPLIES.values()))
+    features, collator = features_and_collator(formatter, n=8)
+    scored_models = []
+
+    def evaluate(m):  # a number to log and an array the stage reuses, which is kept but not logged
+        scored_models.append({k: v.detach().clone() for k, v in m.state_dict().items()})
+        return {"loss": float(len(scored_models)), "probabilities": torch.zeros(2, 2)}
+
+    callback = validation.ValidationCallback(evaluate)
+    args = TrainingArguments(str(tmp_path), num_train_epochs=2, per_device_train_batch_size=4, use_cpu=True,
+                             report_to="none", save_strategy="no", disable_tqdm=True)
+    trainer = trainers.LabelledPositionsTrainer(model=model, args=args, data_collator=collator,
+                                                train_dataset=Dataset.from_list(features), callbacks=[callback])
+    loop.connect_loggers(trainer, tmp_path)
+    trainer.train()
+    final = callback.result_at(trainer.state.global_step)
+    assert final is not None and final["loss"] == 2.0 and final["probabilities"].shape == (2, 2)
+    assert callback.result_at(trainer.state.global_step // 2) is None  # the first epoch's model is not the final one
+    for name, value in model.state_dict().items():  # the kept result scored exactly the final weights
+        torch.testing.assert_close(scored_models[-1][name], value)
+    logged = [entry for entry in trainer.state.log_history if "valid_loss" in entry]
+    assert [entry["valid_loss"] for entry in logged] == [1.0, 2.0]
+    assert not any("valid_probabilities" in entry for entry in trainer.state.log_history)

@@ -99,11 +99,11 @@ def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]],
     model.eval()
     pad = pad_id(tokenizer)
     warpers = sampling_warpers(do_sample, top_p, temperature)
-    sequences = [[formatter.prompt_ids(context, tag) + formatter.opening_ids(tag) for tag in tags]
-                 for context in contexts]
+    openings = [formatter.opening_ids(tag) for tag in tags]
+    prompts = [tag_prompts(formatter, context, tags) for context in contexts]
+    sequences = [[prompt + opening for prompt, opening in zip(group, openings)] for group in prompts]
     # where each tag's opening starts: the tokens from there on are the model's own choice of tag
-    opening_from = [[len(formatter.prompt_ids(context, tag)) if formatter.opening_ids(tag) else None for tag in tags]
-                    for context in contexts]
+    opening_from = [[len(prompt) if opening else None for prompt, opening in zip(group, openings)] for group in prompts]
     flat = [ids for group in sequences for ids in group]
     limit = min(min(s for s in starts if s is not None) if any(s is not None for s in starts) else len(group[0])
                 for starts, group in zip(opening_from, sequences)) - 1
@@ -164,6 +164,17 @@ def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]],
         if batches is not None:
             batches.put(key, [results[i] for i in batch])
     return results
+
+
+def tag_prompts(formatter, context: list[dict], tags: list[str | None]) -> list[list[int]]:
+    """The prompt before each tag's reply. A prompt differs between tags only by the tag's
+    instruction (none where the tag opens the reply), so it is encoded once per instruction: fitting
+    a context to its token budget renders the chat template several times."""
+    encoded: dict[str | None, list[int]] = {}
+    for tag in tags:
+        if formatter.instruction(tag) not in encoded:
+            encoded[formatter.instruction(tag)] = formatter.prompt_ids(context, tag)
+    return [encoded[formatter.instruction(tag)] for tag in tags]
 
 
 def continuation_nll(model, cache, first_logits: torch.Tensor, attention: torch.Tensor, last_positions: torch.Tensor,

@@ -140,8 +140,16 @@ class ChatTemplateFormatter(Formatter):
         """The most recent turns that fit the token budget; a single turn longer than the budget
         keeps its most recent tokens."""
         messages = [{"role": self.ROLES[t["speaker"]], "content": self.turn_text(t)} for t in context]
-        while len(messages) > 1 and len(self._encode(messages)) > self.max_context_tokens:
-            messages = messages[1:]  # drop the oldest turn
+        # the oldest turn to keep: the first whose suffix fits (dropping a turn never lengthens the
+        # encoding), else the last turn alone; found by bisection, as each try renders the template
+        low, high = 0, max(len(messages) - 1, 0)
+        while low < high:
+            middle = (low + high) // 2
+            if len(self._encode(messages[middle:])) <= self.max_context_tokens:
+                high = middle
+            else:
+                low = middle + 1
+        messages = messages[low:]
         overflow = len(self._encode(messages)) - self.max_context_tokens if messages else 0
         if overflow > 0:
             text_ids = self.tokenizer(messages[0]["content"], add_special_tokens=False)["input_ids"]

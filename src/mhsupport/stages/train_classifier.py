@@ -89,14 +89,24 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
     def validate(m):
         gold = [e[settings.label_key] for e in evaluation["valid"]]
-        predicted = classifier.predict(evaluation["valid"], p.eval_batch_size)
-        scores = classification_scores(gold, predicted, settings.labels)
-        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"]}
+        probabilities = classifier.predict_proba(evaluation["valid"], p.eval_batch_size)
+        scores = classification_scores(gold, [settings.labels[i] for i in probabilities.argmax(axis=1)], settings.labels)
+        return {"accuracy": scores["accuracy"], "macro_f1": scores["macro_f1"], "probabilities": probabilities}
+
+    validation_callback = validation.ValidationCallback(validate)
 
     def make_trainer():
         return Trainer(model=model, args=args, data_collator=DataCollatorWithPadding(tokenizer),
                        train_dataset=train_data, processing_class=tokenizer, compute_loss_func=loss_function,
-                       callbacks=[validation.ValidationCallback(validate)])
+                       callbacks=[validation_callback])
+
+    def split_probabilities(split: str, step: int):
+        """The final model's probabilities on a split; valid's from the last epoch's validation when
+        it scored this model."""
+        final_validation = validation_callback.result_at(step) if split == "valid" else None
+        if final_validation is not None:
+            return final_validation["probabilities"]
+        return classifier.predict_proba(evaluation[split], p.eval_batch_size)
 
     def finish(trainer, out, result, resume, train_seconds):
         classifier.model = trainer.model.eval()
@@ -109,14 +119,15 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         run_.device = devices.describe(cfg.runtime, {"classifier": trainer.model}, "bf16" if trainer.args.bf16 else None)
         if cfg.model_selection:
             gold = [e[settings.label_key] for e in evaluation["valid"]]
+            probabilities = split_probabilities("valid", trainer.state.global_step)
             metrics["valid"] = {"model": classification_scores(
-                gold, classifier.predict(evaluation["valid"], p.eval_batch_size), settings.labels)}
+                gold, [settings.labels[i] for i in probabilities.argmax(axis=1)], settings.labels)}
             run_.metrics = metrics
             return
         baselines = baseline_predictions(cfg, settings, train_examples, evaluation)
         for split, examples in evaluation.items():
             gold = [e[settings.label_key] for e in examples]
-            probabilities = classifier.predict_proba(examples, p.eval_batch_size)
+            probabilities = split_probabilities(split, trainer.state.global_step)
             systems = {"model": [settings.labels[i] for i in probabilities.argmax(axis=1)], **baselines[split]}
             metrics[split] = {name: classification_scores(gold, predicted, settings.labels)
                               for name, predicted in systems.items()}

@@ -76,7 +76,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     def validate(m):
         return validation.teacher_forced_loss(m, valid_features, g.eval_batch_size, tokenizer.pad_token_id or 0)
 
-    callbacks = [validation.ValidationCallback(validate)]
+    validation_callback = validation.ValidationCallback(validate)
+    callbacks = [validation_callback]
     if tag_tokens and g.tag_lr_scale != 1:
         tag_rows = [tokenizer.convert_tokens_to_ids(tag_token(label)) for label in labels]
         callbacks.append(trainers.RowStepScaleCallback(tag_rows, g.tag_lr_scale))
@@ -116,7 +117,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
 
     def finish(trainer, out, result, resume, train_seconds):
         steps_this_session = trainer.state.global_step - (int(resume.rsplit("-", 1)[1]) if resume else 0)
-        final_valid = validate(model)
+        final_valid = validation_callback.result_at(trainer.state.global_step) or validate(model)
         final_train = validation.teacher_forced_loss(model, seeded_subset(train_features, g.train_eval_subset,
                                                                                  cfg.subset_seed),
                                                    g.eval_batch_size, tokenizer.pad_token_id or 0)

@@ -5,31 +5,61 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import DynamicCache, Trainer, TrainerCallback
 
 from mhsupport.modeling.formatting import IGNORE_INDEX
-from mhsupport.modeling.scoring import Scored, token_nll
+from mhsupport.modeling.scoring import Scored, can_share_prefix, token_nll
 
 
 class LabelledPositionsTrainer(Trainer):
     """A causal-LM Trainer whose LM head runs only where a label is scored. In a supporter reply
     after a long context most positions carry no label, and the head (vocabulary x width: a fifth
-    of SmolLM2-135M's compute) is the costliest part to run on them. Same loss as the model's own:
-    summed token cross-entropy over the shifted labels, divided by the labelled tokens."""
+    of SmolLM2-135M's compute) is the costliest part to run on them. The leading tokens every row
+    of a batch shares (a chat model's system prompt: a fifth of a cpu-profile example) are encoded
+    once and their keys and values given to every row; the rows' gradients flow back through that
+    one copy, so loss and gradients are the model's own. Same loss as the model's own: summed token
+    cross-entropy over the shifted labels, divided by the labelled tokens."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model is not self.model:  # wrapped (DDP, FSDP): only its own forward synchronises gradients
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"]
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        targets = inputs["labels"][:, 1:]
+        scored = targets != IGNORE_INDEX
+        shared = shared_batch_prefix(model, ids, attention, scored)
+        decoder = model.get_decoder()
         # the Trainer's bf16 autocast wraps only the model's own forward, which this loss bypasses
         with self.accelerator.autocast():
-            hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
-            targets = labels[:, 1:]
-            scored = targets != IGNORE_INDEX
+            if shared:
+                prefix = DynamicCache(config=model.config)
+                decoder(input_ids=ids[:1, :shared], cache=prefix, use_cache=True)
+                rows = len(ids)
+                cache = DynamicCache(ddp_cache_data=[(layer.keys.expand(rows, -1, -1, -1),
+                                                      layer.values.expand(rows, -1, -1, -1)) for layer in prefix.layers],
+                                     config=model.config)
+                # positions follow the cache: right padding leaves every row's tokens where they were
+                hidden = decoder(input_ids=ids[:, shared:], attention_mask=attention, cache=cache,
+                                 use_cache=True).last_hidden_state
+            else:
+                hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+            scored, targets = scored[:, shared:], targets[:, shared:]
             logits = model.get_output_embeddings()(hidden[:, :-1][scored])
         loss = F.cross_entropy(logits.float(), targets[scored], reduction="sum")
         loss = loss / (num_items_in_batch if num_items_in_batch is not None else scored.sum()).to(loss.device)
         return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def shared_batch_prefix(model, ids: torch.Tensor, attention: torch.Tensor, scored: torch.Tensor) -> int:
+    """How many leading tokens every row of a right-padded training batch shares, all real and none
+    of them predicting a label (`scored`: which positions predict one); 0 where sharing does not
+    apply: one row, a cache that is not plain keys and values, or gradient checkpointing (which
+    recomputes layers without a cache)."""
+    if len(ids) < 2 or not can_share_prefix(model) or getattr(model, "is_activation_checkpointing", False):
+        return 0
+    same = ((ids == ids[:1]) & (attention == 1)).all(dim=0)
+    length = int(same.int().cumprod(dim=0).sum())
+    first_scored = int(scored.int().argmax(dim=1).min())  # a row without labels gives 0: nothing shared
+    return min(length, first_scored)
 
 
 class TagContrastTrainer(LabelledPositionsTrainer):

@@ -37,16 +37,24 @@ class ValidationCallback(TrainerCallback):
     reporting callback sees it, and the trainer state keeps it, so a resumed run still has it."""
 
     def __init__(self, evaluate, prefix: str = "valid"):
-        self.evaluate = evaluate
+        self.evaluate = evaluate  # model -> dict; its numbers are logged, the whole dict kept (result_at)
         self.prefix = prefix
         self.trainer = None
+        self.latest: tuple[int, dict] | None = None  # (global step, result) of the last validation
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         if control.should_training_stop and state.global_step < state.max_steps:
             return control  # stopped inside the epoch (a preemption): the resumed run validates at its end
         result = self.evaluate(model)
-        self.trainer.log({f"{self.prefix}_{k}": v for k, v in result.items()})
+        self.latest = (state.global_step, result)
+        self.trainer.log({f"{self.prefix}_{k}": v for k, v in result.items()
+                          if isinstance(v, (int, float)) and not isinstance(v, bool)})
         return self.trainer.control
+
+    def result_at(self, step: int) -> dict | None:
+        """The last validation's result if it scored the model after `step` steps, else None: once
+        training ends, the final epoch's validation already scored the final model."""
+        return self.latest[1] if self.latest is not None and self.latest[0] == step else None
 
 
 def epoch_history(log_history: list[dict], prefix: str = "valid") -> list[dict]:
