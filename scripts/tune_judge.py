@@ -40,9 +40,11 @@ VARIANTS = {
              "prompts.user": "{conversation}\n\nReply A: {reply_a}\n\nReply B: {reply_b}\n\n{question} Answer with the "
                              "single letter A or B."},
     "likelihood": {"scoring.method": "reply_likelihood"},
-    # Pointwise mutual information: judged at each of NEUTRAL_WEIGHTS (0: the likelihood alone).
-    "pmi": {"scoring.method": "reply_likelihood", "prompts.context_turns": 4},
-    "pmi_2turns": {"scoring.method": "reply_likelihood", "prompts.context_turns": 2},
+    # Pointwise mutual information after the last 1, 2 or 4 turns: judged at each of NEUTRAL_WEIGHTS
+    # (0: the likelihood alone).
+    "pmi_1turn": {"scoring.method": "reply_likelihood", "prompts.reply_context_turns": 1},
+    "pmi_2turns": {"scoring.method": "reply_likelihood", "prompts.reply_context_turns": 2},
+    "pmi_4turns": {"scoring.method": "reply_likelihood", "prompts.reply_context_turns": 4},
     "criteria": {"prompts.system": (
         "You judge replies in emotional-support conversations. A better reply answers what the seeker has just "
         "said in this conversation, is a complete thought, and reads as coherent, well-ordered sentences; a reply "
