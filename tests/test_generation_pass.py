@@ -18,7 +18,7 @@ from mhsupport.errors import MhsError
 from mhsupport.evaluation.counterfactual import EMPTY, counterfactual_scores
 from mhsupport.evaluation.generations_io import read_generations
 from mhsupport.modeling import devices, loading, tag_likelihood
-from mhsupport.modeling.decoding import generate, generate_under_tags
+from mhsupport.modeling.decoding import generate, generate_under_tags, reply
 from mhsupport.modeling.formatting import ChatTemplateFormatter, EosJoinedFormatter, build_formatter
 from mhsupport.modeling.loading import train_bpe_tokenizer
 from mhsupport.settings.config import generation_config, generator_config, prepare_data_config
@@ -86,6 +86,51 @@ def test_every_tags_reply_equals_generating_under_that_tag_alone(tiny_lm, tag_fo
         np.testing.assert_allclose(from_pass / from_pass.sum(axis=1, keepdims=True), own, atol=1e-5)
     else:
         assert all(p["own"] is None for p in passed)
+
+
+def guided_by_brute_force(model, formatter, context, tags, j, scale, steps, max_new_tokens, eos_id):
+    """Greedy reply under tags[j], the first `steps` tokens guided: every tag's whole sequence (its
+    prompt, opening and the reply so far) run through the model from scratch at every step."""
+    labelled = [t for t in tags if t is not None]
+    sequences = {t: formatter.prompt_ids(context, t) + formatter.opening_ids(t) for t in tags}
+    reply = []
+    for step in range(max_new_tokens):
+        def log_p(tag):
+            return torch.log_softmax(model(torch.tensor([sequences[tag] + reply])).logits[0, -1].float(), dim=-1)
+        own = log_p(tags[j])
+        if step < steps and tags[j] is not None:
+            mean = torch.logsumexp(torch.stack([log_p(t) for t in labelled]), dim=0) - np.log(len(labelled))
+            own = own + scale * (own - mean)
+        reply.append(int(own.argmax()))
+        if reply[-1] == eos_id:
+            break
+    return reply
+
+
+@pytest.mark.parametrize("tag_format", ["words", "instruction"])
+@torch.no_grad()
+def test_guided_replies_equal_guidance_computed_from_scratch(tiny_lm, tag_format):
+    model, tokenizer = tiny_lm
+    formatter = ChatTemplateFormatter(tokenizer, 60, 20, LABELS, system_prompt="Be kind.", tag_format=tag_format,
+                                      words=WORDS)
+    tags = LABELS + ([] if formatter.model_writes_tag else [None])
+    contexts = CONTEXTS[:5]
+    plain = generate_under_tags(model, tokenizer, formatter, contexts, tags, batch_size=2, max_new_tokens=8,
+                                progress=False)
+    # scale 0 is no guidance at all
+    assert generate_under_tags(model, tokenizer, formatter, contexts, tags, batch_size=2, max_new_tokens=8,
+                               progress=False, guidance_scale=0.0, guidance_tokens=4) == plain
+    guided = generate_under_tags(model, tokenizer, formatter, contexts, tags, batch_size=2, max_new_tokens=8,
+                                 progress=False, guidance_scale=3.0, guidance_tokens=4)
+    changed = 0
+    for context, result, unguided in zip(contexts, guided, plain):
+        for j, tag in enumerate(tags):
+            expected = guided_by_brute_force(model, formatter, context, tags, j, 3.0, 4, 8, tokenizer.eos_token_id)
+            assert result["replies"][j] == reply(formatter, expected, tag)
+            changed += result["replies"][j] != unguided["replies"][j]
+            if tag is None:  # the reply without a tag is never guided
+                assert result["replies"][j] == unguided["replies"][j]
+    assert changed  # guidance changed some replies: the comparison is not of unguided decoding with itself
 
 
 def test_counterfactual_scores_count_the_forced_category_and_the_reference_ceiling():

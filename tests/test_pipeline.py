@@ -176,7 +176,8 @@ def run_identity(cfg) -> dict:
     ["seed=3", "data.max_context_turns=4", "generator.learning_rate=0.002"],
     ["classifier=cpu", "classifier_run.context_turns=2", "tag_set=strategy", "strategy_tag=true", "sampler=oracle"],
     ["generator=tiny", "dataset=unified", "strategy_tag=true", "sampler=classifier",
-     "llm.system_prompt='Be kind, brief: one line.'", "decoding.seeds=[0,1]", "test_subset=null"],
+     "llm.system_prompt='Be kind, brief: one line.'", "decoding.seeds=[0,1]", "test_subset=null",
+     "decoding.guidance_scale=2.5", "decoding.guidance_tokens=3"],
     ["strategy_tag=true", "runtime.bf16=false", "runtime.device=cpu"],  # precision is in run ids, the device not
 ])
 def test_every_hint_followed_literally_finds_the_same_run(make_cfg, tmp_path, extra):
@@ -198,6 +199,15 @@ def test_every_hint_followed_literally_finds_the_same_run(make_cfg, tmp_path, ex
         assert any(stage == s and run_identity(rebuilt) == run_identity(c) for s, c in needed), command
     stage, rebuilt = cli_config(pipeline.command("eval", cfg))
     assert stage == "eval" and run_identity(rebuilt) == run_identity(cfg)
+
+
+def test_guidance_switched_off_leaves_run_ids_as_before_it_existed(make_cfg):
+    off = artifacts.result_config(make_cfg("eval", "strategy_tag=true"))
+    assert not {"guidance_scale", "guidance_tokens"} & set(off["decoding"])
+    assert artifacts.result_config(make_cfg("eval", "strategy_tag=true", "decoding.guidance_tokens=4")) == off
+    on = artifacts.result_config(make_cfg("eval", "strategy_tag=true", "decoding.guidance_scale=2",
+                                          "decoding.guidance_tokens=4"))
+    assert on["decoding"] == {**off["decoding"], "guidance_scale": 2.0, "guidance_tokens": 4}
 
 
 def test_a_copied_artifacts_folder_is_still_up_to_date(own_artifacts, make_cfg, tmp_path):

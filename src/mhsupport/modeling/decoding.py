@@ -86,11 +86,14 @@ def generate(model, tokenizer, formatter, contexts: list[list[dict]], forced_tag
 def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]], tags: list[str | None],
                         batch_size: int = 16, max_new_tokens: int = 40, do_sample: bool = False, top_p: float = 0.9,
                         temperature: float = 0.7, seed: int = 0, progress: bool = True, batches=None,
-                        name: str = "generate under tags", references: list[list[int]] | None = None) -> list[dict]:
+                        name: str = "generate under tags", references: list[list[int]] | None = None,
+                        guidance_scale: float = 0.0, guidance_tokens: int = 0) -> list[dict]:
     """For each context, one reply under each of `tags` (None: no tag), decoded from one encoding of
     the context: {"replies": [{"tag", "response", "tokens"} per tag], "own": log P(tag's opening |
-    prompt) per tag, or None where the tag does not open the reply}. Each reply equals what `generate`
-    gives for that context and tag (same seed), so a tag sampler is a choice among them.
+    prompt) per tag, or None where the tag does not open the reply}. Without guidance each reply
+    equals what `generate` gives for that context and tag (same seed), so a tag sampler is a choice
+    among them. With `guidance_scale` > 0 the first `guidance_tokens` tokens of the replies under the
+    tags (not None) are guided towards their own tag and away from the others (`Guidance`).
     With `references` (per context, the reference reply's scored tokens: formatter.response_ids), each
     result also holds "reference_nll", the summed NLL of those tokens after the prompt and opening of
     each tag (what tag_likelihood.reference_nll gives), read from the same cache before decoding, and
@@ -153,8 +156,16 @@ def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]],
             reference_sums = continuation_nll(model, cache, first_logits, attention, positions[:, -1:],
                                               [references[i] for i in batch for _ in tags], pad)
         seeds = [row_seed(seed, contexts[i], tag) for i in batch for tag in tags] if do_sample else None
-        new_tokens = decode_from(model, cache, first_logits, attention, positions[:, -1:], max_new_tokens,
-                                 tokenizer.eos_token_id, warpers, seeds)
+        last_positions = positions[:, -1:]
+        guidance = None
+        if guidance_scale > 0 and guidance_tokens > 0 and sum(tag is not None for tag in tags) > 1:
+            guidance = tag_guidance(guidance_scale, guidance_tokens, tags, len(batch))
+            extra = torch.tensor(guidance.sources, device=model.device)
+            cache.batch_select_indices(torch.cat([torch.arange(len(first_logits), device=model.device), extra]))
+            first_logits, attention = torch.cat([first_logits, first_logits[extra]]), torch.cat([attention, attention[extra]])
+            last_positions = torch.cat([last_positions, last_positions[extra]])
+        new_tokens = decode_from(model, cache, first_logits, attention, last_positions, max_new_tokens,
+                                 tokenizer.eos_token_id, warpers, seeds, guidance=guidance)
         for b, i in enumerate(batch):
             results[i] = {"replies": [reply(formatter, new_tokens[b * k + j], tag) for j, tag in enumerate(tags)],
                           "own": None if own is None else own[b * k:(b + 1) * k]}
@@ -164,6 +175,23 @@ def generate_under_tags(model, tokenizer, formatter, contexts: list[list[dict]],
         if batches is not None:
             batches.put(key, [results[i] for i in batch])
     return results
+
+
+def tag_guidance(scale: float, steps: int, tags: list[str | None], contexts: int) -> Guidance:
+    """The guidance of a batch of `contexts` x len(tags) reply rows (row b * k + j: context b, tag j):
+    each row under a tag is read under every other tag by an extra row copied from that tag's row."""
+    k = len(tags)
+    labelled = [j for j, tag in enumerate(tags) if tag is not None]
+    members: list[list[int] | None] = [None] * (contexts * k)
+    sources: list[int] = []
+    for b in range(contexts):
+        for j in labelled:
+            members[b * k + j] = [b * k + j]
+            for other in labelled:
+                if other != j:
+                    members[b * k + j].append(contexts * k + len(sources))
+                    sources.append(b * k + other)
+    return Guidance(scale, steps, members, sources)
 
 
 def tag_prompts(formatter, context: list[dict], tags: list[str | None]) -> list[list[int]]:
@@ -272,42 +300,94 @@ def prefill(model, input_ids: torch.Tensor, attention: torch.Tensor,
     return cache, logits, attention, positions[:, -1:]
 
 
+class Guidance:
+    """Strategy guidance for the first `steps` tokens of replies decoded under several tags of one
+    context: a reply's next-token log-probabilities under its own tag t are pushed away from their
+    mean over all the context's tags, `log p_t + scale * (log p_t - log mean_s p_s)`, given the same
+    reply so far. The second term is log p(t | reply so far) - log(1/K): how much a token says "t"
+    rather than any strategy (classifier-free guidance with the other strategies as the negative,
+    after GeDi's Bayes rule over class-conditional LMs). Reading a reply under another tag takes a
+    cache row of that tag's prompt fed the reply's tokens: `members[r]` lists, for reply row r, the
+    cache rows of its tags (its own first; None: the row is decoded unguided), where rows past the
+    replies' are those extra rows, copied from `sources` (cache rows of the other tags' prompts)."""
+
+    def __init__(self, scale: float, steps: int, members: list[list[int] | None], sources: list[int]):
+        self.scale, self.steps, self.sources = scale, steps, sources
+        guided = [r for r, m in enumerate(members) if m is not None]
+        self.rows = len(members)
+        self.guided = torch.tensor(guided, dtype=torch.long)
+        self.groups = torch.tensor([members[r] for r in guided], dtype=torch.long)
+        # the reply row each extra row follows
+        owner = [0] * len(sources)
+        for r in guided:
+            for extra in members[r][1:]:
+                owner[extra - self.rows] = r
+        self.owner = torch.tensor(owner, dtype=torch.long)
+
+    def combine(self, logits: torch.Tensor) -> torch.Tensor:
+        """(reply rows, vocab) next-token scores: guided rows' from all the cache rows' `logits`."""
+        out = logits[:self.rows].clone()
+        if len(self.guided):
+            log_p = torch.log_softmax(logits, dim=-1)
+            own = log_p[self.guided.to(logits.device)]
+            groups = self.groups.to(logits.device)
+            mean = torch.logsumexp(log_p[groups], dim=1) - torch.log(torch.tensor(float(groups.shape[1])))
+            out[self.guided.to(logits.device)] = own + self.scale * (own - mean)
+        return out
+
+
 def decode_from(model, cache, logits: torch.Tensor, attention: torch.Tensor, last_positions: torch.Tensor,
                 max_new_tokens: int, eos_id: int, warpers: LogitsProcessorList | None = None,
-                seeds: list[int] | None = None, input_ids: torch.Tensor | None = None) -> list[list[int]]:
+                seeds: list[int] | None = None, input_ids: torch.Tensor | None = None,
+                guidance: Guidance | None = None) -> list[list[int]]:
     """Decoding from a filled cache: `logits` (rows, vocab) are each row's next-token logits after its
     prompt, `attention` the mask of what the cache holds and `last_positions` (rows, 1) the position of
     each row's last token. `input_ids` (what the warpers see as the prompt) only matters to warpers
-    that read it; temperature and top-p do not."""
-    rows = len(logits)
+    that read it; temperature and top-p do not. With `guidance`, the cache holds its extra rows after
+    the replies' rows (the arguments' rows are all of them); they are read for the guided steps and
+    then dropped, and until then no row leaves the batch."""
+    rows = len(logits) if guidance is None else guidance.rows
     new_tokens: list[list[int]] = [[] for _ in range(rows)]
     live = torch.arange(rows, device=logits.device)  # batch row of each live row
     generators = ([torch.Generator(device=logits.device).manual_seed(s) for s in seeds]
                   if warpers is not None and seeds is not None else None)
     tokens = input_ids if input_ids is not None else torch.zeros((rows, 1), dtype=torch.long, device=logits.device)
     positions = last_positions
+    guided_steps = guidance.steps if guidance is not None else 0
+    finished = torch.zeros(rows, dtype=torch.bool, device=logits.device)  # rows ended inside the guided steps
     for step in range(max_new_tokens):
+        guided = step < guided_steps
+        scores = guidance.combine(logits) if guided else logits
         if warpers is None:
-            chosen = logits.argmax(dim=-1)
+            chosen = scores.argmax(dim=-1)
         else:
-            probabilities = torch.softmax(warpers(tokens, logits), dim=-1)
+            probabilities = torch.softmax(warpers(tokens, scores), dim=-1)
             if generators is None:
                 chosen = torch.multinomial(probabilities, num_samples=1).squeeze(1)
             else:
                 chosen = torch.cat([torch.multinomial(probabilities[r], 1, generator=generators[row])
                                     for r, row in enumerate(live.tolist())])
+        ended = finished.tolist() if guided else None
         for row, token in zip(live.tolist(), chosen.tolist()):
-            new_tokens[row].append(token)
+            if ended is None or not ended[row]:
+                new_tokens[row].append(token)
         going = chosen != eos_id
+        if guided:
+            finished |= ~going
+            going = ~finished
         if step == max_new_tokens - 1 or not going.any():
             break
-        if not going.all():  # finished rows leave the batch, and their cache rows with them
+        feed = chosen
+        if guided and step < guided_steps - 1:  # every row stays; an extra row reads its reply's token
+            feed = torch.cat([chosen, chosen[guidance.owner.to(chosen.device)]])
+        elif guided or not going.all():  # the extra rows and finished rows leave the batch, with their cache rows
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             live, attention, positions, chosen = live[keep], attention[keep], positions[keep], chosen[keep]
-        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+            feed = chosen
+        attention = torch.cat([attention, attention.new_ones((len(attention), 1))], dim=1)
         positions = positions + 1
         tokens = chosen[:, None]
-        logits = model(input_ids=tokens, attention_mask=attention, position_ids=positions, cache=cache,
+        logits = model(input_ids=feed[:, None], attention_mask=attention, position_ids=positions, cache=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
     return new_tokens

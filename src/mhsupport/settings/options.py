@@ -145,7 +145,7 @@ RULES = {
     "runtime.judge.max_retries": _int(0),
     "decoding.do_sample": _bool, "decoding.seeds": _distinct_ints, "decoding.top_p": _number(0, False, 1.0),
     "decoding.temperature": _number(0, inclusive=False), "decoding.max_new_tokens": _int(1),
-    "decoding.batch_size": _int(1),
+    "decoding.batch_size": _int(1), "decoding.guidance_scale": _number(0), "decoding.guidance_tokens": _int(0),
     "bootstrap.resamples": _int(1), "bootstrap.seed": _int(0),
     **{f"tfidf_baseline_by_task.{mode}.{tag_set}.{key}": rule for mode in MODES for tag_set in TAG_SETS
        for key, rule in (("ngram_max", _int(1)), ("context_turns", _int(1)), ("max_iter", _int(1)),

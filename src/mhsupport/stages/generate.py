@@ -85,7 +85,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                                                max_new_tokens=d.max_new_tokens, do_sample=d.do_sample, top_p=d.top_p,
                                                temperature=d.temperature, seed=seed, progress=cfg.runtime.progress,
                                                batches=batches, name=f"generate-seed{seed}",
-                                               references=references if n == 0 else None)
+                                               references=references if n == 0 else None,
+                                               guidance_scale=d.guidance_scale, guidance_tokens=d.guidance_tokens)
     loaded = {"generator": model}
     recogniser = classifier_api.load(inputs["recogniser"].path, cfg.runtime) if "recogniser" in inputs else None
     label_key = Taxonomy.label_key(cfg.tag_set)
