@@ -4,10 +4,15 @@ with the same budget) through the real `mhs train dialogpt` stage, then measure 
 tag use by likelihood (discrimination, gold-tag vs untagged NLL, paired) and, with --adherence N,
 oracle adherence: replies generated under the gold tag for N of those examples, judged by the
 cpu recogniser, beside the recogniser's accuracy on the human references of the same examples.
-Appends one JSON line per recipe to --out, with the CPU's flags and the dtype.
+With --steering N, replies under every category for N examples (one generation pass, as
+`mhs generate` decodes them), judged by the recogniser: the counterfactual tag following, each
+category's rate and oracle adherence, once per guided-decoding setting of --guidance.
+Appends one JSON line per recipe (and guidance setting) to --out, with the CPU's flags and the dtype.
 
     python scripts/ablate_generator.py --out ablation.jsonl --name "words, lr 1e-3" --untagged \
         --adherence 200 -- --profile cpu generator.tag_format=words generator.tag_lr_scale=1
+    python scripts/ablate_generator.py --out steering.jsonl --name "esconv, words" --steering 200 \
+        --guidance 0:0,2:4,4:4 -- --profile cpu
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from mhsupport.cli import build_parser, flag_overrides
 from mhsupport.settings.config import classifier_config, load_config, prepare_data_config
 from mhsupport.data.examples_io import read_examples
 from mhsupport.modeling.formatting import FormatterSettings
-from mhsupport.modeling.decoding import generate
+from mhsupport.modeling.decoding import generate, generate_under_tags
+from mhsupport.evaluation.counterfactual import counterfactual_scores
+from mhsupport.evaluation.statistics import wilson_interval
 from mhsupport.evaluation.generation_metrics import GenerationScores
 from mhsupport.evaluation.tag_use import paired_nll_test, tag_use_scores
 from mhsupport.modeling.tag_likelihood import reference_nll
@@ -70,6 +77,46 @@ def adherence(model, tokenizer, formatter, examples, recogniser, batch_size):
             "samples": [{"gold": g, "reply": r} for g, r in zip(gold[:8], replies[:8])]}
 
 
+def steering(model, tokenizer, formatter, examples, recogniser, batch_size, scale, tokens):
+    """Replies under every category (guided by `scale` over the first `tokens` tokens), read by the
+    recogniser: tag following (the counterfactual test), per category, and oracle adherence."""
+    labels = formatter.labels
+    started = time.perf_counter()
+    passed = generate_under_tags(model, tokenizer, formatter, [e["context"] for e in examples], labels,
+                                 batch_size=batch_size, max_new_tokens=ORACLE_TOKENS, progress=False,
+                                 guidance_scale=scale, guidance_tokens=tokens)
+    seconds = time.perf_counter() - started
+    outputs = [r for p in passed for r in p["replies"]]
+    replies = [o["response"] for o in outputs]
+    read = iter(recogniser.predict([r for r in replies if r]) if any(replies) else [])
+    recognised = [next(read) if r else None for r in replies]
+    k = len(labels)
+    gold = [e["category"] for e in examples]
+    human = recogniser.predict([e["response"] for e in examples])
+    scores = counterfactual_scores([labels] * len(examples), [recognised[i * k:(i + 1) * k] for i in range(len(examples))],
+                                   labels, [h == g for h, g in zip(human, gold)], 1000, 0)
+    oracle = [recognised[i * k + labels.index(g)] == g for i, g in enumerate(gold)]
+    low, high = wilson_interval(sum(oracle), len(oracle))
+    return {"guidance_scale": scale, "guidance_tokens": tokens,
+            "tag_following": scores["tag_following"], "per_category": scores["per_category"],
+            "recogniser_on_references": scores["recogniser_on_references"],
+            "oracle_adherence": {"value": float(np.mean(oracle)), "low": low, "high": high},
+            "distinct_2": GenerationScores(replies, [e["response"] for e in examples for _ in labels],
+                                           protocols=["default"]).scores(names=["distinct_2"])["distinct_2"],
+            "at_token_limit": float(np.mean([o["tokens"] >= ORACLE_TOKENS for o in outputs])),
+            "mean_words": float(np.mean([len(r.split()) for r in replies])),
+            "empty_replies": sum(not r for r in replies), "examples": len(examples), "generate_seconds": round(seconds, 1),
+            "samples": [{"forced": labels[j], "reply": replies[j]} for j in range(k)]
+                       + [{"forced": labels[j], "reply": replies[k + j]} for j in range(k)]}
+
+
+def guidance_settings(text: str) -> list[tuple[float, int]]:
+    try:
+        return [(float(scale), int(tokens)) for scale, tokens in (item.split(":") for item in text.split(","))]
+    except ValueError:
+        raise SystemExit(f"--guidance {text!r}: expected SCALE:TOKENS[,SCALE:TOKENS...], e.g. 0:0,2:4")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -78,6 +125,10 @@ def main() -> None:
     parser.add_argument("--untagged", action="store_true", help="also train and score the untagged model")
     parser.add_argument("--adherence", type=int, default=0, metavar="N",
                         help="also generate under the gold tag for the first N scored examples and judge them")
+    parser.add_argument("--steering", type=int, default=0, metavar="N",
+                        help="also generate under every category for the first N scored examples and judge them")
+    parser.add_argument("--guidance", type=guidance_settings, default=[(0.0, 0)], metavar="SCALE:TOKENS,...",
+                        help="guided-decoding settings of --steering, one row each (default 0:0, unguided)")
     parser.add_argument("--fresh", action="store_true",
                         help="retrain the tagged model even when its run exists (to time it on a quiet machine)")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `mhs train dialogpt` flags/overrides")
@@ -107,17 +158,27 @@ def main() -> None:
         nll_by_variant[name] = nll[range(len(examples)), [formatter.labels.index(e["category"]) for e in examples]] \
             if formatter.labels else nll[:, 0]
         row["tokens"] = int(tokens.sum())
-        if tagged and args.adherence:
+        if tagged and (args.adherence or args.steering):
             # the recogniser of the profile: training-only settings are no eval keys
             eval_cfg = load_config("eval", flag_overrides(parsed) + [o for o in parsed.overrides
                                                                      if not o.startswith(("generator.", "runtime."))])
             recogniser_run = pipeline.run("train_classifier", classifier_config(eval_cfg, "response")).run
             recogniser = classifier.load(recogniser_run.path, cfg.runtime)
-            row["adherence"] = adherence(model, tokenizer, formatter, examples[:args.adherence], recogniser, 64)
+            if args.adherence:
+                row["adherence"] = adherence(model, tokenizer, formatter, examples[:args.adherence], recogniser, 64)
+            if args.steering:
+                steered = [steering(model, tokenizer, formatter, examples[:args.steering], recogniser, 16, scale, steps)
+                           for scale, steps in args.guidance]
     if args.untagged:
         row["gold_minus_untagged"] = paired_nll_test(nll_by_variant["tagged"], nll_by_variant["untagged"], tokens, 1000, 0)
+    rows = [row]
+    if args.steering:
+        rows = [{**row, "recipe": args.name + (f", guided {scale:g} x {steps} tokens" if scale > 0 else ""),
+                 "steering": result} for (scale, steps), result in zip(args.guidance, steered)]
     with open(args.out, "a") as out:
-        out.write(json.dumps(row) + "\n")
+        out.write("".join(json.dumps(r) + "\n" for r in rows))
+    for r in rows[1:] if args.steering else []:
+        print(f"{r['recipe']}: tag following {r['steering']['tag_following']['value']:.1f}")
     t = row["tagged"]["metrics"]
     print(f"{args.name}: discrimination {t['tag_discrimination']['value']:.3f} "
           f"(most chosen {t['most_chosen_share']['value']:.2f}), gold-tag PPL {t['ppl_gold_tag']['value']:.2f}, "
@@ -126,7 +187,8 @@ def main() -> None:
              f"{row['gold_minus_untagged']['value']:+.4f} nats/token p={row['gold_minus_untagged']['p']:.3f}"
              if args.untagged else "")
           + (f"; oracle adherence {row['adherence']['oracle_adherence']:.3f} (recogniser on references "
-             f"{row['adherence']['recogniser_on_references']:.3f})" if "adherence" in row else ""))
+             f"{row['adherence']['recogniser_on_references']:.3f})" if "adherence" in row else "")
+          + (f"; tag following {rows[0]['steering']['tag_following']['value']:.1f}" if args.steering else ""))
 
 
 if __name__ == "__main__":

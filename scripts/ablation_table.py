@@ -20,7 +20,33 @@ def machine(row: dict) -> str:
     return f"{cpu['name']} ({flags}), {row['torch_threads']} threads, {row['tagged'].get('dtype', '?')}"
 
 
+def steering_table(rows: list[dict]) -> str:
+    """Rows with a steering measurement (replies under every category): tag following, each
+    category's rate, oracle adherence, with the likelihood discrimination of the same model."""
+    labels = list(rows[0]["steering"]["per_category"])
+    lines = ["| recipe | tag discrimination % [95% CI] | gold-tag PPL | tag following % [95% CI] | "
+             + " / ".join(labels) + " % | oracle adherence % [95% CI] | recogniser on the references % "
+             "| Distinct-2 | replies at the 40-token limit % | generation s | training s |",
+             "| --- | --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for row in rows:
+        steered = row["steering"]
+        following = steered["tag_following"]
+        lines.append(" | ".join([
+            f"| {row['recipe']}", cell_interval(row["tagged"]["metrics"]["tag_discrimination"]),
+            f"{row['tagged']['metrics']['ppl_gold_tag']['value']:.2f}", f"{following['value']:.1f} [{following['low']:.1f}, {following['high']:.1f}]",
+            " / ".join(f"{steered['per_category'][label]['rate']:.0f}" for label in labels),
+            cell_interval(steered["oracle_adherence"]), f"{steered['recogniser_on_references']['value']:.1f}",
+            f"{steered['distinct_2']:.1f}", f"{100 * steered['at_token_limit']:.1f}", f"{steered['generate_seconds']:.0f}",
+            f"{row['tagged']['train_seconds']:.0f}"]) + " |")
+    machines = sorted({machine(row) for row in rows})
+    return ("\n".join(lines) + "\n\nMeasured on: " + "; ".join(machines) + ". Tag discrimination on "
+            f"{', '.join(map(str, sorted({row['valid_examples'] for row in rows})))} ESConv valid examples; replies "
+            f"under every category for the first {', '.join(map(str, sorted({row['steering']['examples'] for row in rows})))}.")
+
+
 def table(rows: list[dict]) -> str:
+    if all("steering" in row for row in rows):
+        return steering_table(rows)
     # the oracle replies' loops, where the rows measured them
     loops = any("at_token_limit" in row.get("adherence", {}) for row in rows)
     lines = ["| recipe | tag discrimination % [95% CI] | most-chosen tag share | gold-tag PPL | untagged PPL "
