@@ -202,9 +202,11 @@ def test_every_hint_followed_literally_finds_the_same_run(make_cfg, tmp_path, ex
 
 
 def test_guidance_switched_off_leaves_run_ids_as_before_it_existed(make_cfg):
-    off = artifacts.result_config(make_cfg("eval", "strategy_tag=true"))
+    off = artifacts.result_config(make_cfg("eval", "strategy_tag=true", "decoding.guidance_scale=0",
+                                           "decoding.guidance_tokens=0"))
     assert not {"guidance_scale", "guidance_tokens"} & set(off["decoding"])
-    assert artifacts.result_config(make_cfg("eval", "strategy_tag=true", "decoding.guidance_tokens=4")) == off
+    assert artifacts.result_config(make_cfg("eval", "strategy_tag=true", "decoding.guidance_scale=0",
+                                            "decoding.guidance_tokens=4")) == off
     on = artifacts.result_config(make_cfg("eval", "strategy_tag=true", "decoding.guidance_scale=2",
                                           "decoding.guidance_tokens=4"))
     assert on["decoding"] == {**off["decoding"], "guidance_scale": 2.0, "guidance_tokens": 4}
