@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import zlib
 
 import torch
@@ -328,11 +329,11 @@ class Guidance:
         """(reply rows, vocab) next-token scores: guided rows' from all the cache rows' `logits`."""
         out = logits[:self.rows].clone()
         if len(self.guided):
+            guided, groups = self.guided.to(logits.device), self.groups.to(logits.device)
             log_p = torch.log_softmax(logits, dim=-1)
-            own = log_p[self.guided.to(logits.device)]
-            groups = self.groups.to(logits.device)
-            mean = torch.logsumexp(log_p[groups], dim=1) - torch.log(torch.tensor(float(groups.shape[1])))
-            out[self.guided.to(logits.device)] = own + self.scale * (own - mean)
+            own = log_p[guided]
+            mean = torch.logsumexp(log_p[groups], dim=1) - math.log(groups.shape[1])
+            out[guided] = own + self.scale * (own - mean)
         return out
 
 
