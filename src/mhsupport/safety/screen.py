@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.linear_model import LogisticRegression
 
 from mhsupport.errors import MhsError, RawDataError
@@ -53,6 +53,7 @@ RISK_WORDS = re.compile(r"suicid|kill|end (it|my life|things)|\bdie\b|dying|dead
                         r"bridge|rope|gun|knife|blade|jump|weapon", re.I)
 SPEAKERS = {"seeker": "seeker", "replies": "supporter"}  # which ESConv turns each scorer learns as everyday
 RISK_IGNORANCE = "risk ignorance"
+SCORE_MEMO = 200_000  # texts whose class probabilities a screen keeps (a few floats each)
 
 CRISIS_REPLY = (
     "I'm really sorry you're feeling this way, and I'm glad you told me. You deserve support from a "
@@ -121,6 +122,12 @@ def everyday_turns(raw_dir: str | Path, speaker: str, count: int, seed: int) -> 
     return random.Random(seed).sample(sorted(turns), min(count, len(turns)))
 
 
+def exemplar_files() -> dict[str, Path]:
+    """The exemplar files the scorers learn, by name: a run whose results they decide counts them
+    among its inputs, so editing them makes its results out of date."""
+    return {f"safety_exemplars_{name}": EXEMPLARS / f"{name}.jsonl" for name in ("seeker", "replies")}
+
+
 def training_rows(name: str, settings: DictConfig, raw_dir: str | Path) -> tuple[list[str], list[str]]:
     """(texts, labels) a scorer learns: the exemplars of exemplars/<name>.jsonl, then the everyday
     ESConv turns (safety.everyday_seeker or safety.everyday_replies of them)."""
@@ -134,9 +141,9 @@ def fit_scorer(embeddings: np.ndarray, labels: Sequence[str], c: float) -> Logis
     return LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(embeddings, labels)
 
 
-def risk_probability(scorer: LogisticRegression, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """P(any class but ordinary and acknowledgement) per row, and each row's likeliest such class."""
-    probabilities = scorer.predict_proba(embeddings)
+def risk_probability(scorer: LogisticRegression, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P(any class but ordinary and acknowledgement) per row of the scorer's class probabilities, and
+    each row's likeliest such class."""
     harmful = np.array([label not in HARMLESS for label in scorer.classes_])
     risk = probabilities[:, harmful]
     return risk.sum(1), scorer.classes_[harmful][risk.argmax(1)]
@@ -153,18 +160,23 @@ class SafetyScreen:
         if embed is not None:
             for name in ("seeker", "replies"):
                 self.scorers[name] = fit_scorer(*training[name], settings.logistic_c)
+        self._scored: dict[str, dict[str, np.ndarray]] = {"seeker": {}, "replies": {}}
 
     @property
     def patterns_only(self) -> bool:
         return self.embed is None
 
-    def _features(self, texts: list[str]) -> np.ndarray:
-        """Each distinct text encoded once: an eval's systems answer the same contexts, and many
-        replies repeat."""
-        distinct = list(dict.fromkeys(texts))
-        features = self.embed(distinct)
-        row = {text: i for i, text in enumerate(distinct)}
-        return features[[row[text] for text in texts]]
+    def _probabilities(self, name: str, texts: list[str]) -> np.ndarray:
+        """The scorer `name`'s class probabilities of each text, each distinct text encoded once per
+        screen: an eval's systems answer the same contexts, many replies repeat, and a tagged
+        generator's samplers pick from the same replies."""
+        known = self._scored[name]
+        new = [text for text in dict.fromkeys(texts) if text not in known]
+        if new:
+            if len(known) + len(new) > SCORE_MEMO:
+                known.clear()
+            known.update(zip(new, self.scorers[name].predict_proba(self.embed(new))))
+        return np.array([known[text] for text in texts]).reshape(len(texts), len(self.scorers[name].classes_))
 
     def seeker(self, conversations: Sequence[Sequence[str]]) -> list[Result]:
         """One result per conversation: its last seeker message, read with the seeker's earlier
@@ -177,10 +189,11 @@ class SafetyScreen:
             return results
         windows, owners = [], []
         for index, turns in enumerate(conversations):
-            for size in range(1, min(len(turns), self.settings.seeker_turns) + 1):
+            widest = min(len(turns), self.settings.seeker_turns)
+            for size in (range(1, widest + 1) if self.settings.middle_windows else sorted({1, widest})):
                 windows.append(" ".join(" ".join(turn.split()) for turn in turns[-size:]))
                 owners.append((index, size))
-        scores, classes = risk_probability(self.scorers["seeker"], self._features(windows))
+        scores, classes = risk_probability(self.scorers["seeker"], self._probabilities("seeker", windows))
         best: dict[int, tuple[float, str, int]] = {}
         for (index, size), score, label in zip(owners, scores, classes):
             if index not in best or score > best[index][0]:
@@ -205,10 +218,9 @@ class SafetyScreen:
                    for reply in replies]
         acknowledgement = None
         if not self.patterns_only:
-            embeddings = self._features(list(replies))
-            scores, classes = risk_probability(self.scorers["replies"], embeddings)
-            acknowledgement = self.scorers["replies"].predict_proba(embeddings)[
-                :, list(self.scorers["replies"].classes_).index(ACKNOWLEDGES)]
+            probabilities = self._probabilities("replies", list(replies))
+            scores, classes = risk_probability(self.scorers["replies"], probabilities)
+            acknowledgement = probabilities[:, list(self.scorers["replies"].classes_).index(ACKNOWLEDGES)]
             for result, score, label in zip(results, scores, classes):
                 result.score = round(float(score), 4)
                 if score >= self.settings.reply_threshold:
@@ -233,6 +245,14 @@ def encoder_folder(settings: DictConfig) -> Path:
     return Path(settings.encoder).expanduser()
 
 
+def require_weights(settings: DictConfig, otherwise: str = "") -> None:
+    """Fail closed: stop with one line when the encoder's weights are missing (the pattern layer
+    alone needs none). `otherwise` names a way on without them, e.g. " (or screen_replies=false)"."""
+    folder = encoder_folder(settings)
+    if not settings.patterns_only and not (folder / "config.json").is_file():
+        raise MhsError(f"the safety screen's weights are missing ({folder}): run `mhs models fetch`{otherwise}")
+
+
 def encoder_bf16(settings: DictConfig) -> bool:
     """safety.bf16: auto (bf16 on a CPU with bf16 instructions), true or false."""
     from mhsupport.modeling.devices import cpu_supports_bf16
@@ -248,9 +268,8 @@ def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
     encoder's weights it refuses, unless safety.patterns_only=true asks for the pattern layer alone."""
     if settings.patterns_only:
         return SafetyScreen(settings, None, None)
+    require_weights(settings)
     folder = encoder_folder(settings)
-    if not (folder / "config.json").is_file():
-        raise MhsError(f"the safety screen's weights are missing ({folder}): run `mhs models fetch`")
     from mhsupport.safety.encoder import SentenceEncoder
 
     encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size, encoder_bf16(settings))
@@ -289,6 +308,19 @@ def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) ->
     except OSError as err:  # an unwritable cache costs the next start time, nothing else
         log.warning("safety screen: cannot cache exemplar embeddings in %s (%s)", path.parent, err.strerror)
     return embeddings
+
+
+def load_shared(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
+    """load(), once per process for the same settings and paths: the evals of one `mhs reproduce`
+    share one screen, its start and the scores of the replies and contexts they have in common."""
+    return _shared(json.dumps([OmegaConf.to_container(settings, resolve=True), str(paths.raw_dir),
+                               str(paths.models_dir)], sort_keys=True))
+
+
+@functools.lru_cache(maxsize=2)
+def _shared(key: str) -> SafetyScreen:
+    settings, raw_dir, models_dir = json.loads(key)
+    return load(OmegaConf.create(settings), OmegaConf.create({"raw_dir": raw_dir, "models_dir": models_dir}))
 
 
 @functools.lru_cache(maxsize=4)
