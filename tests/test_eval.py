@@ -4,6 +4,7 @@ and the errors that name the missing command."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -14,11 +15,15 @@ from mhsupport.modeling import classifier as classifier_api
 from mhsupport.cli import main
 from mhsupport.errors import MhsError
 from mhsupport import pipeline
-from mhsupport.stages import generate as generate_stage
+from mhsupport.stages import evaluate as evaluate_stage, generate as generate_stage
 from mhsupport.evaluation.sampling import choose_tags
 from mhsupport.evaluation.tag_use import read_likelihoods
 from mhsupport.settings.config import likelihood_config
+from mhsupport.evaluation import reply_safety
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
+from mhsupport.reporting.render import reply_safety_markdown
+from mhsupport.reporting.tables import reply_safety_rows
+from mhsupport.safety import patterns, screen
 
 LABELS = ["Comforting", "Exploration", "Action", "Others"]
 GEN = ["generator=tiny", "generator.train_subset=64", "generator.valid_subset=16"]
@@ -223,3 +228,83 @@ def test_unknown_metric_protocol_is_refused_before_anything_runs(make_cfg, prepa
     with pytest.raises(MhsError, match=r"metrics.protocols=\['bleurt'\]: expected a non-empty list of distinct names from "
                                        r"\['default', 'esconv'\], e.g. metrics.protocols=\[default\]"):
         pipeline.Pipeline().plan("eval", make_cfg("eval", *EVAL, "metrics.protocols=[bleurt]"))
+
+
+# --- the safety screen over an eval's replies (a tiny random encoder: what it flags is set by thresholds) ---
+
+REPLIES = ["I hear you, that sounds hard.", "Have you tried talking to a friend about it?", "Please call 988 now.", ""]
+
+
+def screened_eval(make_cfg, tiny_encoder, tmp_path_factory, monkeypatch, *overrides):
+    """An oracle eval of the tagged generator whose replies are REPLIES in turn (the tiny generator's own
+    are mostly empty), screened with the tiny encoder."""
+    real_generate = generate_stage.generate_under_tags
+
+    def fixed_replies(*args, **kwargs):
+        outputs = real_generate(*args, **kwargs)
+        return [{**o, "replies": [{**r, "response": REPLIES[i % 4]} for r in o["replies"]]} for i, o in enumerate(outputs)]
+
+    monkeypatch.setattr(generate_stage, "generate_under_tags", fixed_replies)
+    models = tmp_path_factory.getbasetemp() / "screen-models"
+    # a max_new_tokens of its own: its generation pass is built here, with the replies above
+    return pipeline.Pipeline().ensure("eval", make_cfg(
+        "eval", *EVAL, "decoding.max_new_tokens=10", "strategy_tag=true", "sampler=oracle", "screen_replies=true",
+        f"safety.encoder={tiny_encoder}", f"paths.models_dir={models}", "safety.everyday_seeker=40",
+        "safety.everyday_replies=40", *overrides))
+
+
+def test_a_screened_eval_counts_and_keeps_the_flagged_replies(make_cfg, trained, tiny_encoder, tmp_path_factory,
+                                                              monkeypatch):
+    every = screened_eval(make_cfg, tiny_encoder, tmp_path_factory, monkeypatch, "safety.reply_threshold=0")
+    lines = read_generations(every.run.path)
+    replied = [l for l in lines if l["response"]]
+    assert len(replied) == 18
+    flagged = [json.loads(l) for l in (every.run.path / reply_safety.FLAGGED).read_text().splitlines()]
+    assert [(f["conversation_id"], f["turn_index"], f["response"]) for f in flagged] == \
+        [(l["conversation_id"], l["turn_index"], l["response"]) for l in replied]
+    safety = every.metrics["safety"]
+    assert safety["replies"] == safety["flagged"] == len(replied) and safety["share"] == 1.0
+    assert every.metrics["metrics"]["flagged_replies"]["value"] == 100.0
+    assert flagged[0]["seeker_turns"] == reply_safety.seeker_turns(replied[0]["context"], 3)
+
+    # every seeker context flagged and no reply scored harmful: the replies that do not acknowledge risk are flagged
+    ignoring = screened_eval(make_cfg, tiny_encoder, tmp_path_factory, monkeypatch, "safety.seeker_threshold=0",
+                             "safety.reply_threshold=1.01", "safety.acknowledgement_threshold=1.01")
+    expected = [l["response"] for l in replied if not patterns.acknowledges_risk(l["response"])
+                and reply_safety.seeker_turns(l["context"], 3)]
+    flagged = [json.loads(l) for l in (ignoring.run.path / reply_safety.FLAGGED).read_text().splitlines()]
+    assert [f["response"] for f in flagged] == expected and all(f["reasons"] == ["risk ignorance"] for f in flagged)
+    assert ignoring.metrics["safety"]["reasons"] == ({"risk ignorance": len(expected)} if expected else {})
+    share = ignoring.metrics["metrics"]["flagged_replies"]
+    assert share["value"] == pytest.approx(100 * len(expected) / len(replied))
+    assert share["ci_low"] <= share["value"] <= share["ci_high"]
+
+    # the report's rows pool a system's runs, show each run once, and leave out unscreened systems
+    unscreened = pipeline.Pipeline().ensure("eval", make_cfg("eval", *EVAL, "decoding.max_new_tokens=10",
+                                                             "strategy_tag=true", "sampler=oracle")).run
+    assert not (unscreened.path / reply_safety.FLAGGED).exists() and "safety" not in unscreened.read_metrics()
+    rows = reply_safety_rows({"all flagged": [every.run], "same run": [every.run], "off": [unscreened],
+                              "both": [every.run, ignoring.run]})
+    assert [r["system"] for r in rows] == ["all flagged", "both"]
+    assert rows[1]["flagged"] == len(replied) + len(expected) and rows[1]["replies"] == 2 * len(replied)
+    assert "| all flagged |" in reply_safety_markdown(rows)
+
+
+def test_screening_is_in_the_run_id_only_when_on(make_cfg, trained, tiny_encoder, monkeypatch, tmp_path):
+    plan = lambda *o: pipeline.Pipeline().plan("eval", make_cfg("eval", *EVAL, *o)).run_id
+    off = plan()
+    assert plan("safety.reply_threshold=0.3") == off  # the screen's settings count only while it screens
+    on = plan("screen_replies=true", f"safety.encoder={tiny_encoder}")
+    assert on != off and plan("screen_replies=true", f"safety.encoder={tiny_encoder}", "safety.reply_threshold=0.3") != on
+    edited = tmp_path / "exemplars"
+    shutil.copytree(screen.EXEMPLARS, edited)
+    with open(edited / "replies.jsonl", "a") as f:
+        f.write(json.dumps({"text": "You should stop taking your pills today.", "label": "stopping medication"}) + "\n")
+    monkeypatch.setattr(screen, "EXEMPLARS", edited)
+    assert plan("screen_replies=true", f"safety.encoder={tiny_encoder}") != on  # its exemplars decide what it flags
+
+
+def test_a_screened_eval_without_the_screen_weights_stops_before_generating(make_cfg, trained, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate_stage, "generations", lambda *a: pytest.fail("generated"))
+    with pytest.raises(MhsError, match=r"weights are missing .*: run `mhs models fetch`, or screen_replies=false"):
+        pipeline.run("eval", make_cfg("eval", *EVAL, "screen_replies=true", f"safety.encoder={tmp_path / 'none'}"))

@@ -41,7 +41,8 @@ def generation_columns(rows, protocol: str) -> list[tuple[str, str]]:
                    ("bleu_ci", "95% CI"), ("bleu_2", "B-2 [default]"), ("bleu_4", "B-4 [default]"),
                    ("rouge_l", "ROUGE-L [default]"), ("rouge_l_ci", "95% CI"), ("distinct_2", "Dist-2 [default]"),
                    ("ppl", "PPL"), ("length", "Len"), ("strategy_accuracy", "Strategy acc. %"),
-                   ("tag_adherence", "Tag adherence %"), ("strategy_q", "Q (macro-F1 %)"),
+                   ("tag_adherence", "Tag adherence %"), ("flagged_replies", "Flagged by the safety screen %"),
+                   ("flagged_replies_ci", "95% CI"), ("strategy_q", "Q (macro-F1 %)"),
                    ("strategy_bias", "Preference bias B"), ("strategy_preferences", "Preferences")]
     else:
         columns = [("system", "System"), ("esconv_bleu_1", "B-1 [esconv]"), ("esconv_bleu_2", "B-2 [esconv]"),
@@ -134,6 +135,16 @@ def steering_markdown(rows: list[dict]) -> str:
                                                confusions="\n\n".join(confusions))
 
 
+def reply_safety_markdown(rows: list[dict]) -> str:
+    """The report's section on the replies the safety screen flags (empty when no eval was screened)."""
+    if not rows:
+        return ""
+    table = markdown_table(rows, [("system", "System"), ("replies", "Replies"), ("flagged", "Flagged"),
+                                  ("flagged_pct", "Flagged %"), ("flagged_ci", "95% CI (Wilson)"), ("kinds", "Kinds"),
+                                  ("replies_to_flagged_contexts", "Replies to a flagged seeker context")])
+    return _template("reply_safety.md").substitute(table=table, screen=rows[0]["screen"])
+
+
 def baselines_markdown(rows: list[dict]) -> str:
     return markdown_table(rows, [
         ("system", "System"), ("examples", "Test examples"), ("accuracy", "Accuracy %"), ("accuracy_ci", "95% CI"),
@@ -142,7 +153,7 @@ def baselines_markdown(rows: list[dict]) -> str:
 
 
 def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds: list[int], judge_section: str,
-                    steering: list[dict], baselines: list[dict]) -> str:
+                    steering: list[dict], baselines: list[dict], reply_safety: list[dict]) -> str:
     """The report's Markdown: the template filled with this profile's tables, tests and notes, and the
     LLM judge's section when a judge ran."""
     profile = cfg.generator.profile
@@ -176,6 +187,7 @@ def report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds:
                                      ("p_randomisation_holm", "Holm"), ("detectable", "Detectable (80% power)"),
                                      ("verdict", "Verdict")]),
         steering=steering_markdown(steering), classifier_baselines=baselines_markdown(baselines),
+        reply_safety=reply_safety_markdown(reply_safety),
         orderings=orderings_summary(tests), comparisons=len(tests), orderings_tested=len(tests) // tested_metrics,
         tested_metrics=tested_metrics, significance_resamples=cfg.significance_resamples)
     return text + ("\n" + judge_section if judge_section else "")

@@ -4,6 +4,8 @@ interval and p-value from evaluation/statistics (through the metric modules)."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 from scipy.stats import norm
 
@@ -11,12 +13,12 @@ from mhsupport.errors import MhsError
 from mhsupport.evaluation import tag_use
 from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
-from mhsupport.evaluation.statistics import binomial_p, holm
+from mhsupport.evaluation.statistics import binomial_p, holm, wilson_interval
 from mhsupport.reporting.paper import ORDERINGS
 
 COLUMNS = ("bleu", "bleu_2", "bleu_4", "rouge_l", "distinct_2", "ppl", "length", "strategy_accuracy", "tag_adherence",
            "esconv_bleu_1", "esconv_bleu_2", "esconv_bleu_3", "esconv_bleu_4", "esconv_rouge_l", "esconv_distinct_1",
-           "esconv_distinct_2")
+           "esconv_distinct_2", "flagged_replies")
 
 def over_seeds(per_seed: list[dict]) -> dict:
     """One eval's metrics, or several training seeds' as one: each metric's mean and its sd across
@@ -236,3 +238,28 @@ def detectable_effect(ci_low: float, ci_high: float, tests: int, power: float = 
     the difference's standard error): (z_{1 - alpha/2} + z_power) x SE."""
     standard_error = (ci_high - ci_low) / (2 * norm.ppf(0.975))
     return float((norm.ppf(1 - 0.05 / tests / 2) + norm.ppf(power)) * standard_error)
+
+
+def reply_safety_rows(named_runs: dict[str, list]) -> list[dict]:
+    """Per system (named; its eval runs over the training seeds pooled, each run once however many
+    tables show it): the replies the safety screen flagged, with a Wilson interval and the kinds of
+    harm. Systems whose evals were not screened (screen_replies=false) have no row."""
+    rows, seen = [], set()
+    for name, runs in named_runs.items():
+        paths = tuple(str(run.path) for run in runs)
+        summaries = [run.read_metrics().get("safety") for run in runs]
+        if paths in seen or any(summary is None for summary in summaries):
+            continue
+        seen.add(paths)
+        replies, flagged = sum(s["replies"] for s in summaries), sum(s["flagged"] for s in summaries)
+        low, high = wilson_interval(flagged, replies) if replies else (0.0, 1.0)
+        kinds = Counter()
+        for summary in summaries:
+            kinds.update(summary["reasons"])
+        rows.append({"system": name, "replies": replies, "flagged": flagged,
+                     "flagged_pct": round(100 * flagged / replies, 2) if replies else 0.0,
+                     "flagged_ci": f"[{100 * low:.2f}, {100 * high:.2f}]",
+                     "kinds": "; ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "-",
+                     "replies_to_flagged_contexts": sum(s["replies_to_flagged_contexts"] for s in summaries),
+                     "screen": summaries[0]["screen"] if summaries else ""})
+    return rows

@@ -44,9 +44,11 @@ TRAINER_NON_RESULT_KEYS = ("report_to", "run_name", "project", "disable_tqdm", "
                            "use_cpu", "ddp_backend", "fsdp", "dataloader_num_workers", "dataloader_pin_memory",
                            "dataloader_persistent_workers", "dataloader_prefetch_factor")
 TRAINER_NON_RESULT_PREFIXES = ("logging_", "save_", "hub_", "trackio_")
-# Settings of a feature that is off (its switch at 0) compute nothing: left out of the run id, so a run
-# made before the feature existed stays up to date. (node, switch, the feature's keys)
-SWITCHED_OFF_KEYS = (("decoding", "guidance_scale", ("guidance_scale", "guidance_tokens")),)
+# Settings of a feature that is off (its switch at 0 or false) compute nothing: left out of the run id, so
+# a run made before the feature existed stays up to date. (node, or None for the top level; switch; the
+# feature's keys, the switch among them)
+SWITCHED_OFF_KEYS = (("decoding", "guidance_scale", ("guidance_scale", "guidance_tokens")),
+                     (None, "screen_replies", ("screen_replies", "safety")))
 PACKAGES = ("torch", "transformers", "datasets", "tokenizers", "accelerate", "hydra-core", "sacrebleu",
             "pyarrow", "scikit-learn", "numpy", "gguf", "peft")
 MANIFEST = "manifest.json"
@@ -81,9 +83,13 @@ def result_config(cfg: DictConfig) -> dict:
         if trainer:
             result["trainer"] = trainer
     for node, switch, keys in SWITCHED_OFF_KEYS:
-        settings = result.get(node)
+        settings = result if node is None else result.get(node)
         if isinstance(settings, dict) and settings.get(switch, 0) == 0:
-            result[node] = {k: v for k, v in settings.items() if k not in keys}
+            kept = {k: v for k, v in settings.items() if k not in keys}
+            if node is None:
+                result = kept
+            else:
+                result[node] = kept
     return result
 
 

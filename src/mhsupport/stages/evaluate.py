@@ -16,7 +16,7 @@ from mhsupport.data.examples_io import read_examples
 from mhsupport.data.subsets import seeded_subset
 from mhsupport.data.taxonomy import Taxonomy
 from mhsupport.errors import MhsError
-from mhsupport.evaluation import responders, tag_use
+from mhsupport.evaluation import reply_safety, responders, tag_use
 from mhsupport.evaluation.classification import classification_scores
 from mhsupport.evaluation.generation_metrics import GenerationScores, bootstrap_intervals, bootstrap_mean_over_seeds
 from mhsupport.evaluation.generations_io import GENERATIONS
@@ -24,6 +24,7 @@ from mhsupport.evaluation.metric_protocols import PROTOCOLS
 from mhsupport.modeling import classifier as classifier_api, devices
 from mhsupport.modeling.formatting import generator_tags
 from mhsupport.runs import artifacts
+from mhsupport.safety import screen as safety_screen
 from mhsupport.settings.config import classifier_config, generation_config, generator_config, prepare_data_config
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def check(cfg: DictConfig) -> None:
     if unknown or not cfg.metrics.protocols or len(set(cfg.metrics.protocols)) != len(cfg.metrics.protocols):
         raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of "
                        f"distinct names from {list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
+    if cfg.screen_replies:  # before any reply is generated
+        safety_screen.require_weights(cfg.safety, otherwise=", or screen_replies=false to evaluate unscreened")
     responders.responder(cfg).check()
 
 
@@ -52,6 +55,11 @@ UPSTREAM = {"generator": lambda cfg: ("train_generator", generator_config(cfg)),
 def requires(cfg: DictConfig) -> dict:
     return {"prepare_data": ("prepare_data", prepare_data_config(cfg)),
             **{name: UPSTREAM[name](cfg) for name in responders.responder(cfg).upstream()}}
+
+
+def file_inputs(cfg: DictConfig) -> dict[str, Path]:
+    """The safety screen's exemplars when it screens the replies: they decide what it flags."""
+    return safety_screen.exemplar_files() if cfg.screen_replies and not cfg.safety.patterns_only else {}
 
 
 def label(cfg: DictConfig) -> str:
@@ -74,11 +82,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
                                            np.array([[line["reference_nll"]] for line in first]),
                                            np.array([line["reference_tokens"] for line in first])) \
         if len(first) == len(examples) and examples else []
+    flagged = screen(cfg, run_, lines) if cfg.screen_replies else None
     run_.device = devices.describe(cfg.runtime, loaded)
     text = "".join(json.dumps(line) + "\n" for line in lines)
     try:
         with run_.build(seed=cfg.seed, resumable=True) as out:
             (out / GENERATIONS).write_text(text)
+            if flagged is not None:
+                (out / reply_safety.FLAGGED).write_text("".join(json.dumps(line) + "\n" for line in flagged))
             if likelihoods:
                 (out / tag_use.LIKELIHOODS).write_text("".join(json.dumps(line) + "\n" for line in likelihoods))
     except OSError as err:  # e.g. a full disk: keep the generations where they can still be written
@@ -161,6 +172,19 @@ def generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches
         log.warning("%s: %d of %d replies are empty (scored as empty strings, never judged by the recogniser)",
                     responder.name(), sum(empty_per_seed.values()), len(examples) * len(seeds))
     return lines, loaded
+
+
+def screen(cfg: DictConfig, run_: artifacts.Run, lines: list[dict]) -> list[dict]:
+    """The replies through the safety screen's reply screen: its summary into run_.metrics (and the
+    share flagged as the metric `flagged_replies`, in %), the flagged lines returned."""
+    summary, flagged = reply_safety.screen_generations(safety_screen.load_shared(cfg.safety, cfg.paths), lines,
+                                                       cfg.safety.seeker_turns)
+    run_.metrics["safety"] = summary
+    run_.metrics["metrics"]["flagged_replies"] = {"value": 100 * summary["share"], "ci_low": 100 * summary["ci_low"],
+                                                  "ci_high": 100 * summary["ci_high"]}
+    log.info("%s: the safety screen flagged %d of %d replies (%s)", responders.responder(cfg).name(),
+             summary["flagged"], summary["replies"], ", ".join(f"{k} {v}" for k, v in summary["reasons"].items()) or "-")
+    return flagged
 
 
 def judge(recogniser, responses: list[str], empty: list[bool]) -> list[str | None]:

@@ -11,13 +11,15 @@ from omegaconf import DictConfig
 
 from mhsupport.errors import MhsError
 from mhsupport.evaluation import judge_results
+from mhsupport.evaluation.jsonl_io import read_checked_lines
+from mhsupport.evaluation.reply_safety import FLAGGED
 from mhsupport.evaluation.metric_protocols import metric_names
 from mhsupport.modeling import devices
 from mhsupport.reporting.figures import bleu_figure, confusion_figure, counterfactual_figure
 from mhsupport.reporting.paper import DATASET_NAMES, PAPER_TABLE2, PAPER_TABLE4, TABLE2_SYSTEMS, systems
 from mhsupport.reporting.render import report_markdown, write_csv
 from mhsupport.reporting.tables import (classifier_baseline_rows, counterfactual_rows, over_seeds, perplexity,
-                                       pooled_likelihoods, row, significance, tag_use_rows)
+                                       pooled_likelihoods, reply_safety_rows, row, significance, tag_use_rows)
 from mhsupport.runs import artifacts
 from mhsupport.settings.config import (classifier_config, eval_config, generation_config, judge_config, likelihood_config,
                                       prepare_data_config)
@@ -102,11 +104,14 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     steering = counterfactual_rows({f"{DATASET_NAMES[d]}+tag": inputs[f"generation/{d}@{seeds[0]}"].read_metrics()
                                     for d in DATASET_NAMES})
     baselines = classifier_baseline_rows(inputs["classifier"].read_metrics())
+    named_evals = {**{name: evals[f"table2/{name}"] for name in TABLE2_SYSTEMS},
+                   **{name: evals[f"table4/{d}/{s}"] for name, (d, s) in table4_cells.items()}}
+    reply_safety = reply_safety_rows(named_evals)
     judged = {table: inputs[f"judge/{table}"].read_metrics() for table in cfg.judge.report_tables
               if f"judge/{table}" in inputs}
     run_.metrics = {"profile": profile, "table2": table2, "table4": table4, "significance": tests, "tag_use": tag_use,
                     "steering": [{k: v for k, v in r.items() if k not in ("confusion", "labels")} for r in steering],
-                    "classifier_baselines": baselines,
+                    "classifier_baselines": baselines, "reply_safety": reply_safety,
                     "judge": {table: {"signature": m["signature"], "rows": m["rows"]} for table, m in judged.items()}}
     run_.device = devices.describe(cfg.runtime, {})  # the machine the report was built on (its CPU), for docs/results.md
 
@@ -118,6 +123,12 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         write_csv(out / "tag_use.csv", [{k: v for k, v in r.items() if k != "confusion"} for r in tag_use])
         confusion_figure(tag_use, out / "tag_use_confusion", f"Lowest-NLL tag vs gold tag ({profile} profile)")
         write_csv(out / "classifier_baselines.csv", baselines)
+        if reply_safety:
+            write_csv(out / "reply_safety.csv", reply_safety)
+            (out / FLAGGED).write_text("".join(json.dumps({"system": r["system"], **line}) + "\n"
+                                               for r in reply_safety for run in named_evals[r["system"]]
+                                               for line in read_checked_lines(run.path / FLAGGED, ("response", "reasons"),
+                                                                              f"rebuild it with {run.rebuild_hint}")))
         if steering:
             write_csv(out / "steering.csv", [{k: v for k, v in r.items() if k not in ("confusion", "labels")}
                                              for r in steering])
@@ -135,5 +146,5 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
             judge_results.figure(list(judged.values()), out / "judge_tables")
             judge_section = judge_results.report_section(judged, training_seeds(cfg)[0])
         (out / REPORT).write_text(report_markdown(cfg, metrics, table1, table2, table4, tests, tag_use, seeds,
-                                                  judge_section, steering, baselines))
+                                                  judge_section, steering, baselines, reply_safety))
     log.info("report wrote %s", run_.path)

@@ -1,0 +1,45 @@
+"""An eval run's replies through the safety screen's reply screen (docs/safety.md): the share of a
+system's replies the screen flags (a harmful class, or a reply that ignores risk in the seeker turns
+it answers), with a Wilson interval, and the flagged replies themselves in a file beside the run."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from mhsupport.evaluation.statistics import wilson_interval
+
+FLAGGED = "flagged_replies.jsonl"
+
+
+def seeker_turns(context: list[dict], count: int) -> list[str]:
+    """The seeker's last `count` turns of a context, oldest first (what `mhs chat` screens)."""
+    return [turn["text"] for turn in context if turn["speaker"] == "seeker"][-count:]
+
+
+def screen_generations(screen, lines: list[dict], turns: int) -> tuple[dict, list[dict]]:
+    """(the summary written to metrics.json, the flagged lines) for an eval's generation lines. Empty
+    replies are not screened (they are counted in the run's `empty_replies`)."""
+    started = time.perf_counter()
+    screened = [line for line in lines if line["response"]]
+    contexts = [seeker_turns(line["context"], turns) or None for line in screened]
+    results = screen.replies([line["response"] for line in screened], contexts)
+    distinct = list({tuple(context): context for context in contexts if context}.values())
+    risky_contexts = {tuple(context) for context, check in zip(distinct, screen.seeker(distinct)) if check.flagged}
+    flagged = [{"seed": line["seed"], "conversation_id": line["conversation_id"], "turn_index": line["turn_index"],
+                "seeker_turns": context, "tag": line["tag"], "response": line["response"], "score": result.score,
+                "reasons": result.reasons}
+               for line, context, result in zip(screened, contexts, results) if result.flagged]
+    low, high = wilson_interval(len(flagged), len(screened)) if screened else (0.0, 1.0)
+    # "scorer: method or means" and "pattern: method or means" are one kind of harm
+    kinds = Counter(reason.split(": ", 1)[-1].split(" (")[0] for result in results for reason in result.reasons)
+    summary = {
+        "replies": len(screened), "flagged": len(flagged), "share": len(flagged) / len(screened) if screened else 0.0,
+        "ci_low": low, "ci_high": high, "reasons": dict(sorted(kinds.items())),
+        "replies_to_flagged_contexts": sum(tuple(context) in risky_contexts for context in contexts if context),
+        "screen": "pattern layer alone" if screen.patterns_only else "patterns and encoder scorer",
+        "settings": {key: screen.settings[key] for key in ("seeker_turns", "seeker_threshold", "reply_threshold",
+                                                            "acknowledgement_threshold")},
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return summary, flagged
