@@ -16,8 +16,9 @@ SLICE = ["generator.train_subset=48", "generator.valid_subset=12", "classifier.t
 
 
 @pytest.mark.slow
-def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepared, capsys):
-    cfg = make_cfg("report", "generator=tiny", "classifier=tiny", *SLICE)
+def test_reproduce_tiny_end_to_end_then_everything_is_up_to_date(make_cfg, prepared, capsys, tmp_path):
+    # its own artifacts folder: another test may have built the same tiny runs in the session's
+    cfg = make_cfg("report", "generator=tiny", "classifier=tiny", *SLICE, artifacts=tmp_path / "artifacts")
     first = pipeline.reproduce(cfg)
     out = first.report.run.path
     for name in ("report.md", "table1.csv", "table2.csv", "table4.csv", "significance.csv", "tag_use.csv",
