@@ -78,17 +78,19 @@ def page(report: Path, page_path: Path) -> str:
 
 
 def headline(report: Path) -> str:
-    """The README's compact results: Table 2's BLEU, esconv B-2 and PPL, and tag use, with the machine."""
+    """The README's compact results: Table 2's BLEU, esconv B-2 and PPL, tag use and the share of replies
+    the safety screen flags, with the machine."""
     table2 = read_rows(report, "table2.csv")
     tag_use = {r["system"]: r for r in read_rows(report, "tag_use.csv")}
     steering = {r["system"]: r for r in read_rows(report, "steering.csv")} if (report / "steering.csv").is_file() else {}
-    lines = ["| System | BLEU [95% CI] | esconv B-2 | PPL | Tag discrimination (chance) | Tag following % (human replies) |",
-             "| --- | --- | ---: | ---: | --- | --- |"]
+    lines = ["| System | BLEU [95% CI] | esconv B-2 | PPL | Tag discrimination (chance) | Tag following % (human replies) "
+             "| Flagged by the safety screen % |", "| --- | --- | ---: | ---: | --- | --- | ---: |"]
     for r in table2:
         used, steered = tag_use.get(r["system"]), steering.get(r["system"])
         lines.append(f"| {r['system']} | {r['bleu']} {r['bleu_ci']} | {r.get('esconv_bleu_2', '')} | {r['ppl']} | "
                      + (f"{used['tag_discrimination']} ({used['chance']})" if used else "") + " | "
-                     + (f"{steered['tag_following']} ({steered['recogniser_on_references']})" if steered else "") + " |")
+                     + (f"{steered['tag_following']} ({steered['recogniser_on_references']})" if steered else "")
+                     + f" | {r.get('flagged_replies', '')} |")
     profile = json.loads((report / "metrics.json").read_text())["profile"]
     return (f"Latest `{profile}` reproduce, {provenance(report)} (all tables, the paired tests of the paper's "
             f"orderings and the figures: [docs/results.md](docs/results.md)):\n\n" + "\n".join(lines))

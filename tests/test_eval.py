@@ -18,7 +18,8 @@ from mhsupport import pipeline
 from mhsupport.stages import evaluate as evaluate_stage, generate as generate_stage
 from mhsupport.evaluation.sampling import choose_tags
 from mhsupport.evaluation.tag_use import read_likelihoods
-from mhsupport.settings.config import likelihood_config
+from mhsupport.runs import artifacts
+from mhsupport.settings.config import generation_config, likelihood_config
 from mhsupport.evaluation import reply_safety
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
 from mhsupport.reporting.render import reply_safety_markdown
@@ -266,6 +267,7 @@ def test_a_screened_eval_counts_and_keeps_the_flagged_replies(make_cfg, trained,
     assert safety["replies"] == safety["flagged"] == len(replied) and safety["share"] == 1.0
     assert every.metrics["metrics"]["flagged_replies"]["value"] == 100.0
     assert flagged[0]["seeker_turns"] == reply_safety.seeker_turns(replied[0]["context"], 3)
+    assert flagged[0]["training_seed"] == 42 and flagged[0]["decoding_seed"] == 0
 
     # every seeker context flagged and no reply scored harmful: the replies that do not acknowledge risk are flagged
     ignoring = screened_eval(make_cfg, tiny_encoder, tmp_path_factory, monkeypatch, "safety.seeker_threshold=0",
@@ -287,6 +289,8 @@ def test_a_screened_eval_counts_and_keeps_the_flagged_replies(make_cfg, trained,
                               "both": [every.run, ignoring.run]})
     assert [r["system"] for r in rows] == ["all flagged", "both"]
     assert rows[1]["flagged"] == len(replied) + len(expected) and rows[1]["replies"] == 2 * len(replied)
+    assert rows[1]["flagged_pct"] == pytest.approx((100 + 100 * len(expected) / len(replied)) / 2, abs=0.01)
+    assert rows[1]["flagged_ci"].endswith("(sd, 2 seeds)") and rows[0]["flagged_ci"].startswith("[")
     assert "| all flagged |" in reply_safety_markdown(rows)
 
 
@@ -296,6 +300,9 @@ def test_screening_is_in_the_run_id_only_when_on(make_cfg, trained, tiny_encoder
     assert plan("safety.reply_threshold=0.3") == off  # the screen's settings count only while it screens
     on = plan("screen_replies=true", f"safety.encoder={tiny_encoder}")
     assert on != off and plan("screen_replies=true", f"safety.encoder={tiny_encoder}", "safety.reply_threshold=0.3") != on
+    # a generation pass screens nothing: the screen's settings never make it out of date
+    screened = make_cfg("eval", *EVAL, "strategy_tag=true", "screen_replies=true", "safety.reply_threshold=0.3")
+    assert not {"safety", "screen_replies"} & set(artifacts.result_config(generation_config(screened)))
     edited = tmp_path / "exemplars"
     shutil.copytree(screen.EXEMPLARS, edited)
     with open(edited / "replies.jsonl", "a") as f:

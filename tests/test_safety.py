@@ -355,3 +355,11 @@ def test_each_distinct_text_is_encoded_once_per_screen():
     assert sorted(encoded) == ["I wrote my farewell", "a kind word", "an insult"]
     again = guard.replies(["a kind word", "an insult"], ["I wrote my farewell", None])
     assert len(encoded) == 3 and [r.reasons for r in again] == [first[1].reasons, first[0].reasons]
+
+
+def test_a_full_score_memo_starts_again_without_losing_the_texts_of_the_call(monkeypatch):
+    monkeypatch.setattr(screen, "SCORE_MEMO", 2)
+    guard, fresh = one_hot_screen(), one_hot_screen()
+    guard.replies(["an insult", "a kind word"])
+    mixed = ["an insult", "the dosage you need", "a kind word", "an insult"]  # known and new texts past the memo's size
+    assert [r.to_json() for r in guard.replies(mixed)] == [r.to_json() for r in fresh.replies(mixed)]

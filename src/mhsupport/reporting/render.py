@@ -140,7 +140,7 @@ def reply_safety_markdown(rows: list[dict]) -> str:
     if not rows:
         return ""
     table = markdown_table(rows, [("system", "System"), ("replies", "Replies"), ("flagged", "Flagged"),
-                                  ("flagged_pct", "Flagged %"), ("flagged_ci", "95% CI (Wilson)"), ("kinds", "Kinds"),
+                                  ("flagged_pct", "Flagged %"), ("flagged_ci", "95% CI"), ("kinds", "Kinds"),
                                   ("replies_to_flagged_contexts", "Replies to a flagged seeker context")])
     return _template("reply_safety.md").substitute(table=table, screen=rows[0]["screen"])
 

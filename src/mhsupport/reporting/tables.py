@@ -13,7 +13,7 @@ from mhsupport.errors import MhsError
 from mhsupport.evaluation import tag_use
 from mhsupport.evaluation.generation_metrics import paired_bootstrap, paired_randomisation
 from mhsupport.evaluation.generations_io import read_generations, scores_from_generations
-from mhsupport.evaluation.statistics import binomial_p, holm, wilson_interval
+from mhsupport.evaluation.statistics import binomial_p, holm
 from mhsupport.reporting.paper import ORDERINGS
 
 COLUMNS = ("bleu", "bleu_2", "bleu_4", "rouge_l", "distinct_2", "ppl", "length", "strategy_accuracy", "tag_adherence",
@@ -241,9 +241,10 @@ def detectable_effect(ci_low: float, ci_high: float, tests: int, power: float = 
 
 
 def reply_safety_rows(named_runs: dict[str, list]) -> list[dict]:
-    """Per system (named; its eval runs over the training seeds pooled, each run once however many
-    tables show it): the replies the safety screen flagged, with a Wilson interval and the kinds of
-    harm. Systems whose evals were not screened (screen_replies=false) have no row."""
+    """Per system (named; its eval runs over the training seeds, each system once however many tables
+    show it): the replies the safety screen flagged and the kinds of harm; one run's share with its
+    interval, several training seeds' mean share with their sd (as the other tables). Systems whose
+    evals were not screened (screen_replies=false) have no row."""
     rows, seen = [], set()
     for name, runs in named_runs.items():
         paths = tuple(str(run.path) for run in runs)
@@ -252,13 +253,14 @@ def reply_safety_rows(named_runs: dict[str, list]) -> list[dict]:
             continue
         seen.add(paths)
         replies, flagged = sum(s["replies"] for s in summaries), sum(s["flagged"] for s in summaries)
-        low, high = wilson_interval(flagged, replies) if replies else (0.0, 1.0)
+        shares = [100 * s["share"] for s in summaries]
         kinds = Counter()
         for summary in summaries:
             kinds.update(summary["reasons"])
-        rows.append({"system": name, "replies": replies, "flagged": flagged,
-                     "flagged_pct": round(100 * flagged / replies, 2) if replies else 0.0,
-                     "flagged_ci": f"[{100 * low:.2f}, {100 * high:.2f}]",
+        rows.append({"system": name, "replies": replies, "flagged": flagged, "flagged_pct": round(np.mean(shares), 2),
+                     "flagged_ci": (f"[{100 * summaries[0]['ci_low']:.2f}, {100 * summaries[0]['ci_high']:.2f}]"
+                                    if len(summaries) == 1 else
+                                    f"± {np.std(shares, ddof=1):.2f} (sd, {len(summaries)} seeds)"),
                      "kinds": "; ".join(f"{kind} {count}" for kind, count in sorted(kinds.items())) or "-",
                      "replies_to_flagged_contexts": sum(s["replies_to_flagged_contexts"] for s in summaries),
                      "screen": summaries[0]["screen"] if summaries else ""})

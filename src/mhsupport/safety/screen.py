@@ -156,6 +156,7 @@ class SafetyScreen:
                  training: dict[str, tuple[np.ndarray, list[str]]] | None):
         """training: per scorer ("seeker", "replies"), the features and labels it learns."""
         self.settings, self.embed = settings, embed
+        self.encoder_dtype: str | None = None  # set by load(): "bfloat16" or "float32"
         self.scorers = {}
         if embed is not None:
             for name in ("seeker", "replies"):
@@ -171,12 +172,15 @@ class SafetyScreen:
         screen: an eval's systems answer the same contexts, many replies repeat, and a tagged
         generator's samplers pick from the same replies."""
         known = self._scored[name]
-        new = [text for text in dict.fromkeys(texts) if text not in known]
+        distinct = list(dict.fromkeys(texts))
+        new = [text for text in distinct if text not in known]
+        rows = {text: known[text] for text in distinct if text in known}
         if new:
+            rows.update(zip(new, self.scorers[name].predict_proba(self.embed(new))))
             if len(known) + len(new) > SCORE_MEMO:
                 known.clear()
-            known.update(zip(new, self.scorers[name].predict_proba(self.embed(new))))
-        return np.array([known[text] for text in texts]).reshape(len(texts), len(self.scorers[name].classes_))
+            known.update((text, rows[text]) for text in new)
+        return np.array([rows[text] for text in texts]).reshape(len(texts), len(self.scorers[name].classes_))
 
     def seeker(self, conversations: Sequence[Sequence[str]]) -> list[Result]:
         """One result per conversation: its last seeker message, read with the seeker's earlier
@@ -247,7 +251,7 @@ def encoder_folder(settings: DictConfig) -> Path:
 
 def require_weights(settings: DictConfig, otherwise: str = "") -> None:
     """Fail closed: stop with one line when the encoder's weights are missing (the pattern layer
-    alone needs none). `otherwise` names a way on without them, e.g. " (or screen_replies=false)"."""
+    alone needs none). `otherwise` names a way on without them, e.g. ", or screen_replies=false"."""
     folder = encoder_folder(settings)
     if not settings.patterns_only and not (folder / "config.json").is_file():
         raise MhsError(f"the safety screen's weights are missing ({folder}): run `mhs models fetch`{otherwise}")
@@ -277,7 +281,9 @@ def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
     for name in ("seeker", "replies"):
         texts, labels = training_rows(name, settings, paths.raw_dir)
         training[name] = cached_embeddings(encoder, name, texts, Path(paths.models_dir).expanduser()), labels
-    return SafetyScreen(settings, encoder.encode, training)
+    guard = SafetyScreen(settings, encoder.encode, training)
+    guard.encoder_dtype = "bfloat16" if encoder.bf16 else "float32"
+    return guard
 
 
 def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) -> np.ndarray:

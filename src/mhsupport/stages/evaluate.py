@@ -40,8 +40,6 @@ def check(cfg: DictConfig) -> None:
     if unknown or not cfg.metrics.protocols or len(set(cfg.metrics.protocols)) != len(cfg.metrics.protocols):
         raise MhsError(f"metrics.protocols={list(cfg.metrics.protocols)}: expected a non-empty list of "
                        f"distinct names from {list(PROTOCOLS)}, e.g. metrics.protocols=[default]")
-    if cfg.screen_replies:  # before any reply is generated
-        safety_screen.require_weights(cfg.safety, otherwise=", or screen_replies=false to evaluate unscreened")
     responders.responder(cfg).check()
 
 
@@ -73,6 +71,8 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
     examples = responder.scored_examples(seeded_subset(read_examples(inputs["prepare_data"].path, "esconv", "test"),
                                                        cfg.test_subset, cfg.test_subset_seed))
 
+    if cfg.screen_replies:  # before any reply is generated (a finished eval needs no weights: only one to build)
+        safety_screen.require_weights(cfg.safety, otherwise=", or screen_replies=false to evaluate unscreened")
     with run_.finished_batches(fresh=cfg.force) as batches:
         lines, loaded = generations(cfg, gcfg, run_, responder, inputs, examples, label_key, batches)
     # the reference's NLL where the replies' model read it (the first decoding seed's lines): written as a
@@ -178,13 +178,13 @@ def screen(cfg: DictConfig, run_: artifacts.Run, lines: list[dict]) -> list[dict
     """The replies through the safety screen's reply screen: its summary into run_.metrics (and the
     share flagged as the metric `flagged_replies`, in %), the flagged lines returned."""
     summary, flagged = reply_safety.screen_generations(safety_screen.load_shared(cfg.safety, cfg.paths), lines,
-                                                       cfg.safety.seeker_turns)
+                                                       cfg.safety.seeker_turns, cfg.bootstrap)
     run_.metrics["safety"] = summary
     run_.metrics["metrics"]["flagged_replies"] = {"value": 100 * summary["share"], "ci_low": 100 * summary["ci_low"],
                                                   "ci_high": 100 * summary["ci_high"]}
     log.info("%s: the safety screen flagged %d of %d replies (%s)", responders.responder(cfg).name(),
              summary["flagged"], summary["replies"], ", ".join(f"{k} {v}" for k, v in summary["reasons"].items()) or "-")
-    return flagged
+    return [{"training_seed": cfg.seed, **line} for line in flagged]
 
 
 def judge(recogniser, responses: list[str], empty: list[bool]) -> list[str | None]:

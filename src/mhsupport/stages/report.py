@@ -125,7 +125,7 @@ def build(cfg: DictConfig, run_: artifacts.Run, inputs: dict) -> None:
         write_csv(out / "classifier_baselines.csv", baselines)
         if reply_safety:
             write_csv(out / "reply_safety.csv", reply_safety)
-            (out / FLAGGED).write_text("".join(json.dumps({"system": r["system"], **line}) + "\n"
+            (out / FLAGGED).write_text("".join(json.dumps({"system": r["system"], "eval_run": run.run_id, **line}) + "\n"
                                                for r in reply_safety for run in named_evals[r["system"]]
                                                for line in read_checked_lines(run.path / FLAGGED, ("response", "reasons"),
                                                                               f"rebuild it with {run.rebuild_hint}")))
