@@ -19,9 +19,10 @@ LAYERS = [
     {"reporting"},
     {"runs"},
     {"settings"},
+    {"safety"},
     {"stages"},
     {"pipeline"},
-    {"cli", "sweeps", "chat", "safety", "generator", "classifier"},
+    {"cli", "sweeps", "chat", "generator", "classifier"},
 ]
 
 
