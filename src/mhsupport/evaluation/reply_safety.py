@@ -1,6 +1,6 @@
 """An eval run's replies through the safety screen's reply screen (docs/safety.md): the share of a
 system's replies the screen flags (a harmful class, or a reply that ignores risk in the seeker turns
-it answers), with a Wilson interval, and the flagged replies themselves in a file beside the run."""
+it answers), with its interval, and the flagged replies themselves in a file beside the run."""
 
 from __future__ import annotations
 
