@@ -32,6 +32,21 @@ def test_run_id_ignores_paths_and_force_but_not_results(cfg, tmp_path):
     assert artifacts.plan_run("other", cfg, {"data": data}).run_id != artifacts.plan_run("stage", cfg, {"data": data}).run_id
 
 
+def test_run_id_names_model_folders_relative_to_the_model_cache(tmp_path):
+    """The same config under another HOME or MHS_MODELS_DIR makes the same run; another model does not."""
+    def planned(*overrides):
+        eval_cfg = load_config("eval", [f"paths.artifacts_dir={tmp_path}", "screen_replies=true", *overrides])
+        return artifacts.plan_run("stage", eval_cfg, {}).run_id
+
+    base = planned("paths.models_dir=/home/ann/.cache/mhsupport/models")
+    assert planned("paths.models_dir=/scratch/bob/models/") == base
+    assert planned("paths.models_dir='~/models'") == planned("paths.models_dir=/elsewhere")
+    assert planned("paths.models_dir=/a", "safety.encoder=/a/another-encoder") != base
+    assert planned("paths.models_dir=/a", "safety.encoder=/b/all-mpnet-base-v2/all-mpnet-base-v2") != base
+    recorded = artifacts.result_config(load_config("eval", ["paths.models_dir=/home/ann/models", "screen_replies=true"]))
+    assert recorded["safety"]["encoder"] == "<paths.models_dir>/all-mpnet-base-v2/all-mpnet-base-v2"
+
+
 def test_a_crash_leaves_no_run_and_no_temporary_directory(cfg, tmp_path):
     run = artifacts.plan_run("stage", cfg, {})
     with pytest.raises(RuntimeError):

@@ -76,6 +76,7 @@ def result_config(cfg: DictConfig) -> dict:
     arguments of the `trainer` node less the non-result ones (none left: no node, as before it existed)."""
     container = OmegaConf.to_container(cfg, resolve=True)
     result = {k: v for k, v in container.items() if k not in NON_RESULT_KEYS}
+    result = relative_to_paths(result, container.get("paths") or {})
     if "bf16" in (container.get("runtime") or {}):
         result["runtime.bf16"] = container["runtime"]["bf16"]
     if "trainer" in result:
@@ -91,6 +92,25 @@ def result_config(cfg: DictConfig) -> dict:
             else:
                 result[node] = kept
     return result
+
+
+def relative_to_paths(value, paths: dict):
+    """`value` with every string under a folder of the `paths` node (e.g. an offline model's folder
+    under `paths.models_dir`) written as `<paths.models_dir>/...`: where the folders are is not what a
+    run computes, so the same config under another HOME or cache folder makes the same run id."""
+    if isinstance(value, dict):
+        return {k: relative_to_paths(v, paths) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relative_to_paths(v, paths) for v in value]
+    if isinstance(value, str):
+        for key, folder in paths.items():
+            if not isinstance(folder, str) or not folder.strip():
+                continue
+            for form in {folder.rstrip("/"), os.path.expanduser(folder).rstrip("/")}:
+                if form and (value == form or value.startswith(form + "/")):
+                    rest = value[len(form):].lstrip("/")  # a folder given with a trailing slash leaves "//"
+                    return f"<paths.{key}>" + (f"/{rest}" if rest else "")
+    return value
 
 
 def is_trainer_non_result_key(key: str) -> bool:

@@ -58,7 +58,7 @@ def recorded_run(cfg: DictConfig) -> artifacts.Run | None:
             inputs = json.loads(manifest.read_text())["inputs"]
         except (OSError, ValueError, KeyError, OmegaConfBaseException):
             continue
-        if {k: v for k, v in recorded.items() if k not in artifacts.NON_RESULT_KEYS} == wanted:
+        if artifacts.result_config(OmegaConf.create(recorded)) == wanted:
             found.append((manifest.stat().st_mtime, manifest.parent, inputs))
     if not found:
         return None
