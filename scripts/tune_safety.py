@@ -60,7 +60,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cfg = load_config("screen", args.overrides)
     folder = screen.encoder_folder(cfg.safety)
-    encoder = SentenceEncoder(folder, cfg.safety.max_length, cfg.safety.batch_size, screen.encoder_bf16(cfg.safety))
+    encoder = SentenceEncoder(folder, cfg.safety.max_length, cfg.safety.batch_size, screen.encoder_bf16(cfg.safety),
+                              screen.encoder_pooling(cfg.safety))
     for name in ("seeker", "replies"):
         texts, labels = screen.training_rows(name, cfg.safety, cfg.paths.raw_dir)
         embeddings = screen.cached_embeddings(encoder, name, texts, Path(cfg.paths.models_dir).expanduser())

@@ -171,6 +171,23 @@ def test_bf16_features_stay_close_to_fp32_and_the_setting_is_checked(tiny_encode
         screen.encoder_bf16(settings)
 
 
+def test_mean_max_pooling_adds_the_largest_values_and_ignores_padding(tiny_encoder):
+    from mhsupport.safety.encoder import SentenceEncoder
+
+    texts = ["a", "a much longer message than the first", "a"]
+    mean = SentenceEncoder(tiny_encoder, 128, 3).encode(texts)
+    both = SentenceEncoder(tiny_encoder, 128, 3, pooling="mean_max").encode(texts)
+    assert both.shape == (3, 2 * mean.shape[1]) and np.allclose(both[:, :mean.shape[1]], mean, atol=1e-6)
+    # a short text padded beside a long one has the features it has alone (padding is never a maximum)
+    alone = SentenceEncoder(tiny_encoder, 128, 1, pooling="mean_max").encode(["a"])
+    assert np.allclose(both[0], alone[0], atol=1e-5) and not np.allclose(both[0], both[1])
+    settings = load_config("screen").safety
+    assert screen.encoder_pooling(settings) == "mean"
+    settings.pooling = "max"
+    with pytest.raises(MhsError, match=r"^config key safety.pooling='max': expected one of mean, mean_max"):
+        screen.encoder_pooling(settings)
+
+
 def test_everyday_turns_come_from_the_training_split_without_risk_words():
     raw = load_config("screen").paths.raw_dir
     turns = screen.everyday_turns(raw, "seeker", 300, seed=0)

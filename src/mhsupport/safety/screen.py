@@ -266,6 +266,16 @@ def encoder_bf16(settings: DictConfig) -> bool:
     return cpu_supports_bf16() if settings.bf16 == "auto" else settings.bf16
 
 
+def encoder_pooling(settings: DictConfig) -> str:
+    """safety.pooling: how the encoder's token states become features (encoder.POOLINGS)."""
+    from mhsupport.safety.encoder import POOLINGS
+
+    if settings.pooling not in POOLINGS:
+        raise MhsError(f"config key safety.pooling={settings.pooling!r}: expected one of {', '.join(POOLINGS)} "
+                       "(e.g. safety.pooling=mean)")
+    return settings.pooling
+
+
 def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
     """The screen `settings` (a config's `safety` node) describe, with `paths` (its `paths` node:
     the model cache, and the raw data the everyday turns come from). It fails closed: without the
@@ -276,7 +286,8 @@ def load(settings: DictConfig, paths: DictConfig) -> SafetyScreen:
     folder = encoder_folder(settings)
     from mhsupport.safety.encoder import SentenceEncoder
 
-    encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size, encoder_bf16(settings))
+    encoder = SentenceEncoder(folder, settings.max_length, settings.batch_size, encoder_bf16(settings),
+                              encoder_pooling(settings))
     training = {}
     for name in ("seeker", "replies"):
         texts, labels = training_rows(name, settings, paths.raw_dir)
@@ -290,13 +301,11 @@ def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) ->
     """The features of a scorer's training texts from `encoder` (a SentenceEncoder), kept in the model
     cache under a key of the texts, the encoder's folder, weights, input length and features, so a
     start reads them instead of encoding every text again."""
-    from mhsupport.safety.encoder import FEATURES
-
     data = "\n".join(texts).encode()
     weights = encoder.folder / "model.safetensors"
     size, mtime = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else ("", "")
     stamp = (f"{encoder.folder.resolve()}|{'bf16' if encoder.bf16 else 'fp32'}|{size}|{mtime}|{encoder.max_length}|"
-             f"{FEATURES}").encode()
+             f"{encoder.features}").encode()
     key = hashlib.sha256(data + b"\0" + stamp).hexdigest()[:16]
     path = models_dir / "safety-screen" / f"{name}-{key}.npy"
     if path.is_file():
