@@ -152,7 +152,7 @@ def test_a_tiny_encoder_screens_and_caches_the_exemplars(tiny_encoder, tmp_path)
     assert [r.to_json() for r in first] == [r.to_json() for r in again]
     assert first[0].flagged and all(0.0 <= r.score <= 1.0 for r in first)
     features = guard.embed(["a", "a much longer message than the first", "a"])
-    assert features.shape == (3, 16 * 2) and np.allclose(features[0], features[2])
+    assert features.shape == (3, 16 * 2 * 2) and np.allclose(features[0], features[2])  # 2 layers, mean and max
     assert np.allclose(features[1], guard.embed(["a much longer message than the first"])[0], atol=1e-5)
 
 
@@ -182,7 +182,7 @@ def test_mean_max_pooling_adds_the_largest_values_and_ignores_padding(tiny_encod
     alone = SentenceEncoder(tiny_encoder, 128, 1, pooling="mean_max").encode(["a"])
     assert np.allclose(both[0], alone[0], atol=1e-5) and not np.allclose(both[0], both[1])
     settings = load_config("screen").safety
-    assert screen.encoder_pooling(settings) == "mean"
+    assert screen.encoder_pooling(settings) == "mean_max"
     settings.pooling = "max"
     with pytest.raises(MhsError, match=r"^config key safety.pooling='max': expected one of mean, mean_max"):
         screen.encoder_pooling(settings)

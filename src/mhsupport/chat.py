@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from transformers import set_seed
 
 from mhsupport.settings import options
-from mhsupport.evaluation import sampling
+from mhsupport.evaluation import reply_safety, sampling
 from mhsupport.modeling import classifier as classifier_api, devices, loading, tag_likelihood
 from mhsupport.settings.config import classifier_config, generator_config
 from mhsupport.errors import MhsError
@@ -71,8 +71,7 @@ def run(cfg: DictConfig, lines=sys.stdin, out=sys.stdout, json_mode: bool = Fals
         history.append({"speaker": "seeker", "text": message})
         if guard.patterns_only:
             print(WEAKER_SCREEN, file=sys.stderr)
-        seeker_turns = [entry["text"] for entry in history if entry["speaker"] == "seeker"][-cfg.safety.seeker_turns:]
-        (check,) = guard.seeker([seeker_turns])
+        (check,) = guard.seeker([reply_safety.seeker_turns(history, cfg.safety.seeker_turns)])
         reply_check = None
         if check.flagged:
             reply, category = safety.CRISIS_REPLY, None

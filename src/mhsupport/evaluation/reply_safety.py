@@ -15,7 +15,8 @@ FLAGGED = "flagged_replies.jsonl"
 
 
 def seeker_turns(context: list[dict], count: int) -> list[str]:
-    """The seeker's last `count` turns of a context, oldest first (what `mhs chat` screens)."""
+    """The seeker's last `count` turns of a context or chat history, oldest first: what the seeker
+    screen reads (in `mhs chat` and for the risk ignorance of an eval's replies)."""
     return [turn["text"] for turn in context if turn["speaker"] == "seeker"][-count:]
 
 
