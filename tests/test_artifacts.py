@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -45,6 +46,19 @@ def test_run_id_names_model_folders_relative_to_the_model_cache(tmp_path):
     assert planned("paths.models_dir=/a", "safety.encoder=/b/all-mpnet-base-v2/all-mpnet-base-v2") != base
     recorded = artifacts.result_config(load_config("eval", ["paths.models_dir=/home/ann/models", "screen_replies=true"]))
     assert recorded["safety"]["encoder"] == "<paths.models_dir>/all-mpnet-base-v2/all-mpnet-base-v2"
+
+
+def test_only_a_whole_folder_counts_and_the_deepest_folder_wins():
+    paths = {"artifacts_dir": "/s", "models_dir": "/s/models", "raw_dir": "data/raw", "searchpath": []}
+    relative = artifacts.relative_to_paths
+    assert relative("/s/models/enc", paths) == "<paths.models_dir>/enc"  # not <paths.artifacts_dir>/models/enc
+    assert relative("/s/eval/abc", paths) == "<paths.artifacts_dir>/eval/abc"
+    assert relative("/sx/models/enc", paths) == "/sx/models/enc"  # /s is not a prefix of /sx
+    assert relative("/s", paths) == "<paths.artifacts_dir>"
+    assert relative(os.path.abspath("data/raw/esconv"), paths) == "<paths.raw_dir>/esconv"  # a relative folder, resolved
+    home = {"models_dir": os.path.expanduser("~/m")}
+    assert relative("~/m/enc", home) == relative(os.path.expanduser("~/m/enc"), home) == "<paths.models_dir>/enc"
+    assert relative({"a": ["/s/models/x", 3, None]}, paths) == {"a": ["<paths.models_dir>/x", 3, None]}
 
 
 def test_a_crash_leaves_no_run_and_no_temporary_directory(cfg, tmp_path):

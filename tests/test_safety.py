@@ -20,6 +20,7 @@ from mhsupport import cli, safety
 from mhsupport.errors import MhsError
 from mhsupport.safety import patterns, screen
 from mhsupport.settings.config import load_config
+from mhsupport.settings import options
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL = REPO / "tests" / "data" / "safety_eval"
@@ -181,11 +182,35 @@ def test_mean_max_pooling_adds_the_largest_values_and_ignores_padding(tiny_encod
     # a short text padded beside a long one has the features it has alone (padding is never a maximum)
     alone = SentenceEncoder(tiny_encoder, 128, 1, pooling="mean_max").encode(["a"])
     assert np.allclose(both[0], alone[0], atol=1e-5) and not np.allclose(both[0], both[1])
+    # the second half is each layer's largest value over the text's tokens, normalised
+    import torch
+
+    encoder = SentenceEncoder(tiny_encoder, 128, 1, pooling="mean_max")
+    with torch.inference_mode():
+        layers = encoder.model(**encoder.tokenizer([texts[1]], return_tensors="pt"), output_hidden_states=True).hidden_states[1:]
+    by_hand = np.concatenate([torch.nn.functional.normalize(h[0].amax(0), dim=-1).numpy() for h in layers])
+    assert np.allclose(both[1, mean.shape[1]:], by_hand, atol=1e-5)
     settings = load_config("screen").safety
     assert screen.encoder_pooling(settings) == "mean_max"
     settings.pooling = "max"
     with pytest.raises(MhsError, match=r"^config key safety.pooling='max': expected one of mean, mean_max"):
         screen.encoder_pooling(settings)
+    with pytest.raises(MhsError, match=r"^config key safety.pooling='max': expected one of mean, mean_max"):
+        options.validate(load_config("eval", ["safety.pooling=max"]))  # a stage refuses it before any work
+
+
+def test_each_pooling_keeps_its_own_exemplar_cache(tiny_encoder, tmp_path):
+    def load(pooling):
+        cfg = load_config("screen", [f"safety.encoder={tiny_encoder}", f"paths.models_dir={tmp_path}",
+                                     "safety.everyday_seeker=10", "safety.everyday_replies=10", f"safety.pooling={pooling}"])
+        safety.load(cfg.safety, cfg.paths)
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "safety-screen").iterdir()}
+
+    first = load("mean_max")
+    both = load("mean")
+    assert sorted(name.rsplit("-", 1)[0] for name in both) == ["replies-mean", "replies-mean_max", "seeker-mean",
+                                                               "seeker-mean_max"]
+    assert load("mean_max") == both and all(both[name] == first[name] for name in first)  # read, not rewritten
 
 
 def test_everyday_turns_come_from_the_training_split_without_risk_words():

@@ -66,7 +66,7 @@ def screen_generations(screen, lines: list[dict], turns: int, bootstrap: dict) -
         "replies_to_flagged_contexts": sum(tuple(context) in risky_contexts for context in contexts if context),
         "screen": "pattern layer alone" if screen.patterns_only else "patterns and encoder scorer",
         "settings": {**{key: screen.settings[key] for key in ("seeker_turns", "middle_windows", "seeker_threshold",
-                                                               "reply_threshold", "acknowledgement_threshold")},
+                                                               "reply_threshold", "acknowledgement_threshold", "pooling")},
                      "encoder_dtype": None if screen.patterns_only else screen.encoder_dtype},
         "seconds": round(time.perf_counter() - started, 2),
     }

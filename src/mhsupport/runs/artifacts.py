@@ -97,20 +97,27 @@ def result_config(cfg: DictConfig) -> dict:
 def relative_to_paths(value, paths: dict):
     """`value` with every string under a folder of the `paths` node (e.g. an offline model's folder
     under `paths.models_dir`) written as `<paths.models_dir>/...`: where the folders are is not what a
-    run computes, so the same config under another HOME or cache folder makes the same run id."""
+    run computes, so the same config under another HOME or cache folder makes the same run id. A
+    string under two such folders (a model cache inside the artifacts folder) counts under the deeper."""
     if isinstance(value, dict):
         return {k: relative_to_paths(v, paths) for k, v in value.items()}
     if isinstance(value, list):
         return [relative_to_paths(v, paths) for v in value]
-    if isinstance(value, str):
-        for key, folder in paths.items():
-            if not isinstance(folder, str) or not folder.strip():
-                continue
-            for form in {folder.rstrip("/"), os.path.expanduser(folder).rstrip("/")}:
-                if form and (value == form or value.startswith(form + "/")):
-                    rest = value[len(form):].lstrip("/")  # a folder given with a trailing slash leaves "//"
-                    return f"<paths.{key}>" + (f"/{rest}" if rest else "")
-    return value
+    if not isinstance(value, str):
+        return value
+    matches = []
+    for key, folder in paths.items():
+        if not isinstance(folder, str) or not folder.strip():
+            continue
+        expanded = os.path.expanduser(folder)
+        for form in {folder.rstrip("/"), expanded.rstrip("/"), os.path.abspath(expanded).rstrip("/")}:
+            for text in {value, os.path.expanduser(value)}:
+                if form and (text == form or text.startswith(form + "/")):
+                    matches.append((len(form), key, text[len(form):].lstrip("/")))  # "//" after a trailing slash
+    if not matches:
+        return value
+    _, key, rest = max(matches)
+    return f"<paths.{key}>" + (f"/{rest}" if rest else "")
 
 
 def is_trainer_non_result_key(key: str) -> bool:

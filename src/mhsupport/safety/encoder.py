@@ -1,10 +1,9 @@
-"""Sentence features for the safety screen from a BERT-style encoder folder (all-MiniLM-L6-v2 from
-`mhs models fetch`): the mean over tokens of every transformer layer's hidden states, each
-L2-normalised, side by side. The last layer alone (the sentence embedding) mostly says what a
-message is about; the lower layers keep more of how it says it (person, tense, negation), which
-tells "I bought a rope for our camping trip" from a preparation: on out-of-fold exemplar scores,
-all six layers raise the ROC AUC from 0.89 to 0.91 for seekers and 0.90 to 0.94 for replies
-(docs/safety.md)."""
+"""Sentence features for the safety screen from a BERT-style encoder folder (all-mpnet-base-v2 from
+`mhs models fetch`): for every transformer layer, the mean of its hidden states over the tokens
+(and, with pooling "mean_max", each dimension's largest value over the tokens), each L2-normalised,
+side by side. The last layer alone (the sentence embedding) mostly says what a message is about;
+the lower layers keep more of how it says it (person, tense, negation), and the maxima keep a word
+that a mean over a long message dilutes (docs/safety.md has the figures)."""
 
 from __future__ import annotations
 

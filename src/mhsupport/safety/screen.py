@@ -301,15 +301,20 @@ def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) ->
     """The features of a scorer's training texts from `encoder` (a SentenceEncoder), kept in the model
     cache under a key of the texts, the encoder's folder, weights, input length and features, so a
     start reads them instead of encoding every text again."""
+    from mhsupport.safety.encoder import POOLINGS
+
     data = "\n".join(texts).encode()
     weights = encoder.folder / "model.safetensors"
     size, mtime = (weights.stat().st_size, weights.stat().st_mtime_ns) if weights.is_file() else ("", "")
     stamp = (f"{encoder.folder.resolve()}|{'bf16' if encoder.bf16 else 'fp32'}|{size}|{mtime}|{encoder.max_length}|"
              f"{encoder.features}").encode()
     key = hashlib.sha256(data + b"\0" + stamp).hexdigest()[:16]
-    path = models_dir / "safety-screen" / f"{name}-{key}.npy"
-    if path.is_file():
+    # One file per scorer and pooling, so a tuning run with the other pooling does not evict it.
+    path = models_dir / "safety-screen" / f"{name}-{encoder.pooling}-{key}.npy"
+    try:
         return np.load(path)
+    except (OSError, ValueError):  # not there, or replaced by another process as it was read
+        pass
     embeddings = encoder.encode(texts)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,9 +322,10 @@ def cached_embeddings(encoder, name: str, texts: list[str], models_dir: Path) ->
         with open(partial, "wb") as handle:
             np.save(handle, embeddings)
         partial.replace(path)
+        others = tuple(f"{name}-{other}-" for other in POOLINGS if other != encoder.pooling)
         for stale in path.parent.glob(f"{name}-*.npy"):  # earlier texts or encoders: never read again
-            if stale != path:
-                stale.unlink()
+            if stale != path and not stale.name.startswith(others):
+                stale.unlink(missing_ok=True)
     except OSError as err:  # an unwritable cache costs the next start time, nothing else
         log.warning("safety screen: cannot cache exemplar embeddings in %s (%s)", path.parent, err.strerror)
     return embeddings

@@ -173,6 +173,7 @@ RULES = {
     **{f"data.epitome_bucket_bounds.{split}": _int(0) for split in ("train", "valid")},
     "runtime.batch_size": _int(1), "runtime.dataloader_workers": _int(0), "runtime.logging_steps": _int(1),
     "screen_replies": _bool, "safety.patterns_only": _bool, "safety.middle_windows": _bool, "safety.bf16": _bf16,
+    "safety.pooling": _choice(("mean", "mean_max")),  # safety/encoder.py POOLINGS (a layer above this one)
     "safety.seeker_turns": _int(1), "safety.logistic_c": _number(0, inclusive=False),
     **{f"safety.{key}_threshold": _number(0) for key in ("seeker", "reply", "acknowledgement")},  # above 1: off
     "safety.max_length": _int(1), "safety.batch_size": _int(1), "safety.everyday_seeker": _int(0),

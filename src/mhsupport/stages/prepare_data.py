@@ -54,11 +54,11 @@ def recorded_run(cfg: DictConfig) -> artifacts.Run | None:
     found = []
     for manifest in (Path(cfg.paths.artifacts_dir).resolve() / STAGE).glob("*/" + artifacts.MANIFEST):
         try:
-            recorded = OmegaConf.to_container(OmegaConf.load(manifest.parent / artifacts.CONFIG), resolve=True)
+            recorded = artifacts.result_config(OmegaConf.load(manifest.parent / artifacts.CONFIG))
             inputs = json.loads(manifest.read_text())["inputs"]
         except (OSError, ValueError, KeyError, OmegaConfBaseException):
             continue
-        if artifacts.result_config(OmegaConf.create(recorded)) == wanted:
+        if recorded == wanted:
             found.append((manifest.stat().st_mtime, manifest.parent, inputs))
     if not found:
         return None
