@@ -1,6 +1,8 @@
 """Render docs/results.md, and the headline results in README.md, from a committed report folder
 (the report run of a reproduce, copied to results/<profile>/). Nothing in either is typed by hand:
-rerun this script after replacing the report folder.
+rerun this script after replacing the report folder. Earlier reproduces of the profile kept in
+results/<profile>_reruns/<name>/ (their report's metrics.json, manifest.json and stage_shares.txt) get a
+table beside the latest: what another host or another run of the same code changes.
 
     python scripts/render_results.py                     # results/cpu -> docs/results.md, README.md
     python scripts/render_results.py --report DIR --page OUT.md --readme README.md
@@ -74,7 +76,60 @@ def page(report: Path, page_path: Path) -> str:
             f"The report of the latest `{profile}` reproduce (`make reproduce-paper PROFILE={profile}`), "
             f"{provenance(report)}, as the report stage wrote it ([`report.md`]({link}/report.md)). "
             f"CSV: {csvs}. Ablations and their machines are in [ablations.md](ablations.md).\n"
-            f"{body}{timeline(report)}\n## Figures\n\n{figures}\n")
+            f"{body}{timeline(report)}{reruns(report, page_path)}\n## Figures\n\n{figures}\n")
+
+
+def wall_minutes(report: Path) -> str:
+    """The minutes from the first run's start to the report, from the stage timeline's first line."""
+    path = report / "stage_shares.txt"
+    return path.read_text().splitlines()[0].split(", ", 1)[-1].split(" from ")[0] if path.is_file() else "not recorded"
+
+
+def percent(share) -> str:
+    return f"{100 * float(share):.1f}"
+
+
+def rerun_rows(report: Path, label: str) -> list[str]:
+    """One row per tagged system of a report: the figures a recipe for following the strategy is judged by."""
+    metrics = json.loads((report / "metrics.json").read_text())
+    manifest = json.loads((report / "manifest.json").read_text())
+    steering = {r["system"]: r for r in metrics.get("steering", [])}
+    distinct = min(metrics["table2"], key=lambda r: float(r["distinct_2"]))
+    cpu = (manifest.get("device") or {}).get("cpu") or {}
+    host = f"{cpu.get('name', '?')} ({' '.join(cpu.get('flags', []))})"
+    rows = []
+    for used in metrics["tag_use"]:
+        steered = steering.get(used["system"], {})
+        interval = used["tag_discrimination_ci"].strip("[]").split(", ")
+        categories = [k for k, v in steered.items()  # following_<category>: a number, not an interval
+                      if k.startswith("following_") and "minus" not in k and isinstance(v, (int, float))]
+        lowest = min(categories, key=lambda k: steered[k], default=None)
+        rows.append(f"| {label} | {host}, code {manifest['code_version']} | {wall_minutes(report)} | {used['system']} | "
+                    f"{percent(used['tag_discrimination'])} [{', '.join(map(percent, interval))}] | "
+                    f"{float(used['nll_gold_minus_untagged']):+.3f} (p {used['p_gold_vs_untagged']}) | "
+                    f"{used['oracle_adherence']} | {steered.get('tag_following', '')} | "
+                    + (f"{lowest.removeprefix('following_')} {steered[lowest]}" if lowest else "")
+                    + f" | {distinct['system']} {distinct['distinct_2']} |")
+    return rows
+
+
+def reruns(report: Path, page_path: Path) -> str:
+    """The latest report beside the earlier reproduces kept in results/<profile>_reruns/ (none: nothing)."""
+    folder = report.parent / f"{report.name}_reruns"
+    earlier = sorted(p for p in folder.glob("*") if (p / "metrics.json").is_file()) if folder.is_dir() else []
+    if not earlier:
+        return ""
+    link = os.path.relpath(folder, page_path.parent)
+    lines = ["| run | host, code | wall | system | tag discrimination % [95% CI] | gold - untagged NLL/token (p) "
+             "| oracle adherence % | tag following % | least-followed category % | lowest Distinct-2 (Table 2) |",
+             "| --- | --- | --- | --- | --- | --- | ---: | ---: | --- | --- |"]
+    lines += rerun_rows(report, "this page")
+    for run in earlier:
+        lines += rerun_rows(run, f"[`{run.name}`]({link}/{run.name})")
+    return ("\n## Earlier reproduces of the same profile\n\nThe same profile reproduced before, from an empty "
+            "artifacts folder (each run's report files are kept in its folder). Training and bf16 kernels are not "
+            "bit-identical across CPUs, so another host trains other weights from the same data and seeds:\n\n"
+            + "\n".join(lines) + "\n")
 
 
 def headline(report: Path) -> str:

@@ -63,3 +63,32 @@ def test_every_number_of_a_rendered_page_is_one_of_its_reports(make_cfg, tmp_pat
     assert "| ESConv+tag |" in table and "](" not in table
     readme = render.with_headline(f"x\n{render.HEADLINE_START}\nold\n{render.HEADLINE_END}\ny\n", headline)
     assert readme.startswith(f"x\n{render.HEADLINE_START}\n") and "\nold\n" not in readme and readme.endswith("y\n")
+
+
+@pytest.mark.skipif(not (COMMITTED_REPORT / "report.md").is_file(), reason="results/cpu/ holds no committed report yet")
+def test_earlier_reproduces_get_a_row_per_tagged_system_from_their_own_files(tmp_path):
+    import json
+    import shutil
+
+    render = render_results()
+    report = tmp_path / "results" / "cpu"
+    shutil.copytree(COMMITTED_REPORT, report, ignore=shutil.ignore_patterns("judge"))
+    page = tmp_path / "docs" / "results.md"
+    page.parent.mkdir()
+    assert "Earlier reproduces" not in render.page(report, page)  # no folder beside it: no section
+
+    earlier = tmp_path / "results" / "cpu_reruns" / "other-host"
+    earlier.mkdir(parents=True)
+    metrics = json.loads((report / "metrics.json").read_text())
+    metrics["tag_use"][0].update(tag_discrimination=0.612, tag_discrimination_ci="[0.581, 0.642]")
+    metrics["steering"][0].update(following_Action=12.5)
+    (earlier / "metrics.json").write_text(json.dumps(metrics))
+    shutil.copy(report / "manifest.json", earlier)
+    (earlier / "stage_shares.txt").write_text("21 runs, 71.5 min from the first run's start to the report\n")
+    section = render.page(report, page).split("## Earlier reproduces of the same profile", 1)[1].split("## Figures")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| [`other-host`](../results/cpu_reruns/other-host)")]
+    assert len(rows) == len(metrics["tag_use"])
+    first = rows[0].split(" | ")
+    assert first[2] == "71.5 min" and first[3] == metrics["tag_use"][0]["system"]
+    assert first[4] == "61.2 [58.1, 64.2]" and first[8] == "Action 12.5"
+    assert sum(line.startswith("| this page |") for line in section.splitlines()) == len(metrics["tag_use"])
