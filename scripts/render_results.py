@@ -89,10 +89,18 @@ def percent(share) -> str:
     return f"{100 * float(share):.1f}"
 
 
+def report_json(report: Path, name: str) -> dict:
+    path = report / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"{path}: not a readable report file ({err}); copy it again from the report run, "
+                         "or remove its folder from the reruns")
+
+
 def rerun_rows(report: Path, label: str) -> list[str]:
     """One row per tagged system of a report: the figures a recipe for following the strategy is judged by."""
-    metrics = json.loads((report / "metrics.json").read_text())
-    manifest = json.loads((report / "manifest.json").read_text())
+    metrics, manifest = report_json(report, "metrics.json"), report_json(report, "manifest.json")
     steering = {r["system"]: r for r in metrics.get("steering", [])}
     distinct = min(metrics["table2"], key=lambda r: float(r["distinct_2"]))
     cpu = (manifest.get("device") or {}).get("cpu") or {}
